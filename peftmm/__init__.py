@@ -1,0 +1,33 @@
+"""peftmm: parameter-efficient fine-tuning for multimodal (image + text) models.
+
+The public API::
+
+    import peftmm
+    recipe = peftmm.load_recipe("recipes/easy-vqa-lora.yaml", overrides=["train.epochs=1"])
+    result = peftmm.train(recipe)                       # -> TrainResult(run_dir, bundle_dir, metrics)
+    predictor = peftmm.Predictor.load(result.bundle_dir)
+    predictor.predict(image="shape.png", question="what color is the shape?")
+"""
+
+__version__ = "0.1.0"
+
+from .errors import BundleError, DataError, PeftmmError, RecipeError  # noqa: E402
+from .recipe import from_dict as recipe_from_dict  # noqa: E402
+from .recipe import load as load_recipe  # noqa: E402
+
+
+def __getattr__(name):
+    # Heavy modules (torch, transformers) load on first use, so `peftmm --help` stays fast.
+    lazy = {"train": ("trainer", "train"), "Predictor": ("predict", "Predictor"),
+            "load_bundle": ("bundle", "load_bundle"), "save_bundle": ("bundle", "save_bundle"),
+            "MultimodalModel": ("model", "MultimodalModel"), "evaluate_bundle": ("predict", "evaluate_bundle")}
+    if name in lazy:
+        import importlib
+
+        module, attr = lazy[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module 'peftmm' has no attribute {name!r}")
+
+
+__all__ = ["BundleError", "DataError", "MultimodalModel", "PeftmmError", "Predictor", "RecipeError",
+           "evaluate_bundle", "load_bundle", "load_recipe", "recipe_from_dict", "save_bundle", "train"]

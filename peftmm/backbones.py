@@ -1,0 +1,266 @@
+"""Frozen backbones: load a vision or text tower by zoo name, hub id or folder, at a precision.
+
+A :class:`Tower` wraps one backbone and turns its output into tokens ``[B, N, D]`` with a
+boolean mask, whatever the architecture: a CNN's ``[B, C, H, W]`` feature map becomes H*W
+tokens, a transformer's hidden states are used as they are. Module names used by methods
+(LoRA targets, adapter placement) are always relative to the tower's own model, so a target
+in one tower can never match a module of the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import zoo
+from .errors import PeftmmError
+
+TOWERS = ("vision", "text")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32, "nf4": torch.float32}
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def quiet_libraries() -> None:
+    """bitsandbytes logs every int8 matmul on CPU and transformers prints a load report per model."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@lru_cache(maxsize=None)
+def architectures() -> dict[str, dict]:
+    data = json.loads(resources.files("peftmm").joinpath("architectures.json").read_text())
+    data.pop("_about", None)
+    return data
+
+
+def resolve_source(source: str) -> str:
+    """A zoo name becomes its cached folder; a folder stays a folder; anything else is a hub id."""
+    if zoo.is_zoo_name(source):
+        return str(zoo.resolve(source))
+    if Path(source).expanduser().exists():
+        return str(Path(source).expanduser().resolve())
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise PeftmmError(f"backbone {source!r} is neither a zoo name ({', '.join(zoo.catalogue())}), "
+                          "an existing folder, nor a hub id")
+    return source
+
+
+@lru_cache(maxsize=32)
+def _fingerprint_files(files: tuple[tuple[str, int, float], ...]) -> str:
+    digest = hashlib.sha256()
+    for name, _, _ in files:
+        digest.update(Path(name).name.encode())
+        digest.update(zoo.sha256_file(Path(name)).encode())
+    return digest.hexdigest()
+
+
+def fingerprint(folder: str) -> str:
+    """sha256 over the backbone's weight files: identifies the weights whatever the precision."""
+    path = Path(folder)
+    if not path.is_dir():  # a hub id: fingerprint the files transformers cached for it
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(folder, allow_patterns=["*.safetensors", "*.bin"], local_files_only=True))
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not files:
+        raise PeftmmError(f"no weight files (*.safetensors, *.bin) in {path}")
+    return _fingerprint_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime) for f in files))
+
+
+def _quantization_config(precision: str, skip: list[str]):
+    from transformers import BitsAndBytesConfig
+
+    if precision == "int8":
+        # threshold 0 turns off outlier decomposition, so an input's output does not depend on
+        # the rest of its batch (NOTES: max diff 0.045 otherwise), and predictions are repeatable.
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
+
+
+def _model_class(config, tower: str, causal_lm: bool):
+    """Pick the transformers class for one tower, taking it out of a dual-tower model if need be."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    sub = getattr(config, f"{tower}_config", None)
+    if sub is not None and config.model_type not in architectures():  # e.g. a full CLIP checkpoint
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        return MODEL_MAPPING[type(sub)], sub
+    return (AutoModelForCausalLM if causal_lm else AutoModel), config
+
+
+@dataclass
+class BackboneInfo:
+    source: str          # what the recipe said (zoo name, hub id or path)
+    model_type: str
+    fingerprint: str
+    precision: str
+    hidden_size: int
+    layout: str          # "sequence" (transformer) or "feature_map" (CNN)
+
+
+class Tower(nn.Module):
+    """One frozen backbone plus what it needs to turn raw inputs into tokens."""
+
+    def __init__(self, name: str, model: nn.Module, info: BackboneInfo, processor):
+        super().__init__()
+        self.name = name
+        self.model = model
+        self.info = info
+        self.processor = processor  # tokenizer (text) or ImagePreprocessor (vision)
+        self.input_dtype = _param_dtype(model)
+
+    @property
+    def arch(self) -> dict:
+        return architectures().get(self.info.model_type, {})
+
+    def train(self, mode: bool = True):
+        # The backbone stays in eval mode for ever: dropout off, batch-norm statistics fixed.
+        # Injected modules that want a training mode (LoRA dropout) are switched on their own.
+        super().train(mode)
+        if getattr(self, "peftmm_full", False):  # full fine-tuning: the backbone trains as usual
+            self.model.train(mode)
+            return self
+        self.model.eval()
+        for module in self.model.modules():
+            if getattr(module, "peftmm_trainable_mode", False) or type(module).__module__.startswith("peft."):
+                module.train(mode)
+        return self
+
+    def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.name == "vision":
+            out = self.model(pixel_values=inputs["pixel_values"].to(self.input_dtype))
+            hidden = out.last_hidden_state
+            if hidden.dim() == 4:  # CNN feature map -> one token per position
+                hidden = hidden.flatten(2).transpose(1, 2)
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            return hidden.float(), mask
+        out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
+        return hidden.float(), inputs["attention_mask"].bool()
+
+    def module_names(self, kinds=(nn.Linear, nn.Conv2d)) -> list[str]:
+        return [n for n, m in self.model.named_modules() if n and _is_kind(m, kinds)]
+
+
+def _is_kind(module, kinds) -> bool:
+    return isinstance(module, kinds) or hasattr(module, "base_layer") and isinstance(module.base_layer, kinds)
+
+
+class ImagePreprocessor:
+    """PIL image -> normalised tensor, with the backbone's own mean/std and size."""
+
+    def __init__(self, size: int, mean=_IMAGENET_MEAN, std=_IMAGENET_STD):
+        self.size = size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, image) -> torch.Tensor:
+        from PIL import Image
+
+        image = image.convert("RGB")
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.BICUBIC)
+        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        pixels = data.view(self.size, self.size, 3).permute(2, 0, 1).float() / 255.0
+        return (pixels - self.mean) / self.std
+
+    def describe(self) -> dict:
+        return {"size": self.size, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+
+def _image_preprocessor(folder: str, config, image_size: int | None) -> ImagePreprocessor:
+    settings = {}
+    pre = Path(folder) / "preprocessor_config.json"
+    if pre.exists():
+        settings = json.loads(pre.read_text())
+    native = getattr(config, "image_size", None)
+    if image_size is None:
+        size = settings.get("size", {})
+        image_size = native or size.get("height") or size.get("shortest_edge") or 224
+    elif native and image_size != native:
+        raise PeftmmError(f"vision.image_size = {image_size} but this vision transformer was trained "
+                          f"at {native} px; leave image_size unset or use {native}")
+    return ImagePreprocessor(image_size, settings.get("image_mean", _IMAGENET_MEAN),
+                             settings.get("image_std", _IMAGENET_STD))
+
+
+def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: int | None = None,
+               device: str | torch.device = "cpu", causal_lm: bool = False) -> Tower:
+    """Load one frozen tower. ``name`` is "vision" or "text"."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    quiet_libraries()
+    folder = resolve_source(source)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise PeftmmError(f"cannot load backbone {source!r}: {e}".splitlines()[0]) from None
+    cls, tower_config = _model_class(config, name, causal_lm)
+    kwargs: dict = {"dtype": _DTYPES[precision]}
+    if precision in ("int8", "nf4"):
+        if str(device).startswith("cpu"):
+            kwargs["device_map"] = "cpu"
+        else:
+            kwargs["device_map"] = {"": torch.device(device).index or 0}
+        kwargs["quantization_config"] = _quantization_config(precision, skip=["lm_head", "classifier", "pooler"])
+    model = cls.from_pretrained(folder, **({"config": tower_config} if tower_config is not config else {}), **kwargs)
+    if precision not in ("int8", "nf4"):
+        model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    if precision == "nf4":
+        _keep_nf4_trainable(model)
+    if name == "vision":
+        processor = _image_preprocessor(folder, tower_config, image_size)
+    else:
+        processor = AutoTokenizer.from_pretrained(folder)
+        if processor.pad_token is None:  # decoder LMs often ship without one
+            processor.pad_token = processor.eos_token
+    model_type = tower_config.model_type
+    layout = architectures().get(model_type, {}).get("layout", "sequence")
+    info = BackboneInfo(source, model_type, fingerprint(folder), precision, 0, layout)
+    tower = Tower(name, model, info, processor)
+    info.hidden_size = _probe_hidden_size(tower, device)
+    return tower
+
+
+@torch.no_grad()
+def _probe_hidden_size(tower: Tower, device) -> int:
+    """One tiny forward pass: the only way that works for every architecture (CNN widths vary)."""
+    if tower.name == "vision":
+        size = tower.processor.size
+        tokens, _ = tower(pixel_values=torch.zeros(1, 3, size, size, device=device, dtype=_param_dtype(tower.model)))
+    else:
+        ids = torch.tensor([[tower.processor.pad_token_id or 0, 1]], device=device)
+        tokens, _ = tower(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return tokens.shape[-1]
+
+
+def _keep_nf4_trainable(model: nn.Module) -> None:
+    """bitsandbytes repacks 4-bit CPU weights on the first no-grad forward, after which any
+    forward with grad fails in place; opting out keeps evaluation and training interleavable."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            return p.dtype
+    return torch.float32

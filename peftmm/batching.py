@@ -1,0 +1,54 @@
+"""Turn a list of examples into model inputs, encoding each distinct image and text once.
+
+easy-VQA asks ~10 questions per image and has only 107 distinct questions, and most real VQA
+data repeats images and prompts too: the batch holds the distinct inputs plus an index per
+example, so a tower never runs twice on the same input in one step. A tower whose outputs are
+cached (see features.py) contributes its tokens directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data.images import load_image
+from .features import FeatureCache
+
+
+def _distinct(values: list) -> tuple[list, torch.Tensor]:
+    position: dict = {}
+    index = [position.setdefault(v, len(position)) for v in values]
+    return list(position), torch.tensor(index, dtype=torch.long)
+
+
+class Batcher:
+    def __init__(self, model, caches: dict[str, FeatureCache] | None = None):
+        self.model = model
+        self.caches = caches or {}
+
+    def __call__(self, examples: list[dict]) -> dict:
+        images, image_index = _distinct([str(e["image"]) for e in examples])
+        texts, text_index = _distinct([e["text"] for e in examples])
+        batch = {"image_index": image_index, "text_index": text_index}
+        batch.update(self.vision_inputs(images))
+        batch.update(self.text_inputs(texts))
+        if all("label" in e for e in examples):
+            batch["labels"] = self.model.task.targets(examples)
+        return batch
+
+    def vision_inputs(self, images: list[str]) -> dict:
+        if "vision" in self.caches:
+            return self.caches["vision"].lookup(images, "vision")
+        preprocess = self.model.towers["vision"].processor
+        return {"pixel_values": torch.stack([preprocess(load_image(p)) for p in images])}
+
+    def text_inputs(self, texts: list[str]) -> dict:
+        if "text" in self.caches:
+            return self.caches["text"].lookup(texts, "text")
+        tower = self.model.towers["text"]
+        encoded = tower.processor(texts, padding=True, truncation=True, max_length=tower.max_length,
+                                  return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

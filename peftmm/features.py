@@ -1,0 +1,56 @@
+"""Frozen-feature cache: a tower with nothing to train gives the same output every epoch.
+
+Its tokens are computed once per distinct image or text (batched, under inference mode) and
+looked up afterwards. Entries are keyed by the input itself; the cache belongs to one loaded
+tower, so a different backbone, precision or preprocessing never sees it.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.images import load_image
+
+
+class FeatureCache:
+    def __init__(self, tower, batch_size: int = 32):
+        self.tower = tower
+        self.batch_size = batch_size
+        self.store: dict[str, torch.Tensor] = {}
+
+    def fill(self, keys, device, progress: bool = True) -> None:
+        missing = list(dict.fromkeys(k for k in keys if k not in self.store))
+        if not missing:
+            return
+        bar = tqdm(total=len(missing), desc=f"caching {self.tower.name} features", unit="item",
+                   disable=not progress, dynamic_ncols=True)
+        with torch.inference_mode():
+            for start in range(0, len(missing), self.batch_size):
+                chunk = missing[start: start + self.batch_size]
+                tokens, mask = self._encode(chunk, device)
+                for key, t, m in zip(chunk, tokens, mask):
+                    self.store[key] = t[m].to("cpu", copy=True)  # drop padding
+                bar.update(len(chunk))
+        bar.close()
+
+    def _encode(self, chunk, device):
+        tower = self.tower
+        if tower.name == "vision":
+            pixels = torch.stack([tower.processor(load_image(p)) for p in chunk]).to(device)
+            if tower.info.layout == "feature_map":  # ~5x faster convolutions on CPU, same numbers
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            return tower(pixel_values=pixels)
+        encoded = tower.processor(chunk, padding=True, truncation=True, max_length=tower.max_length,
+                                  return_tensors="pt").to(device)
+        return tower(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+
+    def lookup(self, keys: list[str], prefix: str) -> dict:
+        items = [self.store[k] for k in keys]
+        length = max(t.shape[0] for t in items)
+        tokens = items[0].new_zeros(len(items), length, items[0].shape[-1])
+        mask = torch.zeros(len(items), length, dtype=torch.bool)
+        for i, t in enumerate(items):
+            tokens[i, : t.shape[0]] = t
+            mask[i, : t.shape[0]] = True
+        return {f"{prefix}_tokens": tokens, f"{prefix}_mask": mask}

@@ -1,0 +1,120 @@
+"""MultimodalModel: two frozen towers with injected methods, a fusion adapter and a task head.
+
+It knows which parameters train (those the methods own, plus fusion and head) and names them
+in one flat state dict with ``vision.`` / ``text.`` / ``fusion.`` / ``head.`` prefixes: that
+dict, and nothing else, is what a bundle stores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbones import TOWERS, Tower, load_tower
+from .errors import BundleError, PeftmmError
+from .fusion import build_fusion
+from .methods import build_method
+from .tasks import build_task
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, towers: dict[str, Tower], methods: dict[str, list], fusion: nn.Module, task):
+        super().__init__()
+        self.towers = nn.ModuleDict(towers)
+        self.methods = methods
+        self.fusion = fusion
+        self.task = task
+        self.head = task.build_head(fusion.out_dim)
+
+    @classmethod
+    def build(cls, recipe, labels: list[str], device="cpu") -> "MultimodalModel":
+        """Load both backbones frozen, inject the recipe's methods, add fusion and head."""
+        towers, methods = {}, {}
+        for name in TOWERS:
+            spec = getattr(recipe, name)
+            towers[name] = load_tower(name, spec.backbone, spec.precision, device=device,
+                                      image_size=spec.image_size if name == "vision" else None)
+            towers[name].max_length = spec.max_length
+            methods[name] = [build_method(m) for m in spec.methods]
+            for method in methods[name]:
+                try:
+                    method.inject(towers[name])
+                except PeftmmError as e:
+                    raise PeftmmError(e.message, e.where or recipe.source) from None
+        fusion = build_fusion(recipe.fusion, towers["vision"].info.hidden_size, towers["text"].info.hidden_size)
+        model = cls(towers, methods, fusion, build_task(recipe.task, labels))
+        model.fusion.to(device)
+        model.head.to(device)
+        model._mark_trainable()
+        return model
+
+    # -- which parameters train ------------------------------------------------------------
+    def _mark_trainable(self) -> None:
+        for name, tower in self.towers.items():
+            for pname, param in tower.model.named_parameters():
+                param.requires_grad_(self._owner(name, pname) is not None)
+
+    def _owner(self, tower: str, parameter_name: str):
+        return next((m for m in self.methods[tower] if m.owns(parameter_name)), None)
+
+    def has_trainable(self, tower: str) -> bool:
+        return bool(self.methods[tower])
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for name, tower in self.towers.items():
+            for pname, param in tower.model.named_parameters():
+                if self._owner(name, pname) is not None:
+                    state[f"{name}.{pname}"] = param.detach()
+        for prefix, module in (("fusion", self.fusion), ("head", self.head)):
+            state.update({f"{prefix}.{k}": v.detach() for k, v in module.state_dict().items()})
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], where: str | None = None) -> None:
+        """Load exactly the tensors :meth:`trainable_state_dict` names; anything else is an error."""
+        expected = self.trainable_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise BundleError(f"adapter tensors do not match its config: missing {_few(missing)}, "
+                              f"unexpected {_few(unexpected)}", where)
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise BundleError(f"tensor {key} has shape {tuple(tensor.shape)}, the config builds "
+                                  f"{tuple(expected[key].shape)}", where)
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(state[key].to(target.device, target.dtype))
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total): the total counts each backbone's parameters once, quantised or not."""
+        trainable = sum(t.numel() for t in self.trainable_state_dict().values())
+        total = sum(_numel(p) for p in self.parameters())
+        return trainable, total
+
+    # -- forward ---------------------------------------------------------------------------
+    def encode(self, tower: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens for each distinct input of one tower (cached ones arrive precomputed)."""
+        if f"{tower}_tokens" in batch:
+            return batch[f"{tower}_tokens"], batch[f"{tower}_mask"]
+        if tower == "vision":
+            return self.towers["vision"](pixel_values=batch["pixel_values"])
+        return self.towers["text"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        # The batcher encodes each distinct image and text once; *_index maps examples to them.
+        vision, vision_mask = self.encode("vision", batch)
+        text, text_mask = self.encode("text", batch)
+        vi, ti = batch["image_index"], batch["text_index"]
+        fused = self.fusion(vision[vi], vision_mask[vi], text[ti], text_mask[ti])
+        return self.head(fused)
+
+
+def _numel(param: torch.Tensor) -> int:
+    # bitsandbytes packs 4-bit weights two to a byte; count the parameters they stand for.
+    shape = getattr(param, "quant_state", None)
+    return int(torch.Size(shape.shape).numel()) if shape is not None else param.numel()
+
+
+def _few(keys: list[str]) -> str:
+    return "none" if not keys else ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")

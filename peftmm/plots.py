@@ -1,0 +1,31 @@
+"""Pictures of results people look at (training curves), saved as PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if "loss" in r and "step" in r]
+    evals = [r for r in records if any(k.startswith("val_") for k in r) and "epoch" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, color="tab:blue")
+    left.set(xlabel="optimizer step", ylabel="training loss", title="loss")
+    left.set_yscale("log")
+    metric_keys = sorted({k for r in evals for k in r if k.startswith("val_") and k != "val_loss"})
+    for key in metric_keys:
+        right.plot([r["epoch"] for r in evals], [r[key] for r in evals], marker="o", label=key)
+    right.set(xlabel="epoch", title="validation")
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,141 @@
+"""Recipes: the whole description of a training run, as data.
+
+A recipe is a YAML file (or a dict) with the sections below. Loading validates every key and
+value, so a typo fails before any backbone is loaded, with the file, key path and allowed values.
+Method, fusion and task settings are validated by the part the ``type:`` names.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from . import schema
+from .errors import RecipeError
+
+Precision = Literal["int8", "nf4", "bf16", "fp32"]
+
+
+@dataclass
+class TowerSpec:
+    backbone: str                      # zoo name, hub id or local folder
+    precision: Precision = "fp32"
+    methods: list[dict] = field(default_factory=list)   # each {type: lora|adapter|prefix|full, ...}
+    cache_features: bool = True        # reuse outputs of a tower with no trainable modules
+    image_size: int | None = field(default=None, metadata={"min": 16, "max": 1024})  # vision only
+    max_length: int = field(default=32, metadata={"min": 4, "max": 4096})             # text only
+
+
+@dataclass
+class DataSpec:
+    source: str = "easy-vqa"
+    val_fraction: float = field(default=0.1, metadata={"gt": 0.0, "max": 0.5})
+    max_train_samples: int | None = field(default=None, metadata={"min": 1})
+    max_eval_samples: int | None = field(default=None, metadata={"min": 1})
+
+
+@dataclass
+class TrainSpec:
+    epochs: int = field(default=3, metadata={"min": 1, "max": 1000})
+    batch_size: int = field(default=64, metadata={"min": 1})
+    eval_batch_size: int = field(default=256, metadata={"min": 1})
+    grad_accum: int = field(default=1, metadata={"min": 1})
+    lr: float = field(default=1e-3, metadata={"gt": 0.0, "max": 1.0})
+    weight_decay: float = field(default=0.01, metadata={"min": 0.0, "max": 1.0})
+    warmup_ratio: float = field(default=0.05, metadata={"min": 0.0, "max": 1.0})
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_steps: int | None = field(default=None, metadata={"min": 1})
+    patience: int = field(default=2, metadata={"min": 1})      # epochs without val gain before stopping
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+
+@dataclass
+class Recipe:
+    vision: TowerSpec
+    text: TowerSpec
+    name: str = "run"
+    task: dict = field(default_factory=lambda: {"type": "vqa"})
+    fusion: dict = field(default_factory=lambda: {"type": "gated-cross-attention"})
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    source: str | None = field(default=None, init=False)  # the file it came from, for errors
+
+    def resolve_parts(self):
+        # Part-specific sections are validated by their registries (imported late: parts
+        # import recipe types, not the other way round).
+        from .data import DATASETS
+        from .fusion import FUSIONS
+        from .methods import METHODS, check_method_combination
+        from .tasks import TASKS
+
+        DATASETS.get(self.data.source, "data.source", self.source)
+        self.task = TASKS.config(self.task, "task", self.source)
+        self.fusion = FUSIONS.config(self.fusion, "fusion", self.source)
+        for tower_name in ("vision", "text"):
+            tower = getattr(self, tower_name)
+            tower.methods = [METHODS.config(m, f"{tower_name}.methods.{i}", self.source)
+                             for i, m in enumerate(tower.methods)]
+            check_method_combination(tower.methods, f"{tower_name}.methods", self.source)
+
+    def to_dict(self) -> dict:
+        data = schema.to_dict(self)
+        return data
+
+
+def from_dict(data: dict, source: str | None = None, overrides: list[str] = ()) -> Recipe:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        apply_override(data, item, source)
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a mapping of sections", source)
+    recipe = schema.build(Recipe, data, "", source)
+    recipe.source = source
+    recipe.resolve_parts()
+    return recipe
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe: {e.strerror}", str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"not valid YAML{at}: {getattr(e, 'problem', e)}", str(path)) from None
+    return from_dict(data, str(path), overrides)
+
+
+def apply_override(data: dict, item: str, source: str | None = None) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to nested ``data``; list items by index."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r} must look like key.path=value", source)
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    parts = key.strip().split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set {key}: {here} has no item {part}", source)
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise RecipeError(f"--set {key}: {here} is a value, not a section", source)
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise RecipeError(f"--set {key}: no item {last}", source)
+        node[int(last)] = value
+    else:
+        node[last] = value

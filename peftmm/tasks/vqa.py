@@ -1,0 +1,53 @@
+"""Visual question answering as answer classification (the easy-VQA / VQAv2 "top answers" setup)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import DataError
+from . import TASKS
+
+
+@TASKS.register("vqa")
+class VQATask:
+    primary_metric = "accuracy"
+
+    @dataclass
+    class Config:
+        hidden: int = field(default=256, metadata={"min": 1})
+        dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 0.9})
+        top_k: int = field(default=5, metadata={"min": 1})
+
+    def __init__(self, config, labels: list[str]):
+        self.config = config
+        self.labels = list(labels)
+        self.label_index = {label: i for i, label in enumerate(self.labels)}
+
+    def build_head(self, in_dim: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(in_dim, self.config.hidden), nn.GELU(), nn.Dropout(self.config.dropout),
+                             nn.Linear(self.config.hidden, len(self.labels)))
+
+    def targets(self, examples) -> torch.Tensor:
+        try:
+            return torch.tensor([self.label_index[e["label"]] for e in examples])
+        except KeyError as e:
+            raise DataError(f"answer {e.args[0]!r} is not one of the task's {len(self.labels)} answers") from None
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets)
+
+    def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        return {"accuracy": (logits.argmax(-1) == targets).float().mean().item()}
+
+    def decode(self, logits: torch.Tensor) -> list[dict]:
+        """Per example: the answer and the top-k answers with probabilities."""
+        probs = logits.float().softmax(-1)
+        k = min(self.config.top_k, probs.shape[-1])
+        top = probs.topk(k, dim=-1)
+        return [{"answer": self.labels[idx[0]],
+                 "scores": [{"answer": self.labels[i], "score": round(p, 6)} for p, i in zip(ps, idx)]}
+                for ps, idx in zip(top.values.tolist(), top.indices.tolist())]

