@@ -207,7 +207,10 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as e:
-        raise PeftmmError(f"cannot load backbone {source!r}: {e}".splitlines()[0]) from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeftmmError(f"cannot load {name} backbone {source!r}: it is neither a zoo name "
+                          f"({', '.join(zoo.catalogue())}), an existing folder, nor a hub id the hub "
+                          f"could provide ({reason})") from None
     cls, tower_config = _model_class(config, name, causal_lm)
     kwargs: dict = {"dtype": _DTYPES[precision]}
     if precision in ("int8", "nf4"):

@@ -121,7 +121,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if main else None
+    metrics_file = open(run_dir / "metrics.jsonl", "w") if main else None
 
     def record(entry):
         records.append(entry)

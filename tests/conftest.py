@@ -20,4 +20,5 @@ def _quiet():
     from peftmm.backbones import quiet_libraries
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable here; fail fast, not after retries
     quiet_libraries()

@@ -18,7 +18,8 @@ def test_gated_cross_attention_starts_at_unimodal_features():
     vision, text = torch.randn(3, 5, 24), torch.randn(3, 7, 12)
     vmask, tmask = torch.ones(3, 5, dtype=torch.bool), torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5]).bool()
     out = fusion(vision, vmask, text, tmask)
-    expected = torch.cat([masked_mean(fusion.text_proj(text), tmask), masked_mean(fusion.vision_proj(vision), vmask)], -1)
+    t, v = masked_mean(fusion.text_proj(text), tmask), masked_mean(fusion.vision_proj(vision), vmask)
+    expected = torch.cat([t, v, t * v], -1)
     assert torch.allclose(out, expected, atol=1e-6)
     # ... and the gates receive gradient, so training can open them.
     out.sum().backward()
