@@ -16,7 +16,7 @@ def model_card(config: dict, tensors: dict) -> str:
         "tags": ["peftmm", "multimodal", config["task"], *sorted({m["type"] for t in ("vision", "text")
                                                                   for m in recipe[t]["methods"]})],
         "datasets": [recipe["data"]["source"]],
-        "metrics": sorted(k for k in metrics if not isinstance(metrics[k], (dict, list))),
+        "metrics": sorted(k for k in metrics if k.startswith(("test_", "val_")) and not k.endswith("_loss")),
         "license": "apache-2.0",
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",

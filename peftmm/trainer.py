@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -84,7 +85,11 @@ def default_run_dir(recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=print) -> TrainResult:
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # stdout stays free for results (the CLI's JSON)
+
+
+def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=_log) -> TrainResult:
     from accelerate.utils import set_seed
 
     spec = recipe.train
