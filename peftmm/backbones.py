@@ -181,7 +181,7 @@ class ImagePreprocessor:
         return {"size": self.size, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
 
 
-def _image_preprocessor(folder: str, config, image_size: int | None) -> ImagePreprocessor:
+def _image_preprocessor(folder: str, config, image_size: int | None, layout: str) -> ImagePreprocessor:
     settings = {}
     pre = Path(folder) / "preprocessor_config.json"
     if pre.exists():
@@ -190,7 +190,7 @@ def _image_preprocessor(folder: str, config, image_size: int | None) -> ImagePre
     if image_size is None:
         size = settings.get("size", {})
         image_size = native or size.get("height") or size.get("shortest_edge") or 224
-    elif native and image_size != native:
+    elif layout == "sequence" and native and image_size != native:  # CNNs take any size
         raise PeftmmError(f"vision.image_size = {image_size} but this vision transformer was trained "
                           f"at {native} px; leave image_size unset or use {native}")
     return ImagePreprocessor(image_size, settings.get("image_mean", _IMAGENET_MEAN),
@@ -226,14 +226,14 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
     model.eval()
     if precision == "nf4":
         _keep_nf4_trainable(model)
+    model_type = tower_config.model_type
+    layout = architectures().get(model_type, {}).get("layout", "sequence")
     if name == "vision":
-        processor = _image_preprocessor(folder, tower_config, image_size)
+        processor = _image_preprocessor(folder, tower_config, image_size, layout)
     else:
         processor = AutoTokenizer.from_pretrained(folder)
         if processor.pad_token is None:  # decoder LMs often ship without one
             processor.pad_token = processor.eos_token
-    model_type = tower_config.model_type
-    layout = architectures().get(model_type, {}).get("layout", "sequence")
     info = BackboneInfo(source, model_type, fingerprint(folder), precision, 0, layout)
     tower = Tower(name, model, info, processor)
     info.hidden_size = _probe_hidden_size(tower, device)

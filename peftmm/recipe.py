@@ -51,6 +51,7 @@ class TrainSpec:
     max_steps: int | None = field(default=None, metadata={"min": 1})
     patience: int = field(default=2, metadata={"min": 1})      # epochs without val gain before stopping
     seed: int = 0
+    group_by_image: bool = False   # batch all questions of an image together (see sampling.py)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
 
 

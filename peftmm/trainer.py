@@ -28,6 +28,7 @@ from .features import FeatureCache
 from .io import atomic_write_text
 from .model import MultimodalModel
 from .plots import plot_curves
+from .sampling import ImageGroupedBatchSampler
 
 
 @dataclass
@@ -107,9 +108,13 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     caches = build_caches(model, recipe, splits.train + splits.val, accelerator.device, progress and main)
     batcher = Batcher(model, caches)
 
-    generator = torch.Generator().manual_seed(spec.seed)
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=spec.batch_size, shuffle=True,
-                                         collate_fn=batcher, generator=generator, drop_last=False)
+    if spec.group_by_image:
+        sampler = ImageGroupedBatchSampler(splits.train, spec.batch_size, spec.seed)
+        loader = torch.utils.data.DataLoader(splits.train, batch_sampler=sampler, collate_fn=batcher)
+    else:
+        generator = torch.Generator().manual_seed(spec.seed)
+        loader = torch.utils.data.DataLoader(splits.train, batch_size=spec.batch_size, shuffle=True,
+                                             collate_fn=batcher, generator=generator)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / spec.grad_accum)
