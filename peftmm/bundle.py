@@ -30,7 +30,8 @@ FORMAT_VERSION = 1
 WEIGHTS, CONFIG, CARD = "adapter_model.safetensors", "adapter_config.json", "README.md"
 
 
-def bundle_config(model, recipe, metrics: dict | None = None) -> dict:
+def bundle_config(model, recipe: dict, metrics: dict | None = None) -> dict:
+    """``recipe`` is the saved recipe as data (from ``model.export``), not the training one."""
     towers = {}
     for name, tower in model.towers.items():
         info = tower.info
@@ -38,8 +39,8 @@ def bundle_config(model, recipe, metrics: dict | None = None) -> dict:
                         "fingerprint": info.fingerprint, "hidden_size": info.hidden_size}
     return {
         "format": "peftmm", "format_version": FORMAT_VERSION, "peftmm_version": __version__,
-        "name": recipe.name, "task": recipe.task.type, "labels": model.task.labels,
-        "towers": towers, "recipe": recipe.to_dict(), "metrics": metrics or {},
+        "name": recipe["name"], "task": recipe["task"]["type"], "labels": model.task.labels,
+        "towers": towers, "recipe": recipe, "metrics": metrics or {},
     }
 
 
@@ -47,9 +48,10 @@ def save_bundle(model, recipe, path: str | Path, metrics: dict | None = None, ov
                 card: str | None = None) -> Path:
     """Write a bundle folder atomically: readers see the old bundle or the new one, never a mix."""
     path = Path(path)
-    config = bundle_config(model, recipe, metrics)
+    tensors, saved_recipe = model.export(recipe)  # methods fold training-only structure here
+    config = bundle_config(model, saved_recipe, metrics)
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {"format": "peftmm", "format_version": str(FORMAT_VERSION),
                 "config_sha256": hashlib.sha256(config_bytes).hexdigest()}
     from .card import model_card

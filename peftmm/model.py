@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import schema
 from .backbones import TOWERS, Tower, load_tower
 from .errors import BundleError, PeftmmError
 from .fusion import build_fusion
@@ -69,6 +70,23 @@ class MultimodalModel(nn.Module):
         for prefix, module in (("fusion", self.fusion), ("head", self.head)):
             state.update({f"{prefix}.{k}": v.detach() for k, v in module.state_dict().items()})
         return state
+
+    def export(self, recipe) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a bundle stores: the trainable tensors and the recipe (as data) that rebuilds them.
+
+        Each method may fold training-only structure away first (see Method.export), so its
+        tensors and settings in the saved recipe can differ from those it trained with.
+        """
+        state = self.trainable_state_dict()
+        data = recipe.to_dict()
+        for name, tower in self.towers.items():
+            for index, method in enumerate(self.methods[name]):
+                mine = {k.split(".", 1)[1]: state.pop(k) for k in list(state)
+                        if k.startswith(f"{name}.") and self._owner(name, k.split(".", 1)[1]) is method}
+                tensors, config = method.export(tower, mine)
+                state.update({f"{name}.{k}": v for k, v in tensors.items()})
+                data[name]["methods"][index] = {"type": method.registry_name, **schema.to_dict(config)}
+        return state, data
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], where: str | None = None) -> None:
         """Load exactly the tensors :meth:`trainable_state_dict` names; anything else is an error."""

@@ -35,6 +35,15 @@ class Method:
     def merge(self, tower) -> None:
         raise PeftmmError(f"{self.registry_name} cannot be merged into the backbone weights")
 
+    def export(self, tower, state: dict) -> tuple[dict, object]:
+        """What a bundle stores for this method: its tensors and the config that rebuilds them.
+
+        ``state`` holds this method's trained tensors, named relative to ``tower.model``. A method
+        that trains through extra structure it does not need afterwards (prefix tuning's MLP)
+        folds it here, returning other tensors and a config that builds exactly those.
+        """
+        return state, self.config
+
 
 def match_targets(tower, patterns: list[str], kinds=(nn.Linear, nn.Conv2d), key: str = "targets") -> list[str]:
     """Resolve target patterns to module names inside one tower.

@@ -32,7 +32,7 @@ class LoRA(Method):
                               "set targets: [...] in the recipe")
         # peft gets exact module names, never suffixes: a suffix like q_proj must not reach
         # past this tower (the LLaVA mis-targeting bug).
-        self.target_modules = match_targets(tower, patterns)
+        self.target_modules = [_inside_adapter(tower.model, name) for name in match_targets(tower, patterns)]
         self.peft_config = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha,
                                       lora_dropout=self.config.dropout, target_modules=self.target_modules)
         inject_adapter_in_model(self.peft_config, tower.model, adapter_name=ADAPTER_NAME)
@@ -58,3 +58,10 @@ def _expose_conv_geometry(model) -> None:
             base = module.get_base_layer()
             for attr in ("stride", "padding", "dilation", "kernel_size", "groups", "in_channels", "out_channels"):
                 setattr(module, attr, getattr(base, attr))
+
+
+def _inside_adapter(model, name: str) -> str:
+    """A module already wrapped by a bottleneck adapter gets LoRA on the layer inside it, so
+    both orders of injection give the same structure: adapter(W x + B A x)."""
+    module = model.get_submodule(name)
+    return f"{name}.base_layer" if hasattr(module, "peftmm_adapter") else name
