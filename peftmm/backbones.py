@@ -130,8 +130,11 @@ class Tower(nn.Module):
         # The backbone stays in eval mode for ever: dropout off, batch-norm statistics fixed.
         # Injected modules that want a training mode (LoRA dropout) are switched on their own.
         super().train(mode)
-        if getattr(self, "peftmm_full", False):  # full fine-tuning: the backbone trains as usual
-            self.model.train(mode)
+        if getattr(self, "peftmm_full", False):  # full fine-tuning: dropout on, like any module;
+            self.model.train(mode)               # batch-norm statistics stay fixed all the same,
+            for module in self.model.modules():  # since VQA batches hold few distinct images
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
             return self
         self.model.eval()
         for module in self.model.modules():
@@ -141,7 +144,10 @@ class Tower(nn.Module):
 
     def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
         if self.name == "vision":
-            out = self.model(pixel_values=inputs["pixel_values"].to(self.input_dtype))
+            pixels = inputs["pixel_values"].to(self.input_dtype)
+            if self.info.layout == "feature_map":  # ~5x faster convolutions on CPU, same numbers
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            out = self.model(pixel_values=pixels)
             hidden = out.last_hidden_state
             if hidden.dim() == 4:  # CNN feature map -> one token per position
                 hidden = hidden.flatten(2).transpose(1, 2)
@@ -226,6 +232,9 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
     model.eval()
     if precision == "nf4":
         _keep_nf4_trainable(model)
+    for module in model.modules():  # channels-last convolutions (see Tower.forward)
+        if isinstance(module, nn.Conv2d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
     model_type = tower_config.model_type
     layout = architectures().get(model_type, {}).get("layout", "sequence")
     if name == "vision":

@@ -61,6 +61,18 @@ class MultimodalModel(nn.Module):
     def has_trainable(self, tower: str) -> bool:
         return bool(self.methods[tower])
 
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups: a method whose config sets ``lr`` trains its parameters at that rate."""
+        groups: dict[float, list] = {}
+        for name, tower in self.towers.items():
+            for pname, param in tower.model.named_parameters():
+                owner = self._owner(name, pname)
+                if owner is not None:
+                    groups.setdefault(getattr(owner.config, "lr", None) or lr, []).append(param)
+        for module in (self.fusion, self.head):
+            groups.setdefault(lr, []).extend(p for p in module.parameters() if p.requires_grad)
+        return [{"params": params, "lr": rate} for rate, params in groups.items() if params]
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         state = {}
         for name, tower in self.towers.items():

@@ -115,8 +115,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
         generator = torch.Generator().manual_seed(spec.seed)
         loader = torch.utils.data.DataLoader(splits.train, batch_size=spec.batch_size, shuffle=True,
                                              collate_fn=batcher, generator=generator)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameter_groups(spec.lr), lr=spec.lr, weight_decay=spec.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / spec.grad_accum)
     total_steps = min(spec.max_steps or 10**12, spec.epochs * steps_per_epoch)
     scheduler = _scheduler(spec, optimizer, total_steps)

@@ -40,3 +40,23 @@ def test_backbone_stays_frozen_and_in_eval_mode(tiny_models):
     overfit(model, batch_of(model, splits.train[:8]), steps=2)
     for name, buffer in model.towers["vision"].model.named_buffers():
         assert torch.equal(buffer, stats[name]), f"batch-norm statistic {name} moved"
+
+
+def test_full_fine_tuning_trains_the_tower_at_its_own_rate(tiny_models):
+    _, model, splits = build(tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"],
+                                         text_methods=[{"type": "full", "lr": 1e-4}]))
+    groups = {g["lr"]: len(g["params"]) for g in model.parameter_groups(5e-3)}
+    backbone = sum(1 for _ in model.towers["text"].model.parameters())
+    assert groups[1e-4] == backbone and groups[5e-3] > 0
+    assert all(k.startswith(("text.", "fusion.", "head.")) for k in model.trainable_state_dict())
+    model.train()
+    assert model.towers["text"].model.training and not model.towers["vision"].model.training
+
+
+def test_full_fine_tuning_refuses_quantised_weights(tiny_models):
+    from peftmm import PeftmmError
+
+    data = tiny.recipe(tiny_models["vit"], tiny_models["bert"], text_methods=[{"type": "full"}])
+    data["text"]["precision"] = "int8"
+    with pytest.raises(PeftmmError, match="a int8 backbone cannot be fine-tuned in full"):
+        build(data)

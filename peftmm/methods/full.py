@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import PeftmmError
 from . import METHODS
@@ -13,7 +13,8 @@ from .base import Method
 class FullFineTuning(Method):
     @dataclass
     class Config:
-        pass
+        # Pretrained weights want a far smaller step than freshly initialised fusion and heads.
+        lr: float = field(default=5e-5, metadata={"gt": 0.0, "max": 1.0})
 
     def inject(self, tower) -> None:
         if tower.info.precision in ("int8", "nf4"):
