@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/compare_methods.py                      # the five method recipes + default
     .venv/bin/python bench/compare_methods.py recipes/easy-vqa-prefix.yaml --set train.epochs=1
+    .venv/bin/python bench/compare_methods.py --render             # redraw table and chart from the JSON
 
 Each recipe runs in its own process (`peftmm train`), one after another, so timings are not
 mixed. Writes bench/results/methods.json, methods.md (the README table) and methods.png.
@@ -40,20 +41,20 @@ def run(recipe: Path, overrides: list[str], out: Path) -> dict:
         "trainable_params": metrics["trainable_params"], "trainable_share": metrics["trainable_share"],
         "adapter_bytes": (bundle / "adapter_model.safetensors").stat().st_size,
         "test_accuracy": metrics["test_accuracy"], "val_accuracy": metrics["val_accuracy"],
-        "train_seconds": metrics["train_seconds"], "wall_seconds": round(wall, 1), "epochs_run": metrics["best_epoch"],
+        "train_seconds": metrics["train_seconds"], "wall_seconds": round(wall, 1), "best_epoch": metrics["best_epoch"],
         "steps": metrics["steps"],
     }
 
 
 def table(rows: list[dict]) -> str:
     full = next((r for r in rows if r["recipe"].endswith("-full")), None)
-    lines = ["| recipe | vision | text | trainable params | share | adapter bytes | test acc. | vs full | train time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | vision | text | trainable params | share | adapter bytes | test acc. | vs full | "
+             "train loop | whole run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = f"{100 * (r['test_accuracy'] - full['test_accuracy']):+.2f} pt" if full else "n/a"
         lines.append(f"| {r['recipe']} | {r['vision_methods']} | {r['text_methods']} | {r['trainable_params']:,} | "
                      f"{100 * r['trainable_share']:.3f}% | {r['adapter_bytes']:,} | {100 * r['test_accuracy']:.2f}% | "
-                     f"{delta} | {r['train_seconds']:.0f} s |")
+                     f"{delta} | {r['train_seconds']:.0f} s | {r['wall_seconds']:.0f} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -82,15 +83,27 @@ def main() -> None:
     parser.add_argument("recipes", nargs="*", help="recipe files (default: the method comparison set)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for every recipe")
     parser.add_argument("--out", default=str(ROOT / "bench/results"), help="results folder")
+    parser.add_argument("--render", action="store_true", help="only redraw methods.md/png from methods.json")
     args = parser.parse_args()
-    recipes = [Path(r) for r in args.recipes] or [ROOT / "recipes" / f"{n}.yaml" for n in DEFAULT]
     out = Path(args.out)
+    if args.render:
+        rows = json.loads((out / "methods.json").read_text())["results"]
+        (out / "methods.md").write_text(table(rows))
+        chart(rows, out / "methods.png")
+        print(table(rows))
+        return
+    recipes = [Path(r) for r in args.recipes] or [ROOT / "recipes" / f"{n}.yaml" for n in DEFAULT]
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for recipe in recipes:
         print(f"training {recipe.stem} ...", file=sys.stderr, flush=True)
         rows.append(run(recipe, args.overrides, out / "runs" / recipe.stem))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    if args.recipes and (out / "methods.json").exists():  # rerun of some recipes: keep the others' rows
+        previous = json.loads((out / "methods.json").read_text())
+        if previous["overrides"] == args.overrides:
+            fresh = {r["recipe"]: r for r in rows}
+            rows = [fresh.pop(r["recipe"], r) for r in previous["results"]] + list(fresh.values())
     (out / "methods.json").write_text(json.dumps({"overrides": args.overrides, "results": rows}, indent=2))
     (out / "methods.md").write_text(table(rows))
     chart(rows, out / "methods.png")

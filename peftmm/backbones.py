@@ -157,6 +157,16 @@ class Tower(nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
         return hidden.float(), inputs["attention_mask"].bool()
 
+    def probe_inputs(self) -> dict:
+        """The smallest valid input (one blank image, or two tokens): for the forward passes that
+        discover what an architecture looks like (widths, attention layers)."""
+        device = next(self.model.parameters()).device
+        if self.name == "vision":
+            size = self.processor.size
+            return {"pixel_values": torch.zeros(1, 3, size, size, device=device)}
+        ids = torch.tensor([[self.processor.pad_token_id or 0, 1]], device=device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
     def module_names(self, kinds=(nn.Linear, nn.Conv2d)) -> list[str]:
         return [n for n, m in self.model.named_modules() if n and _is_kind(m, kinds)]
 
@@ -245,19 +255,14 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
             processor.pad_token = processor.eos_token
     info = BackboneInfo(source, model_type, fingerprint(folder), precision, 0, layout)
     tower = Tower(name, model, info, processor)
-    info.hidden_size = _probe_hidden_size(tower, device)
+    info.hidden_size = _probe_hidden_size(tower)
     return tower
 
 
 @torch.no_grad()
-def _probe_hidden_size(tower: Tower, device) -> int:
+def _probe_hidden_size(tower: Tower) -> int:
     """One tiny forward pass: the only way that works for every architecture (CNN widths vary)."""
-    if tower.name == "vision":
-        size = tower.processor.size
-        tokens, _ = tower(pixel_values=torch.zeros(1, 3, size, size, device=device, dtype=_param_dtype(tower.model)))
-    else:
-        ids = torch.tensor([[tower.processor.pad_token_id or 0, 1]], device=device)
-        tokens, _ = tower(input_ids=ids, attention_mask=torch.ones_like(ids))
+    tokens, _ = tower(**tower.probe_inputs())
     return tokens.shape[-1]
 
 

@@ -89,6 +89,9 @@ class MultimodalModel(nn.Module):
         Each method may fold training-only structure away first (see Method.export), so its
         tensors and settings in the saved recipe can differ from those it trained with.
         """
+        if getattr(self, "merged", False):
+            raise PeftmmError("this model's LoRA weights were merged into its backbones for inference; "
+                              "save the bundle before merging")
         state = self.trainable_state_dict()
         data = recipe.to_dict()
         for name, tower in self.towers.items():
@@ -121,6 +124,20 @@ class MultimodalModel(nn.Module):
         trainable = sum(t.numel() for t in self.trainable_state_dict().values())
         total = sum(_numel(p) for p in self.parameters())
         return trainable, total
+
+    def merge_methods(self) -> list[str]:
+        """Merge every mergeable method into its backbone for inference; returns what merged.
+
+        A merged model predicts as before but can no longer be trained or saved as a bundle.
+        """
+        merged = []
+        for name, tower in self.towers.items():
+            for method in self.methods[name]:
+                if method.mergeable:
+                    method.merge(tower)
+                    merged.append(f"{name}.{method.registry_name}")
+        self.merged = bool(merged)
+        return merged
 
     # -- forward ---------------------------------------------------------------------------
     def encode(self, tower: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,3 +35,28 @@ def test_target_matching_nothing_lists_module_names(tiny_models):
     message = str(err.value)
     assert "'query' matches no module of vit" in message
     assert "q_proj" in message and "fc1" in message
+
+
+def test_merge_keeps_predictions_and_blocks_saving(tiny_models, tmp_path):
+    import torch
+
+    from helpers import batch_of, logits, overfit
+    from peftmm.bundle import save_bundle
+
+    recipe, model, splits = build(tiny.recipe(tiny_models["vit"], tiny_models["bert"],
+                                              vision_methods=[{"type": "lora"}], text_methods=[{"type": "lora"}]))
+    batch = batch_of(model, splits.train[:16])
+    overfit(model, batch, steps=3)
+    before = logits(model, batch)
+    assert model.merge_methods() == ["vision.lora", "text.lora"]
+    assert torch.allclose(logits(model, batch), before, atol=1e-5)
+    with pytest.raises(PeftmmError, match="merged into its backbones"):
+        save_bundle(model, recipe, tmp_path / "b")
+
+
+def test_merge_refuses_quantised_backbones(tiny_models):
+    data = tiny.recipe(tiny_models["vit"], tiny_models["bert"], text_methods=[{"type": "lora"}])
+    data["text"]["precision"] = "int8"
+    _, model, _ = build(data)
+    with pytest.raises(PeftmmError, match="cannot merge into int8 weights"):
+        model.merge_methods()

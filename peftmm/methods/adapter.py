@@ -155,14 +155,8 @@ def _probe_outputs(tower, names: list[str]) -> dict[str, tuple]:
         return hook
 
     hooks = [tower.model.get_submodule(n).register_forward_hook(record(n)) for n in names]
-    device = next(tower.model.parameters()).device
     try:
-        if tower.name == "vision":
-            size = tower.processor.size
-            tower(pixel_values=torch.zeros(1, 3, size, size, device=device))
-        else:
-            ids = torch.tensor([[tower.processor.pad_token_id or 0, 1]], device=device)
-            tower(input_ids=ids, attention_mask=torch.ones_like(ids))
+        tower(**tower.probe_inputs())
     finally:
         for hook in hooks:
             hook.remove()

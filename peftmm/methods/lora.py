@@ -42,7 +42,14 @@ class LoRA(Method):
         return ".lora_" in parameter_name
 
     def merge(self, tower) -> None:
+        """Fold B A into the frozen weights: inference then costs what the backbone alone costs."""
         from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if tower.info.precision in ("int8", "nf4"):
+            from ..errors import PeftmmError
+
+            raise PeftmmError(f"{tower.name}.methods lora: cannot merge into {tower.info.precision} weights "
+                              "without re-quantising them (outputs would change); load the backbone in fp32 or bf16")
 
         for module in tower.model.modules():
             if isinstance(module, BaseTunerLayer):

@@ -180,15 +180,8 @@ def _attention_layers(tower) -> list[tuple[str, nn.Module, tuple[int, int]]]:
     count (fewer than the query heads under grouped-query attention) from the keys themselves.
     """
     names = {id(module): name for name, module in tower.model.named_modules()}
-    device = next(tower.model.parameters()).device
-    if tower.name == "vision":
-        size = tower.processor.size
-        inputs = {"pixel_values": torch.zeros(1, 3, size, size, device=device)}
-    else:
-        ids = torch.tensor([[tower.processor.pad_token_id or 0, 1]], device=device)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with _recording() as calls:
-        tower(**inputs)
+        tower(**tower.probe_inputs())
     found, seen = [], set()
     for module, shape in calls:
         if id(module) not in seen:
