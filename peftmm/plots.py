@@ -7,6 +7,7 @@ from pathlib import Path
 
 def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -21,6 +22,7 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
     for key in metric_keys:
         right.plot([r["epoch"] for r in evals], [r[key] for r in evals], marker="o", label=key)
     right.set(xlabel="epoch", title="validation")
+    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     right.legend()
     fig.suptitle(title)
     fig.tight_layout()
