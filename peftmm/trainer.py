@@ -55,16 +55,15 @@ def _scheduler(spec, optimizer, total_steps: int):
                          num_training_steps=total_steps)
 
 
-def build_caches(model, recipe, examples, device, progress=True) -> dict[str, FeatureCache]:
-    """Cache the outputs of every tower that has nothing to train (unless the recipe opts out)."""
-    caches = {}
-    for name in TOWERS:
-        if model.has_trainable(name) or not getattr(recipe, name).cache_features:
-            continue
-        caches[name] = FeatureCache(model.towers[name])
-        keys = [str(e["image"]) if name == "vision" else e["text"] for e in examples]
-        caches[name].fill(keys, device, progress)
-    return caches
+def build_caches(model, recipe) -> dict[str, FeatureCache]:
+    """A cache for every tower that has nothing to train (unless the recipe opts out)."""
+    return {name: FeatureCache(model.towers[name]) for name in TOWERS
+            if not model.has_trainable(name) and getattr(recipe, name).cache_features}
+
+
+def fill_caches(caches: dict[str, FeatureCache], examples, device, progress=True) -> None:
+    for name, cache in caches.items():
+        cache.fill([str(e["image"]) if name == "vision" else e["text"] for e in examples], device, progress)
 
 
 @torch.no_grad()
@@ -105,7 +104,8 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     trainable, total = model.parameter_counts()
     log(f"peftmm: {recipe.name}: trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.3f}%)")
-    caches = build_caches(model, recipe, splits.train + splits.val, accelerator.device, progress and main)
+    caches = build_caches(model, recipe)
+    fill_caches(caches, splits.train + splits.val, accelerator.device, progress and main)
     batcher = Batcher(model, caches)
 
     if spec.group_by_image:
@@ -176,9 +176,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
 
     train_seconds = time.perf_counter() - started
     core.load_trainable_state_dict(best["state"])
-    test_caches = build_caches(core, recipe, splits.test, accelerator.device, progress and main)
-    for name, cache in test_caches.items():
-        caches[name].store.update(cache.store)
+    fill_caches(caches, splits.test, accelerator.device, progress and main)
     test = evaluate(core, splits.test, batcher, spec.eval_batch_size, accelerator.device,
                     progress=progress and main, desc="test")
     metrics = {f"test_{k}": v for k, v in test.items()} | {
