@@ -128,7 +128,8 @@ class Tower(nn.Module):
 
     def train(self, mode: bool = True):
         # The backbone stays in eval mode for ever: dropout off, batch-norm statistics fixed.
-        # Injected modules that want a training mode (LoRA dropout) are switched on their own.
+        # peft's LoRA layers follow the mode (their dropout), and with them the frozen layer
+        # they wrap: an int8 base then multiplies through bitsandbytes' dequantising path.
         super().train(mode)
         if getattr(self, "peftmm_full", False):  # full fine-tuning: dropout on, like any module;
             self.model.train(mode)               # batch-norm statistics stay fixed all the same,
@@ -138,7 +139,7 @@ class Tower(nn.Module):
             return self
         self.model.eval()
         for module in self.model.modules():
-            if getattr(module, "peftmm_trainable_mode", False) or type(module).__module__.startswith("peft."):
+            if type(module).__module__.startswith("peft."):
                 module.train(mode)
         return self
 

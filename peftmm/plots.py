@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from .io import atomic_write_bytes
 
 
 def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
@@ -26,8 +29,7 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
     right.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, image.getvalue())
