@@ -1,77 +1,53 @@
-"""The ``peftmm`` command line: a thin layer over the Python API."""
+"""Training and evaluation commands: train, eval, predict."""
 
 from __future__ import annotations
 
 import json
-import sys
-from functools import wraps
 
 import click
 
-from .errors import PeftmmError
+from . import friendly
 
 
-def _friendly(fn):
-    """Input errors print as one line (exit 2); ``--debug`` shows the traceback."""
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        ctx = click.get_current_context()
-        try:
-            return fn(*args, **kwargs)
-        except PeftmmError as e:
-            if ctx.find_root().params.get("debug"):
-                raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-    return wrapper
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
-@click.version_option(package_name="peftmm")
-def main(debug):
-    """Parameter-efficient fine-tuning for multimodal (image + text) models."""
-
-
-@main.command()
+@click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set train.epochs=1 (repeatable).")
 @click.option("--output", type=click.Path(file_okay=False), help="Run directory (default runs/NAME-TIME).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-@_friendly
+@friendly
 def train(recipe, overrides, output, no_progress):
     """Train the adapters a RECIPE (YAML) describes; writes a run directory with the bundle."""
-    from .recipe import load
-    from .trainer import train as run_training
+    from ..recipe import load
+    from ..trainer import train as run_training
 
     result = run_training(load(recipe, list(overrides)), output, progress=not no_progress)
     click.echo(json.dumps({"run_dir": str(result.run_dir), "bundle": str(result.bundle_dir),
                            **result.metrics}, indent=2))
 
 
-@main.command("eval")
+@click.command("eval")
 @click.argument("adapter")
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--max-samples", type=click.IntRange(1), help="Evaluate on the first N examples only.")
-@_friendly
+@friendly
 def evaluate(adapter, split, batch_size, max_samples):
     """Evaluate an ADAPTER bundle (folder, run directory or name under ./adapters) on a split."""
-    from .predict import evaluate_bundle
+    from ..predict import evaluate_bundle
 
     click.echo(json.dumps(evaluate_bundle(adapter, split, batch_size, max_samples=max_samples), indent=2))
 
 
-@main.command()
+@click.command()
 @click.argument("adapter")
 @click.option("--image", required=True, type=click.Path(), help="Image file.")
 @click.option("--question", required=True, help="Question about the image.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
-@_friendly
+@friendly
 def predict(adapter, image, question, as_json):
     """Answer a QUESTION about an IMAGE with an ADAPTER bundle; prints the answer and top-k scores."""
-    from .predict import Predictor
+    from ..predict import Predictor
 
     result = Predictor.load(adapter).predict(image, question)
     if as_json:
@@ -82,5 +58,4 @@ def predict(adapter, image, question, as_json):
         click.echo(f"  {item['score']:.4f}  {item['answer']}")
 
 
-if __name__ == "__main__":
-    main()
+COMMANDS = [train, evaluate, predict]

@@ -1,0 +1,43 @@
+"""The ``peftmm`` command line: a thin layer over the Python API, one module per group of commands.
+
+Each command module defines click commands decorated with :func:`friendly`; they are attached
+to :data:`main` here, so ``peftmm --help`` lists them all.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import wraps
+
+import click
+
+from ..errors import PeftmmError
+
+
+def friendly(fn):
+    """Input errors print as one line (exit 2); ``--debug`` shows the traceback."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except PeftmmError as e:
+            if ctx.find_root().params.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.version_option(package_name="peftmm")
+def main(debug):
+    """Parameter-efficient fine-tuning for multimodal (image + text) models."""
+
+
+from . import training  # noqa: E402  (each module's commands, attached below)
+
+for _module in (training,):
+    for _command in _module.COMMANDS:
+        main.add_command(_command)
