@@ -22,6 +22,7 @@ from torch import nn
 
 from . import zoo
 from .errors import PeftmmError
+from .methods.base import ActiveSlots
 
 TOWERS = ("vision", "text")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32, "nf4": torch.float32}
@@ -121,6 +122,7 @@ class Tower(nn.Module):
         self.info = info
         self.processor = processor  # tokenizer (text) or ImagePreprocessor (vision)
         self.input_dtype = _param_dtype(model)
+        self.slots = ActiveSlots()  # which injected modules act (methods/base.py)
 
     @property
     def arch(self) -> dict:
@@ -157,6 +159,10 @@ class Tower(nn.Module):
         out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
         return hidden.float(), inputs["attention_mask"].bool()
+
+    def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        encoded = self.processor(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     def probe_inputs(self) -> dict:
         """The smallest valid input (one blank image, or two tokens): for the forward passes that

@@ -44,10 +44,7 @@ class Batcher:
     def text_inputs(self, texts: list[str]) -> dict:
         if "text" in self.caches:
             return self.caches["text"].lookup(texts, "text")
-        tower = self.model.towers["text"]
-        encoded = tower.processor(texts, padding=True, truncation=True, max_length=tower.max_length,
-                                  return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        return self.model.towers["text"].tokenize(texts, self.model.max_length)
 
 
 def to_device(batch: dict, device) -> dict:

@@ -14,8 +14,9 @@ from .data.images import load_image
 
 
 class FeatureCache:
-    def __init__(self, tower, batch_size: int = 32):
+    def __init__(self, tower, max_length: int | None = None, batch_size: int = 32):
         self.tower = tower
+        self.max_length = max_length  # text towers: where the tokenizer truncates
         self.batch_size = batch_size
         self.store: dict[str, torch.Tensor] = {}
 
@@ -39,9 +40,7 @@ class FeatureCache:
         if tower.name == "vision":
             pixels = torch.stack([tower.processor(load_image(p)) for p in chunk]).to(device)
             return tower(pixel_values=pixels)
-        encoded = tower.processor(chunk, padding=True, truncation=True, max_length=tower.max_length,
-                                  return_tensors="pt").to(device)
-        return tower(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+        return tower(**{k: v.to(device) for k, v in tower.tokenize(chunk, self.max_length).items()})
 
     def lookup(self, keys: list[str], prefix: str) -> dict:
         items = [self.store[k] for k in keys]

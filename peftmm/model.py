@@ -15,39 +15,63 @@ from .backbones import TOWERS, Tower, load_tower
 from .errors import BundleError, PeftmmError
 from .fusion import build_fusion
 from .methods import build_method
+from .methods.base import DEFAULT_SLOT
 from .tasks import build_task
 
 
 class MultimodalModel(nn.Module):
-    def __init__(self, towers: dict[str, Tower], methods: dict[str, list], fusion: nn.Module, task):
+    def __init__(self, towers: dict[str, Tower], methods: dict[str, list], fusion: nn.Module, task,
+                 slot: str = DEFAULT_SLOT):
         super().__init__()
         self.towers = nn.ModuleDict(towers)
         self.methods = methods
         self.fusion = fusion
         self.task = task
         self.head = task.build_head(fusion.out_dim)
+        self.slot = slot
 
     @classmethod
-    def build(cls, recipe, labels: list[str], device="cpu") -> "MultimodalModel":
-        """Load both backbones frozen, inject the recipe's methods, add fusion and head."""
-        towers, methods = {}, {}
-        for name in TOWERS:
-            spec = getattr(recipe, name)
-            towers[name] = load_tower(name, spec.backbone, spec.precision, device=device,
-                                      image_size=spec.image_size if name == "vision" else None)
-            towers[name].max_length = spec.max_length
-            methods[name] = [build_method(m) for m in spec.methods]
-            for method in methods[name]:
-                try:
-                    method.inject(towers[name])
-                except PeftmmError as e:
-                    raise PeftmmError(e.message, e.where or recipe.source) from None
+    def build(cls, recipe, labels: list[str], device="cpu", towers: dict[str, Tower] | None = None,
+              slot: str = DEFAULT_SLOT) -> "MultimodalModel":
+        """Load both backbones frozen, inject the recipe's methods, add fusion and head.
+
+        ``towers`` passes backbones that are already loaded (and possibly shared with other
+        models, see runtime.py): the methods go into them under ``slot``. If an injection fails,
+        whatever this call injected is taken out again.
+        """
+        towers, methods = dict(towers or {}), {name: [] for name in TOWERS}
+        try:
+            for name in TOWERS:
+                spec = getattr(recipe, name)
+                if name not in towers:
+                    towers[name] = load_tower(name, spec.backbone, spec.precision, device=device,
+                                              image_size=spec.image_size if name == "vision" else None)
+                for config in spec.methods:
+                    method = build_method(config, slot)
+                    try:
+                        method.inject(towers[name])
+                    except PeftmmError as e:
+                        raise PeftmmError(e.message, e.where or recipe.source) from None
+                    methods[name].append(method)
+        except BaseException:
+            for name, injected in methods.items():
+                for method in reversed(injected):
+                    method.remove(towers[name])
+            raise
         fusion = build_fusion(recipe.fusion, towers["vision"].info.hidden_size, towers["text"].info.hidden_size)
-        model = cls(towers, methods, fusion, build_task(recipe.task, labels))
+        model = cls(towers, methods, fusion, build_task(recipe.task, labels), slot)
+        model.max_length = recipe.text.max_length
         model.fusion.to(device)
         model.head.to(device)
         model._mark_trainable()
         return model
+
+    def remove_methods(self) -> None:
+        """Take this model's injected modules out of its (shared) towers."""
+        for name, tower in self.towers.items():
+            for method in reversed(self.methods[name]):
+                method.remove(tower)
+            self.methods[name] = []
 
     # -- which parameters train ------------------------------------------------------------
     def _mark_trainable(self) -> None:
@@ -58,27 +82,29 @@ class MultimodalModel(nn.Module):
     def _owner(self, tower: str, parameter_name: str):
         return next((m for m in self.methods[tower] if m.owns(parameter_name)), None)
 
+    def _method_parameters(self):
+        """(tower, owning method, name as a bundle stores it, live parameter) of every tower
+        parameter this model's methods own (their slot only)."""
+        for name, tower in self.towers.items():
+            for pname, param in tower.model.named_parameters():
+                owner = self._owner(name, pname)
+                if owner is not None:
+                    yield name, owner, owner.canonical_name(pname), param
+
     def has_trainable(self, tower: str) -> bool:
         return bool(self.methods[tower])
 
     def parameter_groups(self, lr: float) -> list[dict]:
         """Optimizer groups: a method whose config sets ``lr`` trains its parameters at that rate."""
         groups: dict[float, list] = {}
-        for name, tower in self.towers.items():
-            for pname, param in tower.model.named_parameters():
-                owner = self._owner(name, pname)
-                if owner is not None:
-                    groups.setdefault(getattr(owner.config, "lr", None) or lr, []).append(param)
+        for _, owner, _, param in self._method_parameters():
+            groups.setdefault(getattr(owner.config, "lr", None) or lr, []).append(param)
         for module in (self.fusion, self.head):
             groups.setdefault(lr, []).extend(p for p in module.parameters() if p.requires_grad)
         return [{"params": params, "lr": rate} for rate, params in groups.items() if params]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        state = {}
-        for name, tower in self.towers.items():
-            for pname, param in tower.model.named_parameters():
-                if self._owner(name, pname) is not None:
-                    state[f"{name}.{pname}"] = param.detach()
+        state = {f"{tower}.{key}": param.detach() for tower, _, key, param in self._method_parameters()}
         for prefix, module in (("fusion", self.fusion), ("head", self.head)):
             state.update({f"{prefix}.{k}": v.detach() for k, v in module.state_dict().items()})
         return state
@@ -92,12 +118,13 @@ class MultimodalModel(nn.Module):
         if getattr(self, "merged", False):
             raise PeftmmError("this model's LoRA weights were merged into its backbones for inference; "
                               "save the bundle before merging")
-        state = self.trainable_state_dict()
+        state = {f"{prefix}.{k}": v.detach() for prefix, module in (("fusion", self.fusion), ("head", self.head))
+                 for k, v in module.state_dict().items()}
+        parameters = list(self._method_parameters())
         data = recipe.to_dict()
         for name, tower in self.towers.items():
             for index, method in enumerate(self.methods[name]):
-                mine = {k.split(".", 1)[1]: state.pop(k) for k in list(state)
-                        if k.startswith(f"{name}.") and self._owner(name, k.split(".", 1)[1]) is method}
+                mine = {key: param.detach() for t, owner, key, param in parameters if t == name and owner is method}
                 tensors, config = method.export(tower, mine)
                 state.update({f"{name}.{k}": v for k, v in tensors.items()})
                 data[name]["methods"][index] = {"type": method.registry_name, **schema.to_dict(config)}
@@ -140,10 +167,15 @@ class MultimodalModel(nn.Module):
         return merged
 
     # -- forward ---------------------------------------------------------------------------
+    def activate(self, tower: str) -> None:
+        """Make this model's slot the one that acts in a (possibly shared) tower: O(1)."""
+        self.towers[tower].slots.activate(self.slot if self.methods[tower] else None)
+
     def encode(self, tower: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens for each distinct input of one tower (cached ones arrive precomputed)."""
         if f"{tower}_tokens" in batch:
             return batch[f"{tower}_tokens"], batch[f"{tower}_mask"]
+        self.activate(tower)
         if tower == "vision":
             return self.towers["vision"](pixel_values=batch["pixel_values"])
         return self.towers["text"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -57,7 +57,7 @@ def _scheduler(spec, optimizer, total_steps: int):
 
 def build_caches(model, recipe) -> dict[str, FeatureCache]:
     """A cache for every tower that has nothing to train (unless the recipe opts out)."""
-    return {name: FeatureCache(model.towers[name]) for name in TOWERS
+    return {name: FeatureCache(model.towers[name], model.max_length) for name in TOWERS
             if not model.has_trainable(name) and getattr(recipe, name).cache_features}
 
 

@@ -57,7 +57,7 @@ def test_untrained_adapter_is_identity_in_every_block(tiny_models, kind, placeme
     layers = adapted(tower.model)
     ran = []
     for layer_name, layer in layers.items():
-        layer.peftmm_adapter.register_forward_hook(lambda *_, n=layer_name: ran.append(n))
+        layer.peftmm_adapter["default"].register_forward_hook(lambda *_, n=layer_name: ran.append(n))
     after, _ = tower(**inputs)
     assert torch.equal(after, before)
     assert sorted(ran) == sorted(layers)  # every adapter is on the forward path, once
@@ -80,7 +80,7 @@ def test_untrained_adapter_is_identity_in_every_block(tiny_models, kind, placeme
     if kind not in STAGES:
         after.square().mean().backward()
         for layer_name, layer in layers.items():
-            assert layer.peftmm_adapter.up.bias.grad.abs().sum() > 0, layer_name
+            assert layer.peftmm_adapter["default"].up.bias.grad.abs().sum() > 0, layer_name
 
 
 def test_width_comes_from_each_targets_output(tiny_models):
@@ -88,7 +88,7 @@ def test_width_comes_from_each_targets_output(tiny_models):
     adapter(targets=[r"encoder\.layer\.\d+\.intermediate\.dense"], reduction_factor=8, layer_norm=True).inject(tower)
     layers = adapted(tower.model)
     assert set(layers) == {"encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"}
-    bottleneck = layers["encoder.layer.0.intermediate.dense"].peftmm_adapter
+    bottleneck = layers["encoder.layer.0.intermediate.dense"].peftmm_adapter["default"]
     assert (bottleneck.down.in_features, bottleneck.down.out_features) == (64, 8)  # intermediate_size 64
     assert isinstance(bottleneck.norm, torch.nn.LayerNorm)
 
@@ -114,7 +114,7 @@ def test_adapters_train_and_round_trip(tiny_models, tmp_path, vision, text, visi
     assert with_grads == adapter_params
     # Every adapter's update reaches the loss (its weights can sit behind dead ReLU units:
     # the tiny towers leave only 2 hidden units).
-    up_biases = [p.grad for n, p in model.towers.named_parameters() if n.endswith(".peftmm_adapter.up.bias")]
+    up_biases = [p.grad for n, p in model.towers.named_parameters() if n.endswith(".peftmm_adapter.default.up.bias")]
     assert len(up_biases) == len(adapted(model.towers)) and all(g.abs().sum() > 0 for g in up_biases)
 
     before = logits(model, batch)
@@ -171,7 +171,7 @@ def test_lora_and_adapter_stack_in_one_tower(tiny_models, tmp_path, methods):
     if any("targets" in m for m in methods):
         assert isinstance(text.get_submodule("encoder.layer.0.attention.output.dense").base_layer, LoraLayer)
     trainable = model.trainable_state_dict()
-    assert any(".lora_B." in k for k in trainable) and any(".peftmm_adapter.up." in k for k in trainable)
+    assert any(".lora_B." in k for k in trainable) and any(".peftmm_adapter.default.up." in k for k in trainable)
 
     batch = batch_of(model, splits.train[:16])
     losses = overfit(model, batch, steps=4)

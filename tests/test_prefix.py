@@ -10,6 +10,7 @@ import tiny
 from helpers import batch_of, build, logits, overfit
 from peftmm import PeftmmError, RecipeError
 from peftmm.bundle import WEIGHTS, load_bundle, read_config, save_bundle
+from peftmm.methods.base import ActiveSlots
 from peftmm.methods.prefix import PrefixKV, prefix_attention
 
 TEXTS = ["what color is the shape ?", "is there a blue circle in the image ?"]
@@ -57,12 +58,13 @@ def test_attention_matches_a_reference_for_every_mask_form(causal):
     torch.manual_seed(0)
     module = nn.Module()
     module.is_causal = causal
-    module.peftmm_prefix = PrefixKV(kv_heads=2, length=3, head_dim=8)
+    module.peftmm_prefix = nn.ModuleDict({"default": PrefixKV(kv_heads=2, length=3, head_dim=8)})
+    module.peftmm_slots = ActiveSlots()
     query, key, value = (torch.randn(2, 2, 5, 8) for _ in range(3))
     triangle = torch.ones(5, 5, dtype=torch.bool).tril() if causal else torch.ones(5, 5, dtype=torch.bool)
     keep = triangle.expand(2, 1, 5, 5).clone()
     keep[1, ..., 3:] = False  # the second sequence has two padded key positions
-    expected = _reference(query, key, value, module.peftmm_prefix, keep)
+    expected = _reference(query, key, value, module.peftmm_prefix["default"], keep)
 
     additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
     for mask in (keep, additive):  # sdpa_mask's bool form, and the additive form eager masks use
@@ -70,7 +72,7 @@ def test_attention_matches_a_reference_for_every_mask_form(causal):
         assert torch.allclose(out, expected, atol=1e-5)
     # No mask (no padding): a causal model still gets its triangle, and no key is cropped.
     out, _ = prefix_attention(module, query, key, value, None, scaling=8 ** -0.5)
-    assert torch.allclose(out, _reference(query, key, value, module.peftmm_prefix, triangle[None, None]), atol=1e-5)
+    assert torch.allclose(out, _reference(query, key, value, module.peftmm_prefix["default"], triangle[None, None]), atol=1e-5)
 
 
 # -- masks inside real models ------------------------------------------------------------------
@@ -132,7 +134,7 @@ def test_prefix_trains_and_round_trips(tiny_models, tmp_path, vision, text, visi
     save_bundle(model, recipe, tmp_path / "bundle")
     saved = load_file(tmp_path / "bundle" / WEIGHTS)
     prefix_keys = [k for k in saved if "peftmm_prefix" in k]
-    assert prefix_keys and all(k.endswith(("peftmm_prefix.key", "peftmm_prefix.value")) for k in prefix_keys)
+    assert prefix_keys and all(k.endswith(("peftmm_prefix.default.key", "peftmm_prefix.default.value")) for k in prefix_keys)
     for name in ("vision", "text"):  # the MLP is folded: plain prefixes, and a recipe without it
         assert read_config(tmp_path / "bundle")["recipe"][name]["methods"][0]["reparam"] is False
         kv_heads, head_dim = 2, 16
@@ -148,7 +150,7 @@ def test_lora_and_prefix_in_one_tower_round_trip(tiny_models, tmp_path):
         tiny_models["mobilenet_v2"], tiny_models["bert"],
         text_methods=[{"type": "lora", "r": 4}, {"type": "prefix", "length": 2, "reparam_hidden": 16}]))
     trainable = model.trainable_state_dict()
-    assert any("lora_" in k for k in trainable) and any("peftmm_prefix.mlp" in k for k in trainable)
+    assert any("lora_" in k for k in trainable) and any("peftmm_prefix.default.mlp" in k for k in trainable)
     batch = batch_of(model, splits.train[:16])
     losses = overfit(model, batch, steps=4)
     assert losses[-1] < losses[0]
@@ -182,8 +184,8 @@ def test_prefix_on_an_int8_backbone(tiny_models):
 def test_selected_layers_only(tiny_models):
     _, model, _ = build(tiny.recipe(tiny_models["vit"], tiny_models["llama"],
                                     text_methods=[{"type": "prefix", "layers": [1], "reparam": False}]))
-    assert sorted(_prefix_params(model.towers["text"].model)) == ["layers.1.self_attn.peftmm_prefix.key",
-                                                                  "layers.1.self_attn.peftmm_prefix.value"]
+    assert sorted(_prefix_params(model.towers["text"].model)) == ["layers.1.self_attn.peftmm_prefix.default.key",
+                                                                  "layers.1.self_attn.peftmm_prefix.default.value"]
 
 
 # -- bad input ---------------------------------------------------------------------------------

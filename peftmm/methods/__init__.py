@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from ..errors import RecipeError
 from ..registry import Registry
+from .base import DEFAULT_SLOT
 
 METHODS = Registry("method")
 
 
-def build_method(config):
-    return METHODS.get(config.type)(config)
+def build_method(config, slot: str = DEFAULT_SLOT):
+    return METHODS.get(config.type)(config, slot)
 
 
 def check_method_combination(configs, path: str, where: str | None = None) -> None:

@@ -44,24 +44,40 @@ class Bottleneck(nn.Module):
 
 
 class AdapterLayer(nn.Module):
-    """A frozen sub-layer (``base_layer``) followed by its bottleneck adapter.
+    """A frozen sub-layer (``base_layer``) followed by the bottleneck adapters of its slots.
 
-    The adapter keeps fp32 weights whatever the backbone's precision: the sub-layer output
-    is cast to fp32 for the bottleneck, and only the (small) update is cast back, so the
-    residual add happens in the backbone's dtype exactly as it would without an adapter.
+    The adapters keep fp32 weights whatever the backbone's precision: the sub-layer output is
+    cast to fp32 for the bottleneck, and only the (small) update is cast back, so the residual
+    add happens in the backbone's dtype exactly as it would without an adapter. Which adapter
+    acts is the tower's ActiveSlots (see methods/base.py), read on every call.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter: Bottleneck, channel_dim: int):
+    def __init__(self, base_layer: nn.Module, channel_dim: int, slots):
         super().__init__()
         self.base_layer = base_layer
-        self.peftmm_adapter = adapter
+        self.peftmm_adapter = nn.ModuleDict()
         self.channel_dim = channel_dim  # -1 for [..., D] tokens, 1 for [B, C, H, W] feature maps
+        self.slots = slots
 
     def forward(self, *args, **kwargs):
         out = self.base_layer(*args, **kwargs)
+        rows = self.slots.rows
+        if rows is None:
+            for slot in self.slots.names:
+                if slot in self.peftmm_adapter:
+                    out = out + self._delta(self.peftmm_adapter[slot], out)
+            return out
+        # A mixed batch: each row gets its own slot's adapter (rows of other slots: none).
+        delta = torch.zeros_like(out)
+        for slot in set(rows):
+            if slot in self.peftmm_adapter:
+                index = torch.tensor([i for i, r in enumerate(rows) if r == slot], device=out.device)
+                delta[index] = self._delta(self.peftmm_adapter[slot], out[index])
+        return out + delta
+
+    def _delta(self, adapter: Bottleneck, out: torch.Tensor) -> torch.Tensor:
         x = out.movedim(self.channel_dim, -1)
-        delta = self.peftmm_adapter(x.to(self.peftmm_adapter.down.weight.dtype)).to(out.dtype)
-        return out + delta.movedim(-1, self.channel_dim)
+        return adapter(x.to(adapter.down.weight.dtype)).to(out.dtype).movedim(-1, self.channel_dim)
 
     def __getattr__(self, name: str):
         # Model code around a sub-layer sometimes reads its attributes (weight.dtype, conv
@@ -77,6 +93,8 @@ class AdapterLayer(nn.Module):
 @METHODS.register("adapter")
 class Adapter(Method):
     mergeable = False  # the non-linearity keeps it out of the frozen weights
+    mixed_batches = True
+    slot_fragments = (PARAMETER_FRAGMENT,)
 
     @dataclass
     class Config:
@@ -114,13 +132,21 @@ class Adapter(Method):
             channel_dim = _channel_dim(out)
             width = out.shape[channel_dim]
             adapter = Bottleneck(width, width // rf, self.config.non_linearity, self.config.layer_norm)
-            parent_name, _, child = name.rpartition(".")
-            parent = tower.model.get_submodule(parent_name)
-            setattr(parent, child, AdapterLayer(getattr(parent, child), adapter.to(out.device), channel_dim))
+            layer = tower.model.get_submodule(name)
+            if not isinstance(layer, AdapterLayer):  # another slot may have wrapped it already
+                layer = AdapterLayer(layer, channel_dim, tower.slots)
+                parent_name, _, child = name.rpartition(".")
+                setattr(tower.model.get_submodule(parent_name), child, layer)
+            layer.peftmm_adapter[self.slot] = adapter.to(out.device)
         self.target_modules = names
 
-    def owns(self, parameter_name: str) -> bool:
-        return PARAMETER_FRAGMENT in parameter_name
+    def remove(self, tower) -> None:
+        for name, layer in reversed(list(tower.model.named_modules())):  # inner wrappers first
+            if isinstance(layer, AdapterLayer) and self.slot in layer.peftmm_adapter:
+                del layer.peftmm_adapter[self.slot]
+                if not len(layer.peftmm_adapter):  # the last slot gone: unwrap the sub-layer
+                    parent_name, _, child = name.rpartition(".")
+                    setattr(tower.model.get_submodule(parent_name), child, layer.base_layer)
 
     def _patterns(self, tower) -> list[str]:
         if self.config.targets:

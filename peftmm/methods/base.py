@@ -1,7 +1,13 @@
-"""The interface every parameter-efficient method implements, and target matching.
+"""The interface every parameter-efficient method implements, slots, and target matching.
 
 A method is injected into one tower (a frozen backbone). It owns the parameters it adds,
 recognised by name, so saving, loading and counting are the same for every method.
+
+Every injected module lives in a named *slot*. A model trained on its own uses one slot,
+``default``; the multi-adapter runtime (runtime.py) injects each registered bundle under a slot
+of its own into shared towers and switches bundles by changing which slots are active. Parameter
+names carry the slot (``...lora_A.<slot>.weight``); bundles always store them under ``default``,
+so a bundle loads into any slot.
 """
 
 from __future__ import annotations
@@ -13,6 +19,24 @@ from torch import nn
 from ..errors import PeftmmError
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+DEFAULT_SLOT = "default"
+NO_SLOT = "__base__"  # a row of a mixed batch that runs the bare backbone (peft's name for it)
+
+
+class ActiveSlots:
+    """Which slots act in one tower's forward pass; every injected module of the tower reads it.
+
+    Switching is an in-place change of one small list (peft's LoRA layers hold this very list as
+    their active adapters), so it costs the same whatever the number of layers or adapters, and
+    moves no weights. ``rows`` names a slot per input row for a mixed batch (None otherwise).
+    """
+
+    def __init__(self):
+        self.names: list[str] = [DEFAULT_SLOT]
+        self.rows: list[str] | None = None
+
+    def activate(self, slot: str | None) -> None:
+        self.names[:] = [slot] if slot else []
 
 
 class Method:
@@ -21,16 +45,31 @@ class Method:
     registry_name: str          # set by METHODS.register
     Config: type                # the method's recipe settings (a dataclass)
     mergeable = False           # can fold into the frozen weights for inference
+    mixed_batches = False       # rows of one forward pass may each use another slot
+    slot_fragments: tuple[str, ...] = ()  # parameter-name pieces that the slot name follows
 
-    def __init__(self, config):
+    def __init__(self, config, slot: str = DEFAULT_SLOT):
         self.config = config
+        self.slot = slot
 
     def inject(self, tower) -> None:
         raise NotImplementedError
 
+    def remove(self, tower) -> None:
+        """Take this method's modules (its slot only) out of the tower again."""
+        raise PeftmmError(f"{self.registry_name} cannot be removed from a shared backbone")
+
     def owns(self, parameter_name: str) -> bool:
         """Whether a parameter of the tower's model (by name) was added by this method."""
-        raise NotImplementedError
+        name = f".{parameter_name}"
+        return any(f"{fragment}{self.slot}." in name for fragment in self.slot_fragments)
+
+    def canonical_name(self, parameter_name: str) -> str:
+        """The parameter's name as a bundle stores it: in the ``default`` slot."""
+        name = f".{parameter_name}"
+        for fragment in self.slot_fragments:
+            name = name.replace(f"{fragment}{self.slot}.", f"{fragment}{DEFAULT_SLOT}.")
+        return name[1:]
 
     def merge(self, tower) -> None:
         raise PeftmmError(f"{self.registry_name} cannot be merged into the backbone weights")

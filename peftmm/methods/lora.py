@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import PeftmmError
 from . import METHODS
 from .base import Method, match_targets
-
-ADAPTER_NAME = "default"
 
 
 @METHODS.register("lora")
 class LoRA(Method):
     mergeable = True
+    mixed_batches = True  # peft's adapter_names: each row through its own adapter
+    slot_fragments = (".lora_A.", ".lora_B.")
 
     @dataclass
     class Config:
@@ -26,8 +27,6 @@ class LoRA(Method):
 
         patterns = self.config.targets or tower.arch.get("lora_targets")
         if not patterns:
-            from ..errors import PeftmmError
-
             raise PeftmmError(f"{tower.name}.methods lora: no default targets for {tower.info.model_type}; "
                               "set targets: [...] in the recipe")
         # peft gets exact module names, never suffixes: a suffix like q_proj must not reach
@@ -35,25 +34,53 @@ class LoRA(Method):
         self.target_modules = [_inside_adapter(tower.model, name) for name in match_targets(tower, patterns)]
         self.peft_config = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha,
                                       lora_dropout=self.config.dropout, target_modules=self.target_modules)
-        inject_adapter_in_model(self.peft_config, tower.model, adapter_name=ADAPTER_NAME)
+        inject_adapter_in_model(self.peft_config, tower.model, adapter_name=self.slot)
         _expose_conv_geometry(tower.model)
+        _follow_tower_slots(tower)
 
-    def owns(self, parameter_name: str) -> bool:
-        return ".lora_" in parameter_name
+    def remove(self, tower) -> None:
+        for layer in _lora_layers(tower.model):
+            if self.slot in layer.lora_A:
+                layer.delete_adapter(self.slot)
+        _follow_tower_slots(tower)  # peft re-sets the active adapters when deleting one
 
     def merge(self, tower) -> None:
         """Fold B A into the frozen weights: inference then costs what the backbone alone costs."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         if tower.info.precision in ("int8", "nf4"):
-            from ..errors import PeftmmError
-
             raise PeftmmError(f"{tower.name}.methods lora: cannot merge into {tower.info.precision} weights "
                               "without re-quantising them (outputs would change); load the backbone in fp32 or bf16")
 
-        for module in tower.model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.merge(adapter_names=[ADAPTER_NAME])
+        for layer in _lora_layers(tower.model):
+            if self.slot in layer.lora_A:
+                layer.merge(adapter_names=[self.slot])
+
+
+def _lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def _follow_tower_slots(tower) -> None:
+    """Make every LoRA layer of the tower read the tower's ActiveSlots.
+
+    peft reads a layer's active adapters from ``_active_adapter`` each forward pass; pointing all
+    of them at the tower's one list makes switching slots O(1). Mixed batches go through peft's
+    own ``adapter_names`` argument, passed in by a hook while ``tower.slots.rows`` is set.
+    """
+    for layer in _lora_layers(tower.model):
+        layer._active_adapter = tower.slots.names
+        if not getattr(layer, "peftmm_rows_hook", False):
+            layer.register_forward_pre_hook(_rows_hook(tower.slots), with_kwargs=True)
+            layer.peftmm_rows_hook = True
+
+
+def _rows_hook(slots):
+    def hook(module, args, kwargs):
+        if slots.rows is not None:
+            kwargs["adapter_names"] = slots.rows
+        return args, kwargs
+    return hook
 
 
 def _expose_conv_geometry(model) -> None:

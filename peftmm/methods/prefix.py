@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import PeftmmError
 from . import METHODS
-from .base import Method
+from .base import DEFAULT_SLOT, Method
 
 ATTENTION = "peftmm_prefix"
 INIT_STD = 0.02  # plain prefixes start as small random keys/values, like transformers' own initialisers
@@ -69,7 +69,8 @@ def _recording():
 
 
 def prefix_attention(module, query, key, value, attention_mask, **kwargs):
-    """sdpa, with ``module.peftmm_prefix`` (if any) prepended to keys, values and mask.
+    """sdpa, with the active slot's prefix in ``module.peftmm_prefix`` (if any) prepended to
+    keys, values and mask.
 
     query/key/value are [B, heads, T, head_dim]; attention_mask is None, a bool mask
     [B, 1, Tq, Tk] (True = attend) from ``sdpa_mask``, or an additive float mask.
@@ -78,11 +79,22 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
 
     if _calls is not None:
         _calls.append((module, key.shape))
-    prefix = getattr(module, "peftmm_prefix", None)
-    if isinstance(prefix, PrefixKV):
+    prefix = _active_prefix(module)
+    if prefix is not None:
         key, value, attention_mask = _prepend(prefix, module, query, key, value, attention_mask,
                                               kwargs.get("is_causal"))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _active_prefix(module) -> PrefixKV | None:
+    prefixes = getattr(module, "peftmm_prefix", None)
+    if prefixes is None:
+        return None
+    slots = module.peftmm_slots
+    if slots.rows is not None and any(slot in prefixes for slot in set(slots.rows)):
+        # prefixes of different slots differ in length: rows cannot share one key tensor
+        raise RuntimeError("prefix tuning cannot serve a mixed-slot batch; run one slot at a time")
+    return next((prefixes[slot] for slot in slots.names if slot in prefixes), None)
 
 
 def _prepend(prefix, module, query, key, value, attention_mask, is_causal):
@@ -115,6 +127,7 @@ def _register() -> None:
 
 @METHODS.register("prefix")
 class Prefix(Method):
+    slot_fragments = (".peftmm_prefix.",)
     @dataclass
     class Config:
         length: int = field(default=10, metadata={"min": 1, "max": 1024})   # prefix tokens per layer
@@ -153,11 +166,16 @@ class Prefix(Method):
         self.layers = []  # (module name, attention module), for export
         for index in chosen:
             name, module, (kv_heads, head_dim) = found[index]
-            module.peftmm_prefix = PrefixKV(kv_heads, self.config.length, head_dim, hidden).to(device)
+            if not hasattr(module, "peftmm_prefix"):
+                module.peftmm_prefix = nn.ModuleDict()
+                module.peftmm_slots = tower.slots
+            module.peftmm_prefix[self.slot] = PrefixKV(kv_heads, self.config.length, head_dim, hidden).to(device)
             self.layers.append((name, module))
 
-    def owns(self, parameter_name: str) -> bool:
-        return ".peftmm_prefix." in f".{parameter_name}"
+    def remove(self, tower) -> None:
+        for _, module in self.layers:
+            if self.slot in module.peftmm_prefix:
+                del module.peftmm_prefix[self.slot]
 
     def export(self, tower, state):
         """Fold the MLP: the bundle stores each layer's keys/values and a recipe without reparam."""
@@ -166,9 +184,9 @@ class Prefix(Method):
         folded = {}
         with torch.no_grad():
             for name, module in self.layers:
-                key, value = module.peftmm_prefix()
-                folded[f"{name}.peftmm_prefix.key"] = key.detach().clone()
-                folded[f"{name}.peftmm_prefix.value"] = value.detach().clone()
+                key, value = module.peftmm_prefix[self.slot]()
+                folded[f"{name}.peftmm_prefix.{DEFAULT_SLOT}.key"] = key.detach().clone()
+                folded[f"{name}.peftmm_prefix.{DEFAULT_SLOT}.value"] = value.detach().clone()
         return folded, dataclasses.replace(self.config, reparam=False)
 
 
