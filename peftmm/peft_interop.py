@@ -1,0 +1,224 @@
+"""LoRA in and out of vanilla peft: one tower's LoRA as a peft adapter folder, and back.
+
+A peft LoRA folder is ``adapter_config.json`` (peft's own format) plus
+``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight``. peftmm
+injects LoRA with peft itself, under the adapter name ``default``, and names its tensors
+``<tower>.<module>.lora_A.default.weight`` relative to the tower's transformers model, so the
+conversion is a renaming; the module names are read from the tensors, never re-resolved from
+patterns, so both sides act on exactly the same layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+from .bundle import CONFIG, WEIGHTS, bundle_config, read_config, read_tensors, save_bundle
+from .errors import BundleError
+from .io import atomic_directory
+
+TOWERS = ("vision", "text")
+PEFT_PREFIX = "base_model.model."
+_BUNDLE_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])\.default\.weight")
+_PEFT_KEY = re.compile(re.escape(PEFT_PREFIX) + r"(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")  # what recipe targets read as a suffix, not a regex
+# peft settings peftmm follows (or that only say how the folder was made); any other setting
+# that differs from peft's default changes what the adapter computes, so an import refuses it.
+_UNDERSTOOD = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+               "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout",
+               "layers_to_transform", "layers_pattern", "megatron_core", "qalora_group_size", "eva_config"}
+_PLAIN_INITS = (True, False, "gaussian", "eva")  # initialisations that leave the base weights alone
+
+
+def export_peft(bundle_path, tower: str, out_dir, overwrite: bool = False, allow_partial: bool = False) -> Path:
+    """Write ``tower``'s LoRA as a folder ``peft.PeftModel.from_pretrained`` loads onto that backbone."""
+    from peft import LoraConfig
+    from safetensors.torch import save as save_tensors
+
+    bundle_path, out_dir = Path(bundle_path), Path(out_dir)
+    _check_tower(tower, bundle_path)
+    _check_free(out_dir, overwrite)
+    config, tensors = read_config(bundle_path), read_tensors(bundle_path)
+    methods = config["recipe"][tower]["methods"]
+    lora = next((m for m in methods if m.get("type") == "lora"), None)
+    if lora is None:
+        raise BundleError(f"the {tower} tower has no LoRA to export (its methods: "
+                          f"{', '.join(m.get('type', '?') for m in methods) or 'none'})", str(bundle_path))
+    others = [m["type"] for m in methods if m is not lora]
+    if others and not allow_partial:
+        raise BundleError(f"the {tower} tower also has {', '.join(others)}: a peft LoRA folder carries only "
+                          "the LoRA part, so outputs would differ from peftmm's; pass allow_partial=True "
+                          "(--allow-partial) to export the LoRA part anyway", str(bundle_path))
+    out_tensors, ranks = {}, set()
+    for key, tensor in tensors.items():
+        match = _BUNDLE_KEY.fullmatch(key[len(tower) + 1:]) if key.startswith(f"{tower}.") else None
+        if match:
+            module = match["module"]
+            # A module wrapped by a bottleneck adapter has its LoRA on the layer inside it
+            # (methods/lora.py); in the plain backbone that layer has the adapter's name.
+            if module.endswith(".base_layer") and any(k.startswith(f"{tower}.{module[:-11]}.peftmm_adapter.")
+                                                      for k in tensors):
+                module = module[:-11]
+            out_tensors[f"{PEFT_PREFIX}{module}.lora_{match['ab']}.weight"] = tensor.contiguous()
+            if match["ab"] == "A":
+                ranks.add(tensor.shape[0])
+    if ranks != {lora["r"]}:
+        raise BundleError(f"the {tower} LoRA tensors have rank {sorted(ranks)} but the config says r = "
+                          f"{lora['r']}", str(bundle_path))
+    modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in out_tensors})
+    info = config["towers"][tower]
+    alpha = lora["alpha"]
+    peft_config = LoraConfig(r=lora["r"], lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+                             lora_dropout=lora["dropout"], target_modules=modules, bias="none", task_type=None,
+                             base_model_name_or_path=info["backbone"], inference_mode=True)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        peft_config.save_pretrained(str(tmp))
+        (tmp / WEIGHTS).write_bytes(save_tensors(out_tensors, metadata={"format": "pt"}))
+        (tmp / "README.md").write_text(
+            f"# LoRA of the {tower} tower of peftmm bundle `{config['name']}`\n\n"
+            f"For `{info['backbone']}` ({info['model_type']}, weights `{info['fingerprint'][:16]}`), which peftmm "
+            f"loaded at {info['precision']}: load it the same way, then `PeftModel.from_pretrained(model, folder)`."
+            + (f" Only the LoRA part: the tower also has {', '.join(others)}.\n" if others else "\n"))
+    return out_dir
+
+
+def import_peft(peft_dir, bundle_path, tower: str, out_dir, overwrite: bool = False) -> Path:
+    """Write a new bundle: ``bundle_path`` with ``tower``'s LoRA replaced (or added) by a peft one."""
+    from .backbones import load_tower
+    from .card import model_card
+    from .model import MultimodalModel
+    from .recipe import from_dict
+
+    peft_dir, bundle_path, out_dir = Path(peft_dir), Path(bundle_path), Path(out_dir)
+    _check_tower(tower, bundle_path)
+    _check_free(out_dir, overwrite)
+    peft = _read_peft_config(peft_dir)
+    pairs = _read_peft_tensors(peft_dir)
+    config, old = read_config(bundle_path), read_tensors(bundle_path)
+    data = copy.deepcopy(config["recipe"])
+    spec = data[tower]
+
+    # The plain backbone tells which layers exist; a task model's adapter (e.g. for
+    # LlamaForCausalLM) names them below its base_model_prefix ("model."), which is dropped.
+    probe = load_tower(tower, spec["backbone"], spec.get("precision", "fp32"))
+    known = probe.module_names()
+    prefix = getattr(probe.model, "base_model_prefix", "") + "."
+    if not set(pairs) <= set(known) and all(m.startswith(prefix) and m[len(prefix):] in known for m in pairs):
+        pairs = {m[len(prefix):]: ab for m, ab in pairs.items()}
+    missing = sorted(set(pairs) - set(known))
+    if missing:
+        raise BundleError(f"the peft adapter has LoRA on {len(missing)} module(s) the {tower} backbone "
+                          f"{spec['backbone']!r} does not have as Linear/Conv2d layers: {_few(missing)}", str(peft_dir))
+    # Exact names: a plain name where it matches nothing else as a suffix, else an escaped regex.
+    targets = [m if _PLAIN_NAME.match(m) and not any(n.endswith("." + m) for n in known) else re.escape(m)
+               for m in sorted(pairs)]
+    del probe
+
+    lora = {"type": "lora", "r": peft["r"], "alpha": float(peft["lora_alpha"]),
+            "dropout": float(peft.get("lora_dropout", 0.0)), "targets": targets}
+    methods = spec["methods"]  # the LoRA entry is replaced in place, or added last
+    at = next((i for i, m in enumerate(methods) if m.get("type") == "lora"), len(methods))
+    methods[at:at + 1] = [lora]
+    recipe = from_dict(data, source=str(bundle_path / CONFIG))
+    model = MultimodalModel.build(recipe, config["labels"])
+    for name, built in model.towers.items():
+        if built.info.fingerprint != config["towers"][name]["fingerprint"]:
+            raise BundleError(f"the {name} backbone {built.info.source!r} is no longer the weights this bundle "
+                              "was trained on (fingerprint changed)", str(bundle_path))
+
+    expected = model.trainable_state_dict()
+    state = {k: v for k, v in old.items() if not (k.startswith(f"{tower}.") and re.search(r"\.lora_[AB]\.", k))}
+    for module, ab in pairs.items():
+        for part, tensor in ab.items():
+            # a module under a bottleneck adapter holds its LoRA on the layer inside (methods/lora.py)
+            key = next((k for k in (f"{tower}.{module}.lora_{part}.default.weight",
+                                    f"{tower}.{module}.base_layer.lora_{part}.default.weight") if k in expected), None)
+            if key is None:
+                raise BundleError(f"{module} takes no LoRA in this bundle's {tower} tower", str(peft_dir))
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise BundleError(f"{module}.lora_{part} has shape {tuple(tensor.shape)}, the {tower} backbone "
+                                  f"needs {tuple(expected[key].shape)} at r = {peft['r']}", str(peft_dir))
+            state[key] = tensor
+    model.load_trainable_state_dict(state, where=str(bundle_path / WEIGHTS))
+
+    # The old metrics measured the replaced LoRA, so they go; the config says where this came from.
+    metrics = {"imported_from_peft": {"tower": tower, "peft_dir": str(peft_dir.resolve()),
+                                      "base_model_name_or_path": peft.get("base_model_name_or_path"),
+                                      "source_bundle": str(bundle_path.resolve()), "modules": len(pairs)}}
+    tensors, saved = model.export(recipe)
+    card = model_card(bundle_config(model, saved, {}), tensors) + (
+        f"\n## Imported\n\nThe {tower} tower's LoRA ({len(pairs)} modules, r = {peft['r']}) was imported from the "
+        f"peft adapter `{peft_dir.name}`; the rest comes from bundle `{config['name']}`. Not evaluated since.\n")
+    return save_bundle(model, recipe, out_dir, metrics=metrics, overwrite=overwrite, card=card)
+
+
+def _check_tower(tower: str, where: Path) -> None:
+    if tower not in TOWERS:
+        raise BundleError(f"no tower named {tower!r}; a bundle has the towers {', '.join(TOWERS)}", str(where))
+
+
+def _check_free(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not overwrite:
+        raise BundleError("already exists; choose another output or overwrite it (--force)", str(out_dir))
+
+
+def _read_peft_config(peft_dir: Path) -> dict:
+    from peft import LoraConfig
+
+    path = peft_dir / "adapter_config.json"
+    try:
+        peft = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise BundleError("not a peft adapter folder: adapter_config.json is missing", str(peft_dir)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"adapter_config.json is not valid JSON ({e})", str(peft_dir)) from None
+    if not isinstance(peft, dict) or peft.get("peft_type") != "LORA":
+        kind = peft.get("peft_type") if isinstance(peft, dict) else None
+        raise BundleError(f"peft_type is {kind!r}: only LORA adapters can be imported", str(path))
+    if not isinstance(peft.get("r"), int) or not isinstance(peft.get("lora_alpha"), (int, float)):
+        raise BundleError("r and lora_alpha must be numbers", str(path))
+    defaults = json.loads(json.dumps(LoraConfig().to_dict(), default=str))
+    for key, value in peft.items():
+        if key == "init_lora_weights":
+            if value not in _PLAIN_INITS:
+                raise BundleError(f"init_lora_weights = {value!r} is not supported: that initialisation changes "
+                                  "the base weights, so this adapter needs a modified backbone", str(path))
+        elif key not in _UNDERSTOOD and value != defaults.get(key) and (key in defaults or value):
+            raise BundleError(f"{key} = {json.dumps(value)} is not supported: peftmm imports plain LoRA "
+                              "(r, lora_alpha, lora_dropout on Linear/Conv2d layers) only", str(path))
+    return peft
+
+
+def _read_peft_tensors(peft_dir: Path) -> dict[str, dict]:
+    """{module: {"A": tensor, "B": tensor}} from adapter_model.safetensors (never a pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = peft_dir / WEIGHTS
+    if not path.is_file():
+        bins = "adapter_model.bin exists, but " if (peft_dir / "adapter_model.bin").exists() else ""
+        raise BundleError(f"{WEIGHTS} is missing; {bins}only safetensors is read (a .bin is a pickle "
+                          "that can run code); re-save the adapter with safe_serialization=True", str(peft_dir))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(f"{WEIGHTS} is corrupt or truncated ({e})", str(peft_dir)) from None
+    pairs: dict[str, dict] = {}
+    strange = []
+    for key, tensor in tensors.items():
+        match = _PEFT_KEY.fullmatch(key)
+        if match:
+            pairs.setdefault(match["module"], {})[match["ab"]] = tensor
+        else:
+            strange.append(key)
+    strange += [f"{m} (no lora_{'B' if 'A' in ab else 'A'})" for m, ab in pairs.items() if len(ab) != 2]
+    if strange or not pairs:
+        raise BundleError(f"tensors that are not plain LoRA pairs: {_few(strange) if strange else 'no LoRA tensors'}",
+                          str(path))
+    return pairs
+
+
+def _few(items: list[str]) -> str:
+    return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
