@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import struct
 from pathlib import Path
 
 import torch
@@ -28,6 +30,11 @@ from .io import atomic_directory
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, CARD = "adapter_model.safetensors", "adapter_config.json", "README.md"
+REQUIRED_KEYS = ("name", "task", "labels", "towers", "recipe")
+TOWERS = ("vision", "text")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the cap safetensors itself applies
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1}  # what a bundle may hold: nothing exotic a reader might choke on
 
 
 def bundle_config(model, recipe: dict, metrics: dict | None = None) -> dict:
@@ -74,39 +81,188 @@ def read_config(path: str | Path) -> dict:
     if not isinstance(config, dict) or config.get("format") != "peftmm":
         raise BundleError(f"{CONFIG} is not a peftmm adapter config", str(path))
     version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
         raise BundleError(f"bundle format version {version!r} is newer than this peftmm reads "
                           f"({FORMAT_VERSION}); upgrade peftmm", str(path))
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing:
+        raise BundleError(f"{CONFIG} lacks the key{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(repr(k) for k in missing)}", str(path))
+    expected_types = {"name": str, "task": str, "labels": list, "towers": dict, "recipe": dict}
+    for key, kind in expected_types.items():
+        if not isinstance(config[key], kind):
+            raise BundleError(f"{CONFIG}: {key!r} must be a {kind.__name__}, "
+                              f"got {type(config[key]).__name__}", str(path))
+    for tower in TOWERS:
+        if not isinstance(config["towers"].get(tower), dict):
+            raise BundleError(f"{CONFIG}: towers lacks the {tower!r} tower", str(path))
+        if not isinstance(config["recipe"].get(tower), dict):
+            raise BundleError(f"{CONFIG}: recipe lacks the {tower!r} section", str(path))
+    if "metrics" in config and not isinstance(config["metrics"], dict):
+        raise BundleError(f"{CONFIG}: 'metrics' must be a mapping", str(path))
     return config
+
+
+def read_header(path: str | Path) -> dict:
+    """Check ``adapter_model.safetensors`` before safetensors parses it; returns its header.
+
+    The header is ``{tensor name: {dtype, shape, data_offsets}, "__metadata__": {...}}``. Every
+    way a file can be cut short, padded or forged is reported with the sizes involved, so a
+    truncated download reads as one rather than as a parser error.
+    """
+    path = Path(path)
+    weights = path / WEIGHTS
+
+    def bad(what: str) -> BundleError:
+        return BundleError(f"{WEIGHTS} is corrupt or truncated: {what}", str(path))
+
+    if not weights.is_file():
+        raise BundleError(f"{WEIGHTS} is missing", str(path))
+    size = weights.stat().st_size
+    if size < 8:
+        raise bad(f"the file is {size} bytes, shorter than the 8-byte header length")
+    with open(weights, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > MAX_HEADER_BYTES:
+            raise bad(f"header of {length} bytes is larger than the {MAX_HEADER_BYTES}-byte limit "
+                      f"(the file is {size} bytes)")
+        if 8 + length > size:
+            raise bad(f"header of {length} bytes is larger than the file ({size} bytes, "
+                      f"{size - 8} after the length)")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"its {length}-byte header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("its __metadata__ is not a mapping of strings")
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+                and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                        for x in entry["shape"] + entry["data_offsets"])):
+            raise bad(f"tensor {name!r} has a malformed header entry {entry!r}")
+        dtype = entry.get("dtype")
+        if dtype not in DTYPE_BYTES:
+            raise bad(f"tensor {name!r} has dtype {dtype!r}; a bundle may hold only "
+                      f"{', '.join(DTYPE_BYTES)}")
+        begin, stop = entry["data_offsets"]
+        need = math.prod(entry["shape"]) * DTYPE_BYTES[dtype]
+        if stop - begin != need:
+            raise bad(f"tensor {name!r} ({dtype} {tuple(entry['shape'])}) needs {need} bytes, "
+                      f"its offsets span {stop - begin}")
+        data_end = max(data_end, stop)
+    expected = 8 + length + data_end
+    if expected > size:
+        raise bad(f"the header describes {expected} bytes of file but it has {size} "
+                  f"({expected - size} missing: an incomplete download or copy?)")
+    if expected < size:
+        raise bad(f"the header describes {expected} bytes of file but it has {size} "
+                  f"({size - expected} bytes too many)")
+    return header
+
+
+def _check_checksum(path: Path, header: dict) -> None:
+    expected = header.get("__metadata__", {}).get("config_sha256")
+    actual = hashlib.sha256((path / CONFIG).read_bytes()).hexdigest()
+    if expected != actual:
+        raise BundleError(f"{CONFIG} does not match {WEIGHTS} (config sha256 {actual[:12]}, "
+                          f"weights were saved with {str(expected)[:12]})", str(path))
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Load the adapter tensors after checking the header against the config on disk."""
     path = Path(path)
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise BundleError(f"{WEIGHTS} is missing", str(path))
+    header = read_header(path)
+    if not (path / CONFIG).is_file():
+        raise BundleError(f"not an adapter bundle: {CONFIG} is missing", str(path))
+    _check_checksum(path, header)
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            metadata = f.metadata() or {}
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise BundleError(f"{WEIGHTS} is corrupt or truncated ({e})", str(path)) from None
-    expected = metadata.get("config_sha256")
-    actual = hashlib.sha256((path / CONFIG).read_bytes()).hexdigest()
-    if expected != actual:
-        raise BundleError(f"{CONFIG} does not match {WEIGHTS} (config sha256 {actual[:12]}, "
-                          f"weights were saved with {str(expected)[:12]})", str(path))
     return tensors
 
 
-def load_bundle(path: str | Path, device="cpu", backbones: dict[str, str] | None = None):
-    """Rebuild a bundle's model on freshly loaded frozen backbones. Returns (model, config).
+def _methods(data, model_type) -> list[dict]:
+    """A tower's methods as saved, type first; LoRA's unset targets show the architecture's defaults."""
+    from importlib import resources
+
+    methods = data.get("methods", []) if isinstance(data, dict) else []
+    methods = [{"type": m.get("type"), **{k: v for k, v in m.items() if k != "type"}} if isinstance(m, dict)
+               else {"type": str(m)} for m in methods]
+    for method in methods:
+        if method["type"] == "lora" and method.get("targets") is None:
+            arch = json.loads(resources.files("peftmm").joinpath("architectures.json").read_text())
+            defaults = arch.get(model_type, {}).get("lora_targets") if isinstance(model_type, str) else None
+            if defaults:
+                method["targets"], method["default_targets"] = list(defaults), True
+    return methods
+
+
+def bundle_summary(path: str | Path) -> dict:
+    """What a bundle holds, read from its config and the safetensors header only.
+
+    No backbone is loaded and no tensor is read; the checks are those of :func:`read_config`,
+    :func:`read_header` and the config checksum, so a summary is also a cheap integrity check
+    (shapes against a rebuilt model are checked only by :func:`load_bundle`).
+    """
+    path = Path(path)
+    config = read_config(path)
+    header = read_header(path)
+    _check_checksum(path, header)
+    groups = {"vision": 0, "text": 0, "fusion": 0, "head": 0}
+    total = tensors = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        count = math.prod(entry["shape"])
+        tensors += 1
+        total += count
+        prefix = name.split(".", 1)[0]
+        if prefix in groups:
+            groups[prefix] += count
+    recipe = config["recipe"]
+    towers = {}
+    for tower in TOWERS:
+        info = config["towers"][tower]
+        towers[tower] = {key: info.get(key) for key in ("backbone", "model_type", "precision", "fingerprint",
+                                                         "hidden_size")}
+        towers[tower]["methods"] = _methods(recipe[tower], info.get("model_type"))
+        towers[tower]["trainable_params"] = groups[tower]
+    files = {name: (path / name).stat().st_size for name in (WEIGHTS, CONFIG, CARD) if (path / name).is_file()}
+    fusion = recipe.get("fusion") if isinstance(recipe.get("fusion"), dict) else {}
+    task = recipe.get("task") if isinstance(recipe.get("task"), dict) else {}
+    return {
+        "path": str(path), "name": config["name"], "task": config["task"], "labels": len(config["labels"]),
+        "format_version": config["format_version"], "peftmm_version": config.get("peftmm_version"),
+        "towers": towers,
+        "fusion": {**fusion, "trainable_params": groups["fusion"]},
+        "head": {**{k: v for k, v in task.items() if k != "type"}, "trainable_params": groups["head"]},
+        "trainable_params": total, "tensors": tensors,
+        "files": files, "total_bytes": sum(files.values()),
+        "metrics": config.get("metrics", {}),
+    }
+
+
+def load_bundle(path: str | Path, device="cpu", backbones: dict[str, str] | None = None,
+                towers: dict | None = None, slot: str | None = None):
+    """Rebuild a bundle's model on freshly loaded frozen backbones. Returns (model, recipe, config).
 
     ``backbones`` may point a tower at another copy of the same weights (a local folder for a
-    hub id); the fingerprint check makes sure they are the same weights.
+    hub id); the fingerprint check makes sure they are the same weights. ``towers`` passes
+    backbones that are already loaded (shared by the multi-adapter runtime), into which the
+    bundle's modules go under ``slot``; on any error nothing of the bundle stays in them.
     """
     from . import recipe as recipes
+    from .methods.base import DEFAULT_SLOT
     from .model import MultimodalModel
 
     path = Path(path)
@@ -116,13 +272,23 @@ def load_bundle(path: str | Path, device="cpu", backbones: dict[str, str] | None
     for tower, source in (backbones or {}).items():
         data[tower]["backbone"] = source
     recipe = recipes.from_dict(data, source=str(path / CONFIG))
-    model = MultimodalModel.build(recipe, config["labels"], device=device)
-    for name, tower in model.towers.items():
-        saved = config["towers"][name]["fingerprint"]
-        if tower.info.fingerprint != saved:
-            raise BundleError(f"the {name} backbone {tower.info.source!r} has weight fingerprint "
-                              f"{tower.info.fingerprint[:12]}, but this adapter was trained on "
-                              f"{saved[:12]}: it belongs to other weights", str(path))
-    model.load_trainable_state_dict(tensors, where=str(path / WEIGHTS))
+    for name, tower in (towers or {}).items():
+        check_fingerprint(config, name, tower, path)
+    model = MultimodalModel.build(recipe, config["labels"], device=device, towers=towers, slot=slot or DEFAULT_SLOT)
+    try:
+        for name, tower in model.towers.items():
+            check_fingerprint(config, name, tower, path)
+        model.load_trainable_state_dict(tensors, where=str(path / WEIGHTS))
+    except BaseException:
+        model.remove_methods()
+        raise
     model.eval()
     return model, recipe, config
+
+
+def check_fingerprint(config: dict, name: str, tower, path: Path) -> None:
+    saved = config["towers"][name]["fingerprint"]
+    if tower.info.fingerprint != saved:
+        raise BundleError(f"the {name} backbone {tower.info.source!r} has weight fingerprint "
+                          f"{tower.info.fingerprint[:12]}, but this adapter was trained on "
+                          f"{saved[:12]}: it belongs to other weights", str(path))

@@ -5,18 +5,25 @@ from __future__ import annotations
 import yaml
 
 _DATASETS = {"easy-vqa": "easy-vqa (PyPI easy-vqa 1.0, MIT)"}
+# Hugging Face pipeline tags of the tasks peftmm trains; a task missing here gets no pipeline_tag.
+PIPELINE_TAGS = {"vqa": "visual-question-answering"}
 
 
-def model_card(config: dict, tensors: dict) -> str:
+def model_card(config: dict, tensors: dict, training: dict | None = None) -> str:
+    """The README of a bundle. ``training`` (see :func:`curve_summary`) adds a training-curve section."""
     recipe = config["recipe"]
     metrics = config.get("metrics", {})
-    front = {
-        "library_name": "peftmm",
+    front = {"library_name": "peftmm"}
+    if config["task"] in PIPELINE_TAGS:
+        front["pipeline_tag"] = PIPELINE_TAGS[config["task"]]
+    front |= {
         "base_model": [t["backbone"] for t in config["towers"].values()],
         "tags": ["peftmm", "multimodal", config["task"], *sorted({m["type"] for t in ("vision", "text")
                                                                   for m in recipe[t]["methods"]})],
         "datasets": [recipe["data"]["source"]],
-        "metrics": sorted(k for k in metrics if k.startswith(("test_", "val_")) and not k.endswith("_loss")),
+        # Hugging Face metric ids ("accuracy"), not the split-prefixed keys of the Measured table
+        "metrics": sorted({k.split("_", 1)[1] for k in metrics
+                           if k.startswith(("test_", "val_")) and not k.endswith("_loss")}),
         "license": "apache-2.0",
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
@@ -35,6 +42,16 @@ def model_card(config: dict, tensors: dict) -> str:
               f"- trainable tensors saved: {len(tensors)} ({n:,} parameters)",
               f"- epochs {recipe['train']['epochs']}, batch size {recipe['train']['batch_size']}, "
               f"lr {recipe['train']['lr']}, seed {recipe['train']['seed']}", ""]
+    if training and training.get("epochs"):
+        metric = training["metric"]
+        curve = ", ".join(f"{v:.4f}" for v in training["values"])
+        lines += ["## Training curve", "",
+                  f"- epochs run: {training['epochs']}",
+                  f"- best {metric}: {training['best']:.4f} at epoch {training['best_epoch']}",
+                  f"- {metric} per epoch: {curve}"]
+        if training.get("final_loss") is not None:
+            lines.append(f"- last training loss: {training['final_loss']:.4f}")
+        lines.append("")
     if metrics:
         lines += ["## Measured", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
@@ -43,3 +60,24 @@ def model_card(config: dict, tensors: dict) -> str:
     lines += ["## Use", "", "```bash", f"peftmm predict {config['name']} --image IMAGE --question 'what shape is it?'",
               "```", ""]
     return "\n".join(lines)
+
+
+def curve_summary(records: list[dict], metric: str | None = None) -> dict | None:
+    """Summarise a run's ``metrics.jsonl`` records: a validation metric per epoch and its best.
+
+    ``metric`` is the task's primary metric (``accuracy``); by default the first validation
+    metric logged. Returns None when the records hold no validation entry.
+    """
+    evals = [r for r in records if isinstance(r, dict) and "epoch" in r
+             and any(k.startswith("val_") and k != "val_loss" for k in r)]
+    if not evals:
+        return None
+    metric = f"val_{metric}" if metric else next(k for k in evals[0] if k.startswith("val_") and k != "val_loss")
+    evals = [r for r in evals if isinstance(r.get(metric), (int, float))]
+    if not evals:
+        return None
+    best = max(evals, key=lambda r: r[metric])
+    losses = [r["loss"] for r in records if isinstance(r, dict) and "step" in r
+              and isinstance(r.get("loss"), (int, float))]
+    return {"metric": metric, "epochs": len(evals), "values": [r[metric] for r in evals],
+            "best": best[metric], "best_epoch": best["epoch"], "final_loss": losses[-1] if losses else None}
