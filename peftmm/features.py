@@ -43,11 +43,16 @@ class FeatureCache:
         return tower(**{k: v.to(device) for k, v in tower.tokenize(chunk, self.max_length).items()})
 
     def lookup(self, keys: list[str], prefix: str) -> dict:
-        items = [self.store[k] for k in keys]
-        length = max(t.shape[0] for t in items)
-        tokens = items[0].new_zeros(len(items), length, items[0].shape[-1])
-        mask = torch.zeros(len(items), length, dtype=torch.bool)
-        for i, t in enumerate(items):
-            tokens[i, : t.shape[0]] = t
-            mask[i, : t.shape[0]] = True
+        tokens, mask = pad_tokens([self.store[k] for k in keys])
         return {f"{prefix}_tokens": tokens, f"{prefix}_mask": mask}
+
+
+def pad_tokens(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``[N_i, D]`` token tensors (padding dropped) into ``[B, max N, D]`` plus a mask."""
+    length = max(t.shape[0] for t in items)
+    tokens = items[0].new_zeros(len(items), length, items[0].shape[-1])
+    mask = torch.zeros(len(items), length, dtype=torch.bool, device=items[0].device)
+    for i, t in enumerate(items):
+        tokens[i, : t.shape[0]] = t
+        mask[i, : t.shape[0]] = True
+    return tokens, mask

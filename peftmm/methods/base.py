@@ -65,8 +65,10 @@ class Method:
         return any(f"{fragment}{self.slot}." in name for fragment in self.slot_fragments)
 
     def canonical_name(self, parameter_name: str) -> str:
-        """The parameter's name as a bundle stores it: in the ``default`` slot."""
-        name = f".{parameter_name}"
+        """The parameter's name as a bundle stores it: in the ``default`` slot, and without the
+        ``base_layer`` steps that wrappers (of this slot or another) put into module paths, so
+        the name does not depend on what else was injected into the tower, or in which order."""
+        name = f".{parameter_name}".replace(".base_layer.", ".")
         for fragment in self.slot_fragments:
             name = name.replace(f"{fragment}{self.slot}.", f"{fragment}{DEFAULT_SLOT}.")
         return name[1:]

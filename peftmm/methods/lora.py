@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from ..errors import PeftmmError
@@ -34,7 +35,9 @@ class LoRA(Method):
         self.target_modules = [_inside_adapter(tower.model, name) for name in match_targets(tower, patterns)]
         self.peft_config = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha,
                                       lora_dropout=self.config.dropout, target_modules=self.target_modules)
-        inject_adapter_in_model(self.peft_config, tower.model, adapter_name=self.slot)
+        with warnings.catch_warnings():  # more than one adapter in a model is what slots are for
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(self.peft_config, tower.model, adapter_name=self.slot)
         _expose_conv_geometry(tower.model)
         _follow_tower_slots(tower)
 

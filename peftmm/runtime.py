@@ -1,0 +1,292 @@
+"""The multi-adapter runtime: frozen backbones loaded once, any number of bundles on them.
+
+Each registered bundle becomes a MultimodalModel that shares its towers with every other bundle
+built on the same weights (same fingerprint and precision): its methods live inside the shared
+towers under a slot named after the bundle, its fusion and head are its own. Each example of a
+call names its adapter. Switching adapters is one in-place list assignment per tower (see
+ActiveSlots in methods/base.py): no backbone reload, no weight copy.
+
+One call may mix adapters. Its examples are encoded tower by tower: inputs that run the same
+tower in the same slot are encoded once; where every method involved allows mixed batches (LoRA
+through peft's ``adapter_names``, bottleneck adapters) the rows of all slots go through the
+tower in one forward pass, otherwise one slot at a time. Fusion and head then run per adapter.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backbones import TOWERS, ImagePreprocessor, Tower, load_tower
+from .bundle import CONFIG, load_bundle, read_config
+from .data.images import load_image
+from .errors import BundleError, DataError
+from .features import pad_tokens
+from .methods.base import NO_SLOT
+from .predict import default_device, resolve_bundle
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become slot and folder names: letters, digits, '-' and '_' only."""
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+        raise BundleError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '-' or '_', "
+                          "starting with a letter or digit")
+    return name
+
+
+@dataclass
+class Registered:
+    name: str
+    path: Path
+    model: object            # MultimodalModel sharing its towers
+    recipe: object
+    config: dict
+    tower_keys: dict          # tower name -> key in Runtime._towers
+    bytes: int
+
+
+class Runtime:
+    """Serve many bundles from one process. Thread-safe: calls are serialised by one lock."""
+
+    def __init__(self, device: str | None = None, root: str | Path | None = None):
+        self.device = device or default_device()
+        self.root = Path(root).resolve() if root is not None else None  # bundles only from here
+        self._towers: dict[tuple, Tower] = {}
+        self._adapters: dict[str, Registered] = {}
+        self._lock = threading.RLock()
+
+    # -- registry --------------------------------------------------------------------------
+    def register(self, bundle: str | Path, name: str | None = None) -> dict:
+        """Load a bundle onto the (shared) backbones under ``name`` (default: its folder's name,
+        which ``peftmm publish`` makes the bundle's own name too).
+
+        Either the whole bundle is registered or, on any error, nothing of it stays.
+        """
+        with self._lock:
+            path = self._locate(bundle)
+            config = read_config(path)
+            name = check_adapter_name(name if name is not None else path.name)
+            if name in self._adapters:
+                raise BundleError(f"an adapter named {name!r} is already registered; unregister it first")
+            keys = {tower: self._tower_key(tower, config, name) for tower in TOWERS}
+            new = [key for key in keys.values() if key not in self._towers]
+            try:
+                for tower, key in keys.items():
+                    if key not in self._towers:
+                        spec = config["recipe"][tower]
+                        self._towers[key] = load_tower(tower, spec["backbone"], spec.get("precision", "fp32"),
+                                                       device=self.device, image_size=spec.get("image_size"))
+                towers = {tower: self._towers[key] for tower, key in keys.items()}
+                model, recipe, config = load_bundle(path, self.device, towers=towers, slot=name)
+            except BaseException:
+                for key in new:
+                    self._towers.pop(key, None)
+                raise
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            self._adapters[name] = Registered(name, path, model, recipe, config, keys, size)
+            return self.describe(name)
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            entry = self._get(name)
+            entry.model.remove_methods()
+            del self._adapters[name]
+            used = {key for other in self._adapters.values() for key in other.tower_keys.values()}
+            for key in set(entry.tower_keys.values()) - used:  # the last user of a backbone is gone
+                del self._towers[key]
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._adapters)
+
+    def describe(self, name: str) -> dict:
+        entry = self._get(name)
+        config, model = entry.config, entry.model
+        trainable = sum(t.numel() for t in model.trainable_state_dict().values())
+        return {
+            "name": name, "bundle": entry.path.name, "task": config["task"], "labels": len(config["labels"]),
+            "methods": {t: [m.registry_name for m in model.methods[t]] for t in TOWERS},
+            "fusion": config["recipe"]["fusion"]["type"],
+            "backbones": {t: {"backbone": config["towers"][t]["backbone"], "precision": config["towers"][t]["precision"],
+                              "fingerprint": config["towers"][t]["fingerprint"][:16]} for t in TOWERS},
+            "trainable_params": trainable, "bytes": entry.bytes,
+            "metrics": {k: v for k, v in config.get("metrics", {}).items() if isinstance(v, (int, float, str))},
+        }
+
+    def backbones(self) -> list[dict]:
+        """Every loaded backbone once, with the adapters that use it."""
+        with self._lock:
+            return [{"tower": key[0], "fingerprint": key[1][:16], "precision": key[2], "source": tower.info.source,
+                     "adapters": sorted(n for n, e in self._adapters.items() if key in e.tower_keys.values())}
+                    for key, tower in self._towers.items()]
+
+    def activate(self, name: str) -> None:
+        """Make ``name`` the adapter that acts in its towers (what every call does first)."""
+        model = self._get(name).model
+        for tower in TOWERS:
+            model.activate(tower)
+
+    def _get(self, name: str) -> Registered:
+        try:
+            return self._adapters[name]
+        except (KeyError, TypeError):
+            known = ", ".join(sorted(self._adapters)) or "none"
+            raise BundleError(f"no adapter named {name!r} is registered (registered: {known})") from None
+
+    def _locate(self, bundle: str | Path) -> Path:
+        if self.root is None:
+            return resolve_bundle(bundle)
+        path = (self.root / bundle).resolve()  # resolve() follows links: they cannot lead out either
+        if not path.is_relative_to(self.root):
+            raise BundleError(f"{str(bundle)!r} is outside the adapters folder {self.root}")
+        if not (path / CONFIG).is_file():
+            raise BundleError(f"no adapter bundle {str(bundle)!r} in {self.root}")
+        return path
+
+    @staticmethod
+    def _tower_key(tower: str, config: dict, name: str) -> tuple:
+        """Bundles on the same weights at the same precision share a tower; one that fine-tunes
+        a tower in full gets a private copy, since it changes the backbone's own weights."""
+        info = config["towers"][tower]
+        private = any(m.get("type") == "full" for m in config["recipe"][tower].get("methods", []))
+        return (tower, info["fingerprint"], info["precision"]) + ((name,) if private else ())
+
+    # -- inference -------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, requests: list[dict]) -> list[dict]:
+        """Each request: ``{"adapter": name, "image": path or PIL image, "text": str}``.
+
+        Returns one result per request, in order, each tagged with the adapter that made it.
+        """
+        with self._lock:
+            entries = [self._get(r.get("adapter")) for r in requests]
+            images = _decode_images(requests)
+            tokens = {tower: self._encode(tower, requests, entries, images) for tower in TOWERS}
+            results: list[dict | None] = [None] * len(requests)
+            by_adapter = defaultdict(list)
+            for i, entry in enumerate(entries):
+                by_adapter[entry.name].append(i)
+            for name, indices in by_adapter.items():
+                model = self._adapters[name].model
+                vision, vision_mask = pad_tokens([tokens["vision"][i] for i in indices])
+                text, text_mask = pad_tokens([tokens["text"][i] for i in indices])
+                logits = model.head(model.fusion(vision, vision_mask, text, text_mask))
+                for i, result in zip(indices, model.task.decode(logits)):
+                    results[i] = {"adapter": name, **result}
+            return results
+
+    def _encode(self, tower_name: str, requests, entries, images) -> list[torch.Tensor]:
+        """Per request, the tower's tokens for its input ([N, D], padding dropped)."""
+        rows: dict[tuple, list[int]] = {}  # (tower id, slot, input) -> requests that need it
+        for i, (request, entry) in enumerate(zip(requests, entries)):
+            model = entry.model
+            slot = model.slot if model.methods[tower_name] else NO_SLOT
+            if tower_name == "vision":
+                value = (images[i][0], entry.recipe.vision.image_size or model.towers["vision"].processor.size)
+            else:
+                value = (_text_of(request, i), model.max_length)
+            rows.setdefault((id(model.towers[tower_name]), slot, value), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(requests)
+        by_tower = defaultdict(list)
+        for key, users in rows.items():
+            by_tower[key[0]].append((key, users))
+        for group in by_tower.values():
+            tower = entries[group[0][1][0]].model.towers[tower_name]
+            for chunk in self._chunks(tower_name, group, entries):
+                encoded = self._forward(tower, chunk, entries, images)
+                for (_, users), tokens in zip(chunk, encoded):
+                    for i in users:
+                        out[i] = tokens
+        return out
+
+    def _chunks(self, tower_name: str, group, entries) -> list[list]:
+        """Rows that go through the tower together: all slots at once where every method involved
+        mixes, else one slot at a time; images of one size per pass."""
+        slots = {key[1] for key, _ in group}
+        methods = [m for key, users in group for m in entries[users[0]].model.methods[tower_name]]
+        mixed = len(slots) > 1 and all(m.mixed_batches for m in methods)
+        chunks = defaultdict(list)
+        for key, users in group:
+            size = key[2][1] if tower_name == "vision" else None
+            chunks[(size, None if mixed else key[1])].append((key, users))
+        return list(chunks.values())
+
+    def _forward(self, tower: Tower, chunk, entries, images) -> list[torch.Tensor]:
+        slots = [key[1] for key, _ in chunk]
+        if tower.name == "vision":
+            preprocess = _preprocessor(tower, chunk[0][0][2][1])
+            inputs = {"pixel_values": torch.stack([preprocess(images[users[0]][1]) for _, users in chunk])}
+        else:
+            inputs = _tokenize(tower, [(key[2][0], key[2][1]) for key, _ in chunk])
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if len(set(slots)) == 1:
+            tower.slots.activate(None if slots[0] == NO_SLOT else slots[0])
+            tokens, mask = tower(**inputs)
+        else:
+            tower.slots.activate(None)
+            tower.slots.rows = slots
+            try:
+                tokens, mask = tower(**inputs)
+            finally:
+                tower.slots.rows = None
+        return [t[m] for t, m in zip(tokens, mask)]
+
+
+_PREPROCESSORS: dict[tuple, ImagePreprocessor] = {}
+
+
+def _preprocessor(tower: Tower, size: int) -> ImagePreprocessor:
+    """The tower's own preprocessing at another image size (a bundle may train CNNs at any size)."""
+    base = tower.processor
+    if base.size == size:
+        return base
+    key = (id(tower), size)
+    if key not in _PREPROCESSORS:
+        _PREPROCESSORS[key] = ImagePreprocessor(size, base.mean.flatten().tolist(), base.std.flatten().tolist())
+    return _PREPROCESSORS[key]
+
+
+def _tokenize(tower: Tower, texts: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+    """Texts truncated at each one's own max_length (as Tower.tokenize does), padded together."""
+    ids: list = [None] * len(texts)
+    for length in {length for _, length in texts}:
+        which = [i for i, (_, n) in enumerate(texts) if n == length]
+        encoded = tower.processor([texts[i][0] for i in which], truncation=True, max_length=length)
+        for i, row in zip(which, encoded["input_ids"]):
+            ids[i] = row
+    padded = tower.processor.pad({"input_ids": ids}, return_tensors="pt")
+    return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+
+
+def _text_of(request: dict, index: int) -> str:
+    text = request.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError("each request needs a non-empty question text", f"request {index}")
+    return text
+
+
+def _decode_images(requests: list[dict]) -> list[tuple]:
+    """(key, PIL image) per request; a path is read once per call however often it appears."""
+    from PIL import Image
+
+    decoded, out = {}, []
+    for i, request in enumerate(requests):
+        image = request.get("image")
+        if isinstance(image, Image.Image):
+            out.append((f"object:{id(image)}", image))
+        elif isinstance(image, (str, Path)):
+            key = str(image)
+            if key not in decoded:
+                decoded[key] = load_image(key)
+            out.append((key, decoded[key]))
+        else:
+            raise DataError("each request needs an image (a path or a PIL image)", f"request {i}")
+    return out
+
