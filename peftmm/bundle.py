@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -35,6 +36,18 @@ TOWERS = ("vision", "text")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the cap safetensors itself applies
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1}  # what a bundle may hold: nothing exotic a reader might choke on
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become folder names under adapters/ and slot names inside shared backbones
+    (where a '.' would split a module path): letters, digits, '-' and '_' only."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise BundleError(f"adapter name {name!r} is not allowed: use 1 to 64 letters, digits, '-' or '_', "
+                          "starting with a letter or digit")
+    return name
 
 
 def bundle_config(model, recipe: dict, metrics: dict | None = None) -> dict:

@@ -8,12 +8,23 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import PeftmmError
+
+
+def _default_mode(directory: bool) -> int:
+    """What a plain open()/mkdir() would give under the current umask (tempfile uses 0600/0700,
+    which would leave published bundles unreadable to other users)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, _default_mode(directory=False))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -33,13 +44,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_directory(path: str | Path, overwrite: bool = False):
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename."""
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise PeftmmError("already exists; choose another path or allow overwriting", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, _default_mode(directory=True))
     try:
         yield tmp
         if path.exists():
             if not overwrite:
-                raise FileExistsError(path)
+                raise PeftmmError("appeared while writing; nothing was replaced", str(path))
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)

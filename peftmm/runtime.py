@@ -14,7 +14,6 @@ tower in one forward pass, otherwise one slot at a time. Fusion and head then ru
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,23 +22,12 @@ from pathlib import Path
 import torch
 
 from .backbones import TOWERS, ImagePreprocessor, Tower, load_tower
-from .bundle import CONFIG, load_bundle, read_config
+from .bundle import CONFIG, check_adapter_name, load_bundle, read_config
 from .data.images import load_image
 from .errors import BundleError, DataError
 from .features import pad_tokens
 from .methods.base import NO_SLOT
 from .predict import default_device, resolve_bundle
-
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-def check_adapter_name(name: str) -> str:
-    """Adapter names become slot and folder names: letters, digits, '-' and '_' only."""
-    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
-        raise BundleError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '-' or '_', "
-                          "starting with a letter or digit")
-    return name
-
 
 @dataclass
 class Registered:

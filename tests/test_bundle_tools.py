@@ -88,12 +88,12 @@ def test_publish_refuses_an_existing_target_unless_forced(run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "taken"]  # no temporary folders left
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "", "x" * 100, ".", "..", "-dash", "a b", "/abs"])
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "", "x" * 100, ".", "..", "-dash", "a b", "/abs", "a.b"])
 def test_publish_refuses_bad_names(run, tmp_path, name):
     out = tmp_path / "out"
     result = invoke("publish", "--to", out, "--", run, name)
     assert result.exit_code == 2, result.output
-    assert result.output.startswith("error: bundle name ") and "is not allowed" in result.output
+    assert result.output.startswith("error: adapter name ") and "is not allowed" in result.output
     assert list(tmp_path.iterdir()) == []  # not even the --to folder
 
 

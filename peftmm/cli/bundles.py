@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import click
 
 from . import friendly
-
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _size(n: int) -> str:
@@ -96,7 +93,7 @@ def _run_records(run_dir: Path) -> list[dict]:
 @friendly
 def publish(run_dir, name, to, force):
     """Publish the bundle of RUN_DIR (a run directory or a bundle) as TO/NAME, checked and renamed."""
-    from ..bundle import CARD, CONFIG, load_bundle, read_config, read_tensors, save_bundle
+    from ..bundle import CARD, CONFIG, check_adapter_name, load_bundle, read_config, read_tensors, save_bundle
     from ..card import curve_summary, model_card
     from ..errors import BundleError
     from ..io import atomic_directory
@@ -104,9 +101,7 @@ def publish(run_dir, name, to, force):
     from ..recipe import from_dict
 
     root = Path(to)
-    if name in (".", "..") or not NAME_PATTERN.fullmatch(name):
-        raise BundleError(f"bundle name {name!r} is not allowed: use 1 to 64 letters, digits, '.', '_' or "
-                          "'-', starting with a letter or digit")
+    check_adapter_name(name)
     target = root / name
     if target.resolve().parent != root.resolve():
         raise BundleError(f"bundle name {name!r} resolves outside {root}", str(target))
@@ -132,27 +127,24 @@ def publish(run_dir, name, to, force):
         task = TASKS.get(config["task"]) if config["task"] in TASKS.names() else None
         training = curve_summary(_run_records(parent), getattr(task, "primary_metric", None))
 
-    try:
-        with atomic_directory(target, overwrite=force) as tmp:
-            # Re-saved through the library, not copied: the new name changes the config, and its
-            # sha256 is stored in the weights' header.
-            stage = save_bundle(model, recipe, tmp / "stage", metrics=config.get("metrics", {}))
-            for item in stage.iterdir():
-                os.replace(item, tmp / item.name)
-            stage.rmdir()
-            published = read_config(tmp)
-            written = read_tensors(tmp)
-            changed = sorted(k for k in set(tensors) | set(written)
-                             if k not in tensors or k not in written or tensors[k].shape != written[k].shape
-                             or not written[k].to(tensors[k].dtype).equal(tensors[k]))
-            if changed or published["name"] != name:
-                raise BundleError(f"re-saving changed the adapter ({', '.join(changed[:3]) or 'name'}); "
-                                  "nothing was published", str(source))
-            load_bundle(tmp)  # the published copy rebuilds on its backbones
-            if training:
-                (tmp / CARD).write_text(model_card(published, written, training=training))
-    except FileExistsError:
-        raise BundleError("already exists; use --force to replace it", str(target)) from None
+    with atomic_directory(target, overwrite=force) as tmp:
+        # Re-saved through the library, not copied: the new name changes the config, and its
+        # sha256 is stored in the weights' header.
+        stage = save_bundle(model, recipe, tmp / "stage", metrics=config.get("metrics", {}))
+        for item in stage.iterdir():
+            os.replace(item, tmp / item.name)
+        stage.rmdir()
+        published = read_config(tmp)
+        written = read_tensors(tmp)
+        changed = sorted(k for k in set(tensors) | set(written)
+                         if k not in tensors or k not in written or tensors[k].shape != written[k].shape
+                         or not written[k].to(tensors[k].dtype).equal(tensors[k]))
+        if changed or published["name"] != name:
+            raise BundleError(f"re-saving changed the adapter ({', '.join(changed[:3]) or 'name'}); "
+                              "nothing was published", str(source))
+        load_bundle(tmp)  # the published copy rebuilds on its backbones
+        if training:
+            (tmp / CARD).write_text(model_card(published, written, training=training))
 
     from ..bundle import bundle_summary
 
