@@ -7,6 +7,10 @@ The public API::
     result = peftmm.train(recipe)                       # -> TrainResult(run_dir, bundle_dir, metrics)
     predictor = peftmm.Predictor.load(result.bundle_dir)
     predictor.predict(image="shape.png", question="what color is the shape?")
+
+    runtime = peftmm.Runtime()                          # many bundles on backbones loaded once
+    runtime.register("adapters/easy-vqa-lora")
+    runtime.predict([{"adapter": "easy-vqa-lora", "image": "shape.png", "text": "what shape is it?"}])
 """
 
 __version__ = "0.1.0"
@@ -20,7 +24,9 @@ def __getattr__(name):
     # Heavy modules (torch, transformers) load on first use, so `peftmm --help` stays fast.
     lazy = {"train": ("trainer", "train"), "Predictor": ("predict", "Predictor"),
             "load_bundle": ("bundle", "load_bundle"), "save_bundle": ("bundle", "save_bundle"),
-            "MultimodalModel": ("model", "MultimodalModel"), "evaluate_bundle": ("predict", "evaluate_bundle")}
+            "MultimodalModel": ("model", "MultimodalModel"), "evaluate_bundle": ("predict", "evaluate_bundle"),
+            "Runtime": ("runtime", "Runtime"), "bundle_summary": ("bundle", "bundle_summary"),
+            "export_peft": ("peft_interop", "export_peft"), "import_peft": ("peft_interop", "import_peft")}
     if name in lazy:
         import importlib
 
@@ -29,5 +35,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'peftmm' has no attribute {name!r}")
 
 
-__all__ = ["BundleError", "DataError", "MultimodalModel", "PeftmmError", "Predictor", "RecipeError",
-           "evaluate_bundle", "load_bundle", "load_recipe", "recipe_from_dict", "save_bundle", "train"]
+__all__ = ["BundleError", "DataError", "MultimodalModel", "PeftmmError", "Predictor", "RecipeError", "Runtime",
+           "bundle_summary", "evaluate_bundle", "export_peft", "import_peft", "load_bundle", "load_recipe",
+           "recipe_from_dict", "save_bundle", "train"]
