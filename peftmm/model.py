@@ -181,12 +181,7 @@ class MultimodalModel(nn.Module):
         return self.towers["text"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
     def forward(self, batch: dict) -> torch.Tensor:
-        # The batcher encodes each distinct image and text once; *_index maps examples to them.
-        vision, vision_mask = self.encode("vision", batch)
-        text, text_mask = self.encode("text", batch)
-        vi, ti = batch["image_index"], batch["text_index"]
-        fused = self.fusion(vision[vi], vision_mask[vi], text[ti], text_mask[ti])
-        return self.head(fused)
+        return self.task.forward(self, batch)  # most tasks: encode, fuse, head (tasks/base.py)
 
 
 def _numel(param: torch.Tensor) -> int:

@@ -10,10 +10,11 @@ from torch.nn import functional as F
 
 from ..errors import DataError
 from . import TASKS
+from .base import Task
 
 
 @TASKS.register("vqa")
-class VQATask:
+class VQATask(Task):
     primary_metric = "accuracy"
 
     @dataclass
@@ -23,8 +24,7 @@ class VQATask:
         top_k: int = field(default=5, metadata={"min": 1})
 
     def __init__(self, config, labels: list[str]):
-        self.config = config
-        self.labels = list(labels)
+        super().__init__(config, labels)
         self.label_index = {label: i for i, label in enumerate(self.labels)}
 
     def build_head(self, in_dim: int) -> nn.Module:

@@ -1,0 +1,43 @@
+"""What every task provides: a head, how a batch runs through the model, loss, metrics, decoding.
+
+Most tasks (VQA, classification, retrieval) read one fused vector per example: the default
+:meth:`Task.forward` encodes both towers, fuses them and applies the head. A task that needs
+another path through the model (captioning feeds vision tokens into a decoder LM) overrides it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Task:
+    registry_name: str          # set by TASKS.register
+    Config: type
+    primary_metric: str         # what early stopping and the model card lead with
+
+    def __init__(self, config, labels: list[str]):
+        self.config = config
+        self.labels = list(labels)
+
+    def build_head(self, in_dim: int) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def forward(self, model, batch: dict) -> torch.Tensor:
+        # The batcher encodes each distinct image and text once; *_index maps examples to them.
+        vision, vision_mask = model.encode("vision", batch)
+        text, text_mask = model.encode("text", batch)
+        vi, ti = batch["image_index"], batch["text_index"]
+        return model.head(model.fusion(vision[vi], vision_mask[vi], text[ti], text_mask[ti]))
+
+    def targets(self, examples: list[dict]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Over a whole split: ``outputs`` and ``targets`` of all its examples, in order."""
+        raise NotImplementedError
+
+    def decode(self, outputs: torch.Tensor) -> list[dict]:
+        raise NotImplementedError
