@@ -1,0 +1,289 @@
+"""The HTTP JSON API and the web page over a :class:`~peftmm.runtime.Runtime`.
+
+Every answer is JSON; every error is ``{"error": message}`` with a 4xx status (5xx only for a
+bug). Images are checked in the request's own handler (size, base64, allowed folder, decodable)
+before they are queued, so a bad request fails alone; predictions go through one
+:class:`~peftmm.serve.batching.MicroBatcher`, which batches concurrent requests together.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..bundle import CONFIG
+from ..errors import BundleError, PeftmmError
+from .batching import MicroBatcher
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+FORM_SLACK = 64 * 1024  # room in a request body for the other fields and the multipart framing
+MAX_QUESTION = 1000      # characters
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class RegisterBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bundle: str
+    name: str | None = None
+
+
+class PredictBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter: str
+    question: str
+    image_base64: str | None = None
+    image_path: str | None = None
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _fields(errors) -> str:
+    """Pydantic's errors as one line that names each field: ``question: Field required``."""
+    parts = []
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            parts.append("request body is not valid JSON")
+            continue
+        where = ".".join(str(x) for x in error.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def status_of(error: PeftmmError) -> int:
+    """The runtime's errors carry no code; their messages are stable (tests/test_runtime.py)."""
+    if "already registered" in error.message:
+        return 409
+    if error.message.startswith("no adapter"):  # no adapter named ... / no adapter bundle ...
+        return 404
+    return 400
+
+
+def decode_image(data: bytes, field: str = "image"):
+    """Bytes to an RGB PIL image, or an ApiError: 415 for non-images, 413 for decompression bombs."""
+    from PIL import Image, UnidentifiedImageError
+
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if limit and image.width * image.height > limit:
+                raise ApiError(413, f"{field}: {image.width}x{image.height} pixels is over the limit of {limit}")
+            image.load()
+            return image.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ApiError(413, f"{field}: {e}") from None
+    except UnidentifiedImageError:
+        raise ApiError(415, f"{field}: not an image (no image format recognised)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ApiError(415, f"{field}: not an image that can be read ({type(e).__name__}: {e})") from None
+
+
+def register_all(runtime, report: Callable[[str], None] = log.warning) -> list[str]:
+    """Register every bundle folder directly inside the runtime's root; others are skipped, and
+    one that fails to load is reported and skipped."""
+    loaded = []
+    for path in sorted(p for p in runtime.root.iterdir() if p.is_dir() and (p / CONFIG).is_file()):
+        try:
+            loaded.append(runtime.register(path.name)["name"])
+        except Exception as e:  # noqa: BLE001  (a broken bundle must not stop the others)
+            report(f"skipped {path.name}: {e if isinstance(e, PeftmmError) else f'{type(e).__name__}: {e}'}")
+    return loaded
+
+
+def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20, max_batch: int = 16,
+               batch_wait_ms: float = 5) -> FastAPI:
+    allowed = [Path(d).resolve() for d in allowed_image_dirs]
+    batcher = MicroBatcher(runtime.predict, max_batch=max_batch, wait_ms=batch_wait_ms)
+    body_limit = max_image_bytes * 4 // 3 + FORM_SLACK  # base64 makes 4 bytes of 3
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="peftmm", summary="Answer questions about images with peftmm adapter bundles",
+                  lifespan=lifespan, docs_url=None, redoc_url=None)  # their pages load scripts from a CDN
+    app.state.runtime, app.state.batcher = runtime, batcher
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, error: ApiError):
+        return _error(error.status, error.message)
+
+    @app.exception_handler(PeftmmError)
+    async def _peftmm_error(request, error: PeftmmError):
+        return _error(status_of(error), str(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, error: RequestValidationError):
+        return _error(422, _fields(error.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, error: StarletteHTTPException):
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(request, error: Exception):  # a bug in peftmm: still JSON; uvicorn logs the traceback
+        return _error(500, f"internal error ({type(error).__name__}: {error})")
+
+    # -- page and status -------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/health")
+    def health():
+        return {"status": "ok", "device": str(runtime.device), "adapters": runtime.names(), **batcher.stats}
+
+    # -- adapters --------------------------------------------------------------------------
+    @app.get("/api/adapters")
+    def list_adapters():
+        described = []
+        for name in runtime.names():
+            try:
+                described.append(runtime.describe(name))
+            except PeftmmError:  # unregistered meanwhile
+                pass
+        return {"adapters": described, "backbones": runtime.backbones()}
+
+    @app.post("/api/adapters", status_code=201)
+    def register(body: RegisterBody):
+        return runtime.register(body.bundle, name=body.name)
+
+    @app.delete("/api/adapters/{name}", status_code=204)
+    def unregister(name: str):
+        runtime.unregister(name)
+        return Response(status_code=204)
+
+    # -- prediction ------------------------------------------------------------------------
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length", "")
+        if length and not length.isdigit():
+            raise ApiError(400, "bad Content-Length header")
+        if length and int(length) > body_limit:
+            raise ApiError(413, f"request body of {length} bytes is over the limit of {body_limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > body_limit:
+                raise ApiError(413, f"request body is over the limit of {body_limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def read_inputs(request: Request) -> tuple[str, str, tuple[str, object]]:
+        """(adapter, question, (kind, value)) from a JSON or a multipart body."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in ("application/json", "multipart/form-data"):
+            raise ApiError(415, "send the request as application/json or multipart/form-data")
+        body = await read_body(request)
+        if kind == "application/json":
+            try:
+                data = json.loads(body)
+            except ValueError:
+                raise ApiError(400, "request body is not valid JSON") from None
+            try:
+                parsed = PredictBody.model_validate(data)
+            except ValidationError as e:
+                raise ApiError(422, _fields(e.errors())) from None
+            if (parsed.image_base64 is None) == (parsed.image_path is None):
+                raise ApiError(422, "image_base64, image_path: give exactly one of them")
+            source = ("base64", parsed.image_base64) if parsed.image_path is None else ("path", parsed.image_path)
+            return parsed.adapter, parsed.question, source
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+        try:
+            missing = [f for f in ("adapter", "question", "image") if form.get(f) in (None, "")]
+            if missing:
+                raise ApiError(422, "; ".join(f"{f}: Field required" for f in missing))
+            adapter, question, upload = form["adapter"], form["question"], form["image"]
+            if not isinstance(upload, UploadFile):
+                raise ApiError(422, "image: expected an uploaded file")
+            if not isinstance(adapter, str) or not isinstance(question, str):
+                raise ApiError(422, "adapter, question: expected text fields")
+            return adapter, question, ("bytes", await upload.read())
+        finally:
+            await form.close()
+
+    def image_bytes(kind: str, value) -> bytes:
+        if kind == "bytes":
+            data = value
+        elif kind == "base64":
+            text = value.split(",", 1)[1] if value.startswith("data:") else value  # a data: URL too
+            if len(text) * 3 // 4 > max_image_bytes + 3:
+                raise ApiError(413, f"image_base64: the image is over the limit of {max_image_bytes} bytes")
+            try:
+                data = base64.b64decode("".join(text.split()), validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "image_base64: not valid base64") from None
+        else:
+            data = read_allowed(value)
+        if len(data) > max_image_bytes:
+            raise ApiError(413, f"image: {len(data)} bytes is over the limit of {max_image_bytes}")
+        return data
+
+    def read_allowed(value: str) -> bytes:
+        if not allowed:
+            raise ApiError(403, "image_path: reading images from the server's disk is not enabled "
+                                "(start it with --allow-image-dir)")
+        try:
+            given = Path(value)
+            candidates = [given] if given.is_absolute() else [d / given for d in allowed]
+            path = next((p for p in candidates if p.exists()), candidates[0]).resolve()  # follows links
+        except (ValueError, OSError) as e:
+            raise ApiError(400, f"image_path: {e}") from None
+        if not any(path.is_relative_to(d) for d in allowed):
+            raise ApiError(403, f"image_path: {value!r} is outside the folders images may be read from")
+        if not path.is_file():
+            raise ApiError(404, f"image_path: no image file {value!r}")
+        if path.stat().st_size > max_image_bytes:
+            raise ApiError(413, f"image_path: the file is over the limit of {max_image_bytes} bytes")
+        return path.read_bytes()
+
+    def prepare(adapter: str, question: str, source: tuple[str, object]):
+        if adapter not in runtime.names():
+            known = ", ".join(runtime.names()) or "none"
+            raise BundleError(f"no adapter named {adapter!r} is registered (registered: {known})")
+        if not question.strip():
+            raise ApiError(422, "question: must not be empty")
+        if len(question) > MAX_QUESTION:
+            raise ApiError(422, f"question: longer than {MAX_QUESTION} characters")
+        return decode_image(image_bytes(*source))
+
+    @app.post("/api/predict")
+    async def predict(request: Request):
+        """JSON ``{adapter, question, image_base64 | image_path}`` or a multipart form with the
+        fields ``adapter`` and ``question`` and the file ``image``."""
+        adapter, question, source = await read_inputs(request)
+        image = await run_in_threadpool(prepare, adapter, question, source)
+        result = await batcher.predict({"adapter": adapter, "image": image, "text": question})
+        return {"adapter": result["adapter"], "question": question, "answer": result["answer"],
+                "scores": result["scores"]}
+
+    return app

@@ -1,0 +1,131 @@
+// The page behind `peftmm serve`: pick an adapter, give an image and a question, show the answer.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const form = $("ask"), select = $("adapter"), fileInput = $("image"), drop = $("drop");
+const preview = $("preview"), question = $("question"), button = $("submit");
+let image = null;      // the File to send
+let adapters = {};     // name -> description from /api/adapters
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+async function api(path, options) {
+  const response = await fetch(path, options);
+  let body = null;
+  try { body = await response.json(); } catch (e) { /* not JSON */ }
+  if (!response.ok) {
+    throw new Error((body && body.error) || `${response.status} ${response.statusText}`);
+  }
+  return body;
+}
+
+function describe(info) {
+  const methods = Object.entries(info.methods)
+    .map(([tower, list]) => `${tower}: ${list.length ? list.join(", ") : "frozen"}`).join("; ");
+  return `${info.task}, ${info.labels} answers · ${methods} · ${info.fusion} fusion · ` +
+    `${info.trainable_params.toLocaleString()} trained parameters`;
+}
+
+async function loadAdapters() {
+  try {
+    const data = await api("/api/adapters");
+    adapters = Object.fromEntries(data.adapters.map((a) => [a.name, a]));
+    const previous = select.value;
+    select.replaceChildren();
+    if (!data.adapters.length) {
+      select.append(new Option("No adapters loaded", ""));
+    }
+    for (const info of data.adapters) select.append(new Option(info.name, info.name));
+    if (previous in adapters) select.value = previous;
+    showAdapterInfo();
+    $("status").textContent = `${data.adapters.length} adapter(s) on ${data.backbones.length} backbone(s)`;
+  } catch (error) {
+    $("status").textContent = "Server unreachable";
+    showError(`Could not list the adapters: ${error.message}`);
+  }
+}
+
+function showAdapterInfo() {
+  const info = adapters[select.value];
+  $("adapter-info").textContent = info ? describe(info) : "";
+}
+
+function useFile(file) {
+  if (!file) return;
+  if (file.type && !file.type.startsWith("image/")) {
+    showError(`${file.name} is not an image.`);
+    return;
+  }
+  showError("");
+  image = file;
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.alt = `Chosen image: ${file.name}`;
+  preview.hidden = false;
+  drop.classList.add("has-image");
+}
+
+function showResult(result) {
+  $("answer").textContent = result.answer;
+  const list = $("scores");
+  list.replaceChildren();
+  for (const item of result.scores) {
+    const row = document.createElement("li");
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = item.answer;
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.setAttribute("aria-hidden", "true");
+    const fill = document.createElement("span");
+    fill.style.width = `${Math.max(0, Math.min(1, item.score)) * 100}%`;
+    bar.append(fill);
+    const value = document.createElement("span");
+    value.className = "value";
+    value.textContent = item.score.toFixed(3);
+    row.append(name, bar, value);
+    list.append(row);
+  }
+  $("result").hidden = false;
+}
+
+async function ask(event) {
+  event.preventDefault();
+  showError("");
+  if (!select.value) return showError("Choose an adapter.");
+  if (!image) return showError("Choose an image.");
+  if (!question.value.trim()) { question.focus(); return showError("Type a question."); }
+  const body = new FormData();
+  body.append("adapter", select.value);
+  body.append("question", question.value);
+  body.append("image", image, image.name || "image");
+  button.disabled = true;
+  button.textContent = "Asking…";
+  try {
+    showResult(await api("/api/predict", { method: "POST", body }));
+  } catch (error) {
+    $("result").hidden = true;
+    showError(error.message);
+  } finally {
+    button.disabled = false;
+    button.textContent = "Ask";
+  }
+}
+
+select.addEventListener("change", showAdapterInfo);
+fileInput.addEventListener("change", () => useFile(fileInput.files[0]));
+for (const name of ["dragenter", "dragover"]) {
+  drop.addEventListener(name, (event) => { event.preventDefault(); drop.classList.add("over"); });
+}
+for (const name of ["dragleave", "drop"]) {
+  drop.addEventListener(name, () => drop.classList.remove("over"));
+}
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  useFile(event.dataTransfer.files[0]);
+});
+form.addEventListener("submit", ask);
+loadAdapters();
