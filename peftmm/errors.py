@@ -9,11 +9,16 @@ from __future__ import annotations
 
 
 class PeftmmError(Exception):
-    """An error caused by input, reported as ``where: what`` on one line."""
+    """An error caused by input, reported as ``where: what`` on one line.
 
-    def __init__(self, message: str, where: str | None = None):
+    ``kind`` says what sort of mistake it is, for callers that answer by kind (the HTTP API
+    maps ``not_found`` to 404 and ``conflict`` to 409): ``invalid``, ``not_found`` or ``conflict``.
+    """
+
+    def __init__(self, message: str, where: str | None = None, kind: str = "invalid"):
         self.message = message
         self.where = where
+        self.kind = kind
         super().__init__(f"{where}: {message}" if where else message)
 
 

@@ -62,7 +62,8 @@ class Runtime:
             config = read_config(path)
             name = check_adapter_name(name if name is not None else path.name)
             if name in self._adapters:
-                raise BundleError(f"an adapter named {name!r} is already registered; unregister it first")
+                raise BundleError(f"an adapter named {name!r} is already registered; unregister it first",
+                                  kind="conflict")
             keys = {tower: self._tower_key(tower, config, name) for tower in TOWERS}
             new = [key for key in keys.values() if key not in self._towers]
             try:
@@ -121,12 +122,17 @@ class Runtime:
         for tower in TOWERS:
             model.activate(tower)
 
+    def require(self, name: str) -> None:
+        """Raise the runtime's not-found error unless ``name`` is registered."""
+        self._get(name)
+
     def _get(self, name: str) -> Registered:
         try:
             return self._adapters[name]
         except (KeyError, TypeError):
             known = ", ".join(sorted(self._adapters)) or "none"
-            raise BundleError(f"no adapter named {name!r} is registered (registered: {known})") from None
+            raise BundleError(f"no adapter named {name!r} is registered (registered: {known})",
+                              kind="not_found") from None
 
     def _locate(self, bundle: str | Path) -> Path:
         if self.root is None:
@@ -135,7 +141,7 @@ class Runtime:
         if not path.is_relative_to(self.root):
             raise BundleError(f"{str(bundle)!r} is outside the adapters folder {self.root}")
         if not (path / CONFIG).is_file():
-            raise BundleError(f"no adapter bundle {str(bundle)!r} in {self.root}")
+            raise BundleError(f"no adapter bundle {str(bundle)!r} in {self.root}", kind="not_found")
         return path
 
     @staticmethod
@@ -179,7 +185,7 @@ class Runtime:
             if tower_name == "vision":
                 value = (images[i][0], entry.recipe.vision.image_size or model.towers["vision"].processor.size)
             else:
-                value = (_text_of(request, i), model.max_length)
+                value = (_text_of(model.task, request, i), model.max_length)
             rows.setdefault((id(model.towers[tower_name]), slot, value), []).append(i)
         out: list[torch.Tensor | None] = [None] * len(requests)
         by_tower = defaultdict(list)
@@ -253,8 +259,8 @@ def _tokenize(tower: Tower, texts: list[tuple[str, int]]) -> dict[str, torch.Ten
     return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
 
 
-def _text_of(request: dict, index: int) -> str:
-    text = request.get("text")
+def _text_of(task, request: dict, index: int) -> str:
+    text = task.text_of({"text": request.get("text")})  # a task may fix the text (classification)
     if not isinstance(text, str) or not text.strip():
         raise DataError("each request needs a non-empty question text", f"request {index}")
     return text

@@ -264,6 +264,9 @@ def test_a_bug_still_answers_json(setup):
         def names(self):
             return ["x"]
 
+        def require(self, name):
+            pass
+
         def predict(self, requests):
             raise RuntimeError("boom")
 

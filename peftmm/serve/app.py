@@ -27,7 +27,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..bundle import CONFIG
-from ..errors import BundleError, PeftmmError
+from ..errors import PeftmmError
 from .batching import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,7 @@ def _fields(errors) -> str:
 
 
 def status_of(error: PeftmmError) -> int:
-    """The runtime's errors carry no code; their messages are stable (tests/test_runtime.py)."""
-    if "already registered" in error.message:
-        return 409
-    if error.message.startswith("no adapter"):  # no adapter named ... / no adapter bundle ...
-        return 404
-    return 400
+    return {"not_found": 404, "conflict": 409}.get(error.kind, 400)
 
 
 def decode_image(data: bytes, field: str = "image"):
@@ -267,9 +262,7 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
         return path.read_bytes()
 
     def prepare(adapter: str, question: str, source: tuple[str, object]):
-        if adapter not in runtime.names():
-            known = ", ".join(runtime.names()) or "none"
-            raise BundleError(f"no adapter named {adapter!r} is registered (registered: {known})")
+        runtime.require(adapter)
         if not question.strip():
             raise ApiError(422, "question: must not be empty")
         if len(question) > MAX_QUESTION:

@@ -14,6 +14,7 @@ class Task:
     registry_name: str          # set by TASKS.register
     Config: type
     primary_metric: str         # what early stopping and the model card lead with
+    fusions: tuple[str, ...] | None = None  # fusion types the task can read; None: any
 
     def __init__(self, config, labels: list[str]):
         self.config = config
@@ -28,6 +29,10 @@ class Task:
         text, text_mask = model.encode("text", batch)
         vi, ti = batch["image_index"], batch["text_index"]
         return model.head(model.fusion(vision[vi], vision_mask[vi], text[ti], text_mask[ti]))
+
+    def text_of(self, example: dict) -> str:
+        """The text the text tower reads for an example (a task may fix it, see classification)."""
+        return example["text"]
 
     def targets(self, examples: list[dict]) -> torch.Tensor:
         raise NotImplementedError
