@@ -1,0 +1,213 @@
+"""Load test of `peftmm serve`: concurrent clients naming different adapters.
+
+    .venv/bin/python bench/serve_load.py                      # 8 clients x 200 requests, 3 adapters
+    .venv/bin/python bench/serve_load.py --clients 2 --requests 20
+
+Starts the server in its own process on 127.0.0.1 (a free port) over the bundles in adapters/,
+then each client thread sends its requests one after another, cycling through the adapters and
+through easy-VQA test images (sent as base64) and questions. Every answer is checked against a
+single-adapter run of the same (adapter, image, question) in this process, one request at a
+time: the answer must be the same and the scores equal within 1e-4. Writes
+bench/results/serve.json and serve.png (latency distribution per adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def wait_until_up(url: str, process, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/api/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit("server did not come up")
+
+
+def workload(adapters: list[str], distinct: int) -> list[dict]:
+    import easy_vqa
+
+    questions, _, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    items = []
+    for i in range(distinct):
+        path = paths[image_ids[i * 7]]
+        items.append({"adapter": adapters[i % len(adapters)], "question": questions[i * 7],
+                      "image_base64": base64.b64encode(Path(path).read_bytes()).decode()})
+    return items
+
+
+def references(adapters_dir: Path, items: list[dict]) -> list[dict]:
+    """Each item alone through an in-process runtime: what the server must answer."""
+    from PIL import Image
+
+    from peftmm.backbones import quiet_libraries
+    from peftmm.runtime import Runtime
+
+    quiet_libraries()
+    runtime = Runtime(device="cpu", root=adapters_dir)
+    for name in sorted({item["adapter"] for item in items}):
+        runtime.register(name)
+    out = []
+    for item in items:
+        image = Image.open(io.BytesIO(base64.b64decode(item["image_base64"]))).convert("RGB")
+        out.append(runtime.predict([{"adapter": item["adapter"], "image": image, "text": item["question"]}])[0])
+    return out
+
+
+def matches(served: dict, reference: dict) -> bool:
+    if served.get("answer") != reference["answer"] or served.get("adapter", reference["adapter"]) != reference["adapter"]:
+        return False
+    return all(a["answer"] == b["answer"] and abs(a["score"] - b["score"]) < 1e-4
+               for a, b in zip(served["scores"], reference["scores"]))
+
+
+def screenshot(url: str, adapter: str, image: str, question: str, path: Path) -> str:
+    """The page as a person uses it, in headless Chromium: the README's picture."""
+    from playwright.sync_api import sync_playwright
+
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=args, headless=True)
+        page = browser.new_page(viewport={"width": 900, "height": 1000})
+        page.goto(url + "/")
+        page.wait_for_selector(f"#adapter option[value='{adapter}']", state="attached", timeout=20_000)
+        page.select_option("#adapter", adapter)
+        page.set_input_files("#image", image)
+        page.fill("#question", question)
+        page.click("#submit")
+        page.wait_for_selector("#result", state="visible", timeout=60_000)
+        answer = page.inner_text("#answer")
+        page.screenshot(path=str(path), full_page=True)
+        browser.close()
+    return answer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapters", type=Path, default=ROOT / "adapters")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=200, help="per client")
+    parser.add_argument("--distinct", type=int, default=60, help="distinct (adapter, image, question) items")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--screenshot", type=Path, help="also save a screenshot of the page here (needs chromium)")
+    args = parser.parse_args()
+
+    adapters = sorted(p.name for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())[:3]
+    items = workload(adapters, args.distinct)
+    expected = references(args.adapters, items)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "peftmm", "serve", "--adapters", str(args.adapters),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        wait_until_up(url, server)
+        post(url + "/api/predict", items[0])  # warm-up
+        results: list[tuple] = []
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            for j in range(args.requests):
+                index = (k * 7 + j) % len(items)
+                start = time.perf_counter()
+                status, body = post(url + "/api/predict", items[index])
+                elapsed = time.perf_counter() - start
+                with lock:
+                    results.append((index, status, body, elapsed))
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - started
+        if args.screenshot:
+            import easy_vqa
+
+            image = easy_vqa.get_test_image_paths()[0]
+            answer = screenshot(url, adapters[0], image, "what shape is in the image?", args.screenshot)
+            print(f"screenshot {args.screenshot}: {adapters[0]} answered {answer!r} for {image}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    wrong = [(i, s, b) for i, s, b, _ in results if s != 200 or not matches(b, expected[i])]
+    latencies = sorted(e for *_, e in results)
+    per_adapter = {name: sorted(e for i, _, _, e in results if items[i]["adapter"] == name) for name in adapters}
+    report = {
+        "clients": args.clients, "requests_per_client": args.requests, "total": len(results),
+        "adapters": adapters, "distinct_items": len(items), "wrong_or_mixed": len(wrong),
+        "errors": sum(1 for _, s, _, _ in results if s != 200),
+        "latency_s": {"p50": statistics.median(latencies), "p95": latencies[int(0.95 * (len(latencies) - 1))],
+                      "max": latencies[-1]},
+        "per_adapter_p50_s": {k: statistics.median(v) for k, v in per_adapter.items()},
+        "wall_s": wall, "requests_per_s": len(results) / wall,
+        "examples_of_wrong": [{"item": i, "status": s, "body": b} for i, s, b in wrong[:3]],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist([[1000 * e for e in v] for v in per_adapter.values()], bins=30, label=list(per_adapter), stacked=True)
+    ax.axvline(1000 * report["latency_s"]["p50"], color="k", linestyle="--", label="p50")
+    ax.axvline(1000 * report["latency_s"]["p95"], color="r", linestyle=":", label="p95")
+    ax.set_xlabel("request latency (ms)")
+    ax.set_ylabel("requests")
+    ax.set_title(f"{args.clients} clients x {args.requests} requests, {len(adapters)} adapters: "
+                 f"{report['wrong_or_mixed']} wrong")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "serve.png", dpi=110)
+    print(json.dumps({k: report[k] for k in ("total", "wrong_or_mixed", "errors", "latency_s", "requests_per_s")},
+                     indent=2))
+    if wrong:
+        raise SystemExit(f"{len(wrong)} wrong or mixed answers")
+
+
+if __name__ == "__main__":
+    main()
