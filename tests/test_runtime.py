@@ -221,3 +221,34 @@ def test_config_edit_is_caught_before_anything_loads(bundles, tmp_path):
     with pytest.raises(BundleError, match="does not match"):
         runtime.register("edited")
     assert runtime.backbones() == []
+
+
+def _truncate(path):
+    data = (path / WEIGHTS).read_bytes()
+    (path / WEIGHTS).write_bytes(data[: len(data) // 2])
+
+
+def _future(path):
+    config = json.loads((path / CONFIG).read_text())
+    config["format_version"] = 99
+    (path / CONFIG).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_truncate, "corrupt or truncated"),
+    (lambda p: (p / WEIGHTS).unlink(), "adapter_model.safetensors is missing"),
+    (lambda p: (p / CONFIG).unlink(), "no adapter bundle"),
+    (_future, "newer than this peftmm reads"),
+])
+def test_damaged_bundles_leave_a_serving_runtime_as_it_was(bundles, tmp_path, damage, message):
+    _, paths, examples = bundles
+    runtime = Runtime(device="cpu", root=tmp_path)
+    shutil.copytree(paths["lora-text"], tmp_path / "good")
+    runtime.register("good")
+    before = (_count(runtime), runtime.backbones(), runtime.predict([{"adapter": "good", **examples[0]}]))
+    shutil.copytree(paths["adapter-both"], tmp_path / "damaged")
+    damage(tmp_path / "damaged")
+    with pytest.raises(BundleError, match=message):
+        runtime.register("damaged")
+    assert runtime.names() == ["good"]
+    assert (_count(runtime), runtime.backbones(), runtime.predict([{"adapter": "good", **examples[0]}])) == before
