@@ -252,3 +252,25 @@ def test_damaged_bundles_leave_a_serving_runtime_as_it_was(bundles, tmp_path, da
         runtime.register("damaged")
     assert runtime.names() == ["good"]
     assert (_count(runtime), runtime.backbones(), runtime.predict([{"adapter": "good", **examples[0]}])) == before
+
+
+def test_mixed_lora_batch_on_an_int8_backbone(tiny_models, tmp_path, bundles):
+    """peft's per-row adapters through bitsandbytes int8 layers give each row its own adapter."""
+    _, _, examples = bundles
+    for seed, name in enumerate(("int8-a", "int8-b")):
+        torch.manual_seed(seed)
+        data = tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"], text_methods=[{"type": "lora", "r": 2}])
+        data["text"]["precision"] = "int8"
+        recipe, model, _ = build(data)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+        save_bundle(model, recipe, tmp_path / name)
+    runtime = Runtime(device="cpu", root=tmp_path)
+    runtime.register("int8-a")
+    runtime.register("int8-b")
+    requests = [{"adapter": ("int8-a", "int8-b")[i % 2], **e} for i, e in enumerate(examples[:6])]
+    mixed = runtime.predict(requests)
+    for i, request in enumerate(requests):
+        _same([mixed[i]], runtime.predict([request]))
