@@ -8,6 +8,7 @@ Method, fusion and task settings are validated by the part the ``type:`` names.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,20 @@ class DataSpec:
     val_fraction: float = field(default=0.1, metadata={"gt": 0.0, "max": 0.5})
     max_train_samples: int | None = field(default=None, metadata={"min": 1})
     max_eval_samples: int | None = field(default=None, metadata={"min": 1})
+    # Share held out as test by sources without a fixed test split (emoji, files).
+    test_fraction: float = field(default=0.1, metadata={"gt": 0.0, "max": 0.5})
+    path: str | None = None    # files: the .jsonl/.csv file, relative to the recipe file
+    label: Literal["group", "subgroup"] = "group"   # emoji: which Unicode category is the label
+
+    def validate(self):
+        if self.source == "files" and not self.path:
+            raise ValueError("data.path is required when data.source is 'files' (a .jsonl or .csv file)")
+
+    def resolve_paths(self, where: str | None) -> None:
+        """Make ``path`` absolute: relative to the recipe file, or to the working folder without one."""
+        if self.path and not Path(self.path).is_absolute():
+            base = Path(where).parent if where else Path()
+            self.path = os.path.normpath(base.absolute() / self.path)
 
 
 @dataclass

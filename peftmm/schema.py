@@ -47,6 +47,9 @@ def build(cls: type, data: Any, path: str = "", where: str | None = None):
             validate()
         except ValueError as e:
             raise RecipeError(f"{_label(path)}: {e}", where) from None
+    resolve_paths = getattr(obj, "resolve_paths", None)
+    if resolve_paths:  # file paths in a recipe are relative to the recipe file (``where``)
+        resolve_paths(where)
     return obj
 
 

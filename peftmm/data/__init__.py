@@ -8,7 +8,7 @@ split is only ever used for the reported test numbers.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..registry import Registry
 
@@ -21,6 +21,7 @@ class Splits:
     val: list[dict]
     test: list[dict]
     labels: list[str]
+    metadata: dict = field(default_factory=dict)   # e.g. attribution and license of the images
 
     def __getitem__(self, name: str) -> list[dict]:
         return getattr(self, name)
@@ -41,4 +42,4 @@ def load_splits(spec) -> Splits:
     return splits
 
 
-from . import easy_vqa  # noqa: E402,F401  (each registers itself)
+from . import easy_vqa, emoji, files  # noqa: E402,F401  (each registers itself)
