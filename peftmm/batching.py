@@ -27,7 +27,7 @@ class Batcher:
 
     def __call__(self, examples: list[dict]) -> dict:
         images, image_index = _distinct([str(e["image"]) for e in examples])
-        texts, text_index = _distinct([e["text"] for e in examples])
+        texts, text_index = _distinct([self.model.task.text_of(e) for e in examples])
         batch = {"image_index": image_index, "text_index": text_index}
         batch.update(self.vision_inputs(images))
         batch.update(self.text_inputs(texts))

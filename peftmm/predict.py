@@ -9,7 +9,7 @@ import torch
 from .batching import Batcher
 from .bundle import CONFIG, load_bundle
 from .data import load_splits
-from .errors import BundleError
+from .errors import BundleError, PeftmmError
 
 
 def resolve_bundle(path: str | Path) -> Path:
@@ -45,8 +45,29 @@ class Predictor:
         batch = {k: v.to(self.device) for k, v in self.batcher(examples).items()}
         return self.model.task.decode(self.model(batch))
 
-    def predict(self, image: str | Path, question: str) -> dict:
+    def predict(self, image: str | Path, question: str | None = None) -> dict:
+        text = self.model.task.text_of({"text": question})  # some tasks fix their own text
+        if not isinstance(text, str) or not text.strip():
+            raise PeftmmError(f"this {self.config['task']} bundle needs a question (--question)")
         return self.predict_batch([{"image": str(image), "text": question}])[0]
+
+    @torch.no_grad()
+    def classify(self, image: str | Path, labels: list[str], template: str = "{}") -> dict:
+        """Zero-shot classification with a retrieval bundle: the image against one text per label
+        (``template`` with the label in place of ``{}``), ranked by the trained similarity."""
+        from .tasks.retrieval import RetrievalTask, split_embeddings
+
+        if not isinstance(self.model.task, RetrievalTask):
+            raise PeftmmError(f"zero-shot labels need a retrieval bundle; this one is a {self.config['task']} bundle")
+        labels = [label.strip() for label in labels if label.strip()]
+        if len(labels) < 2 or "{}" not in template:
+            raise PeftmmError("give at least two labels, and a template containing {} for the label")
+        batch = self.batcher([{"image": str(image), "text": template.format(label)} for label in labels])
+        images, texts = split_embeddings(self.model({k: v.to(self.device) for k, v in batch.items()}).float())
+        probs = (images[0] @ texts.T).softmax(-1)  # both halves carry sqrt(scale): scale * cosine
+        order = probs.argsort(descending=True).tolist()
+        return {"answer": labels[order[0]],
+                "scores": [{"answer": labels[i], "score": round(probs[i].item(), 6)} for i in order]}
 
 
 def evaluate_bundle(path: str | Path, split: str = "test", batch_size: int = 256, progress: bool = True,

@@ -92,6 +92,10 @@ class Recipe:
         DATASETS.get(self.data.source, "data.source", self.source)
         self.task = TASKS.config(self.task, "task", self.source)
         self.fusion = FUSIONS.config(self.fusion, "fusion", self.source)
+        allowed = TASKS.get(self.task.type).fusions
+        if allowed and self.fusion.type not in allowed:
+            raise RecipeError(f"fusion.type = {self.fusion.type!r} cannot serve task {self.task.type!r}; "
+                              f"use {' or '.join(allowed)}", self.source)
         for tower_name in ("vision", "text"):
             tower = getattr(self, tower_name)
             tower.methods = [METHODS.config(m, f"{tower_name}.methods.{i}", self.source)

@@ -61,9 +61,10 @@ def build_caches(model, recipe) -> dict[str, FeatureCache]:
             if not model.has_trainable(name) and getattr(recipe, name).cache_features}
 
 
-def fill_caches(caches: dict[str, FeatureCache], examples, device, progress=True) -> None:
+def fill_caches(caches: dict[str, FeatureCache], model, examples, device, progress=True) -> None:
     for name, cache in caches.items():
-        cache.fill([str(e["image"]) if name == "vision" else e["text"] for e in examples], device, progress)
+        keys = [str(e["image"]) if name == "vision" else model.task.text_of(e) for e in examples]
+        cache.fill(keys, device, progress)
 
 
 @torch.no_grad()
@@ -105,7 +106,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     log(f"peftmm: {recipe.name}: trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.3f}%)")
     caches = build_caches(model, recipe)
-    fill_caches(caches, splits.train + splits.val, accelerator.device, progress and main)
+    fill_caches(caches, model, splits.train + splits.val, accelerator.device, progress and main)
     batcher = Batcher(model, caches)
 
     if spec.group_by_image:
@@ -176,7 +177,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
 
     train_seconds = time.perf_counter() - started
     core.load_trainable_state_dict(best["state"])
-    fill_caches(caches, splits.test, accelerator.device, progress and main)
+    fill_caches(caches, model, splits.test, accelerator.device, progress and main)
     test = evaluate(core, splits.test, batcher, spec.eval_batch_size, accelerator.device,
                     progress=progress and main, desc="test")
     metrics = {f"test_{k}": v for k, v in test.items()} | {

@@ -62,7 +62,7 @@ def test_publish_renames_and_predicts_like_the_source(run, published):
     card = (path / CARD).read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "peftmm" and front["pipeline_tag"] == "visual-question-answering"
-    assert front["metrics"] == ["accuracy"] and front["tags"][-1] == "lora"
+    assert front["metrics"] == ["accuracy", "macro_f1"] and front["tags"][-1] == "lora"
     assert "# shapes-v1" in card and "peftmm predict shapes-v1" in card
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if "val_accuracy" in r]

@@ -42,19 +42,30 @@ def evaluate(adapter, split, batch_size, max_samples):
 @click.command()
 @click.argument("adapter")
 @click.option("--image", required=True, type=click.Path(), help="Image file.")
-@click.option("--question", required=True, help="Question about the image.")
+@click.option("--question", help="Question about the image (VQA bundles).")
+@click.option("--labels", help="Comma-separated class names: zero-shot classification (retrieval bundles).")
+@click.option("--template", default="{}", show_default=True, help="Text made from each label ({} = the label).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @friendly
-def predict(adapter, image, question, as_json):
-    """Answer a QUESTION about an IMAGE with an ADAPTER bundle; prints the answer and top-k scores."""
+def predict(adapter, image, question, labels, template, as_json):
+    """Predict for an IMAGE with an ADAPTER bundle: answer a --question, or pick one of --labels."""
     from ..predict import Predictor
 
-    result = Predictor.load(adapter).predict(image, question)
+    predictor = Predictor.load(adapter)
+    if labels is not None:
+        result = predictor.classify(image, labels.split(","), template)
+    else:
+        result = predictor.predict(image, question)
     if as_json:
         click.echo(json.dumps({"image": image, "question": question, **result}, indent=2))
         return
-    click.echo(f"image: {image}\nquestion: {question}\nanswer: {result['answer']}")
-    for item in result["scores"]:
+    click.echo(f"image: {image}")
+    if question:
+        click.echo(f"question: {question}")
+    for key, value in result.items():
+        if key != "scores":
+            click.echo(f"{key}: {value}")
+    for item in result.get("scores", []):
         click.echo(f"  {item['score']:.4f}  {item['answer']}")
 
 

@@ -22,4 +22,4 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-from . import concat_mlp, gated_cross_attention  # noqa: E402,F401  (each registers itself)
+from . import concat_mlp, dual_projection, gated_cross_attention  # noqa: E402,F401  (each registers itself)

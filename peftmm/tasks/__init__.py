@@ -11,4 +11,4 @@ def build_task(config, labels: list[str]):
     return TASKS.get(config.type)(config, labels)
 
 
-from . import vqa  # noqa: E402,F401  (each registers itself)
+from . import classification, retrieval, vqa  # noqa: E402,F401  (each registers itself)

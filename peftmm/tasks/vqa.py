@@ -41,7 +41,9 @@ class VQATask(Task):
         return F.cross_entropy(logits.float(), targets)
 
     def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        return {"accuracy": (logits.argmax(-1) == targets).float().mean().item()}
+        predicted = logits.argmax(-1)
+        return {"accuracy": (predicted == targets).float().mean().item(),
+                "macro_f1": macro_f1(predicted, targets, len(self.labels))}
 
     def decode(self, logits: torch.Tensor) -> list[dict]:
         """Per example: the answer and the top-k answers with probabilities."""
@@ -51,3 +53,15 @@ class VQATask(Task):
         return [{"answer": self.labels[idx[0]],
                  "scores": [{"answer": self.labels[i], "score": round(p, 6)} for p, i in zip(ps, idx)]}
                 for ps, idx in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def macro_f1(predicted: torch.Tensor, targets: torch.Tensor, classes: int) -> float:
+    """F1 per class, averaged over the classes that occur in the targets or the predictions."""
+    scores = []
+    for c in range(classes):
+        tp = ((predicted == c) & (targets == c)).sum().item()
+        fp = ((predicted == c) & (targets != c)).sum().item()
+        fn = ((predicted != c) & (targets == c)).sum().item()
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0

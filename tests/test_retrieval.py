@@ -1,0 +1,89 @@
+"""Retrieval (dual projection + InfoNCE), zero-shot labels, and classification with a fixed prompt."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tiny
+from helpers import batch_of, build, logits, overfit
+from peftmm import RecipeError, recipe_from_dict
+from peftmm.bundle import save_bundle
+from peftmm.cli import main
+from peftmm.predict import Predictor
+from peftmm.tasks.retrieval import RetrievalTask, split_embeddings
+from peftmm.tasks.vqa import macro_f1
+
+
+def _retrieval(tiny_models, **methods):
+    data = tiny.recipe(tiny_models["vit"], tiny_models["bert"], **methods)
+    data["task"] = {"type": "retrieval"}
+    data["fusion"] = {"type": "dual-projection", "dim": 16}
+    return data
+
+
+def test_recall_counts_rank_of_the_positive():
+    task = RetrievalTask(RetrievalTask.Config(), [])
+    eye = torch.eye(4)
+    assert task.metrics(torch.cat([eye, eye], 1), None)["i2t_r1"] == 1.0
+    texts = eye[[1, 0, 2, 3]]  # images 0 and 1 swapped their texts: each ranks its own second
+    metrics = task.metrics(torch.cat([eye, texts], 1), None)
+    assert metrics["i2t_r1"] == metrics["t2i_r1"] == 0.5 and metrics["i2t_r5"] == 1.0
+
+
+def test_infonce_trains_and_reloads_exactly(tiny_models, tmp_path):
+    data = _retrieval(tiny_models, text_methods=[{"type": "lora", "r": 2}])
+    recipe, model, splits = build(data)
+    examples = []  # distinct images and distinct texts: one positive per row and column
+    for e in splits.train:
+        if all(e["image"] != x["image"] and e["text"] != x["text"] for x in examples):
+            examples.append(e)
+    examples = examples[:8]
+    batch = batch_of(model, examples)
+    assert torch.equal(batch["labels"], torch.arange(8))
+    scale_before = model.head.scale().item()
+    losses = overfit(model, batch, steps=30)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert model.head.scale().item() != scale_before  # the temperature trains
+    images, texts = split_embeddings(logits(model, batch))
+    assert torch.allclose(images.norm(dim=-1), torch.full((8,), model.head.scale().sqrt().item()), atol=1e-4)
+    save_bundle(model, recipe, tmp_path / "bundle")
+    predictor = Predictor.load(tmp_path / "bundle", device="cpu")
+    assert torch.equal(logits(predictor.model, batch_of(predictor.model, examples)), logits(model, batch))
+
+
+def test_retrieval_needs_dual_projection(tiny_models):
+    data = _retrieval(tiny_models)
+    data["fusion"] = {"type": "gated-cross-attention", "dim": 32, "heads": 2}
+    with pytest.raises(RecipeError, match="cannot serve task 'retrieval'; use dual-projection"):
+        recipe_from_dict(data)
+
+
+def test_zero_shot_labels_from_a_retrieval_bundle(tiny_models, tmp_path):
+    recipe, model, splits = build(_retrieval(tiny_models))
+    save_bundle(model, recipe, tmp_path / "bundle")
+    image = splits.test[0]["image"]
+    result = Predictor.load(tmp_path / "bundle", device="cpu").classify(image, ["circle", "triangle", "square"],
+                                                                        "a {} shape")
+    assert sorted(s["answer"] for s in result["scores"]) == ["circle", "square", "triangle"]
+    assert abs(sum(s["score"] for s in result["scores"]) - 1) < 1e-4
+    assert result["answer"] == result["scores"][0]["answer"]
+    out = CliRunner().invoke(main, ["predict", str(tmp_path / "bundle"), "--image", image,
+                                    "--labels", "circle,triangle", "--template", "a {} shape"])
+    assert out.exit_code == 0 and "answer: " in out.output, out.output
+    vqa = CliRunner().invoke(main, ["predict", str(tmp_path / "bundle"), "--image", image, "--labels", "one"])
+    assert vqa.exit_code == 2 and "at least two labels" in vqa.output
+
+
+def test_classification_reads_a_fixed_prompt(tiny_models):
+    data = tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"])
+    data["task"] = {"type": "classification", "hidden": 16, "prompt": "which shape?"}
+    _, model, splits = build(data)
+    batch = batch_of(model, splits.train[:8])
+    assert batch["input_ids"].shape[0] == 1  # one distinct text: the prompt
+    assert model.task.text_of(splits.train[0]) == "which shape?"
+
+
+def test_macro_f1_known_values():
+    predicted, targets = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 2])
+    # class 0: tp1 fp1 -> 2/3; class 1: tp1 fn1 -> 2/3; class 2: 1
+    assert abs(macro_f1(predicted, targets, 3) - (2 / 3 + 2 / 3 + 1) / 3) < 1e-9
