@@ -305,3 +305,38 @@ def check_fingerprint(config: dict, name: str, tower, path: Path) -> None:
         raise BundleError(f"the {name} backbone {tower.info.source!r} has weight fingerprint "
                           f"{tower.info.fingerprint[:12]}, but this adapter was trained on "
                           f"{saved[:12]}: it belongs to other weights", str(path))
+
+
+def initialise_from(model, path: str | Path) -> dict:
+    """Copy an earlier bundle's trained tensors into ``model`` wherever name and shape agree.
+
+    Both backbones must be the weights the bundle was trained on (fingerprints), since its
+    modules and fusion were fitted to their features. Returns what was loaded and skipped.
+    """
+    path = Path(path)
+    config = read_config(path)
+    tensors = read_tensors(path)
+    for name, tower in model.towers.items():
+        saved = config["towers"][name]["fingerprint"]
+        if tower.info.fingerprint != saved:
+            raise BundleError(f"init_from: this bundle's {name} tower was trained on other weights "
+                              f"(fingerprint {saved[:12]}, the recipe's {tower.info.source!r} has "
+                              f"{tower.info.fingerprint[:12]})", str(path))
+    # A fusion or head is reused only when it is the same kind (same answers, for a head): equal
+    # names and shapes across different kinds would be a coincidence, not a trained part.
+    reusable = {"vision", "text"}
+    if config["recipe"]["fusion"]["type"] == model.fusion.registry_name:
+        reusable.add("fusion")
+    if config["task"] == model.task.registry_name and config["labels"] == model.task.labels:
+        reusable.add("head")
+    target = model.trainable_state_dict()
+    loaded = [k for k, v in tensors.items() if k.split(".", 1)[0] in reusable and k in target
+              and tuple(target[k].shape) == tuple(v.shape)]
+    if not loaded:
+        raise BundleError("init_from: none of this bundle's tensors fits the new model (no shared "
+                          "method, fusion or head with the same names and shapes)", str(path))
+    with torch.no_grad():
+        for key in loaded:
+            target[key].copy_(tensors[key].to(target[key].device, target[key].dtype))
+    parts = sorted({k.split(".", 1)[0] for k in loaded})
+    return {"bundle": str(path), "loaded": len(loaded), "skipped": len(tensors) - len(loaded), "parts": parts}

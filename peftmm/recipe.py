@@ -79,6 +79,10 @@ class Recipe:
     fusion: dict = field(default_factory=lambda: {"type": "gated-cross-attention"})
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    # Stage chaining: start from the trained modules of an earlier bundle (same backbones), e.g.
+    # alignment pre-training before task fine-tuning. A bundle folder, run directory or name
+    # under ./adapters; a relative path is tried relative to the recipe file first.
+    init_from: str | None = None
     source: str | None = field(default=None, init=False)  # the file it came from, for errors
 
     def resolve_parts(self):

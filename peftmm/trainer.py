@@ -82,6 +82,21 @@ def evaluate(model, examples, batcher, batch_size: int, device, progress=False, 
     return {"loss": model.task.loss(logits, targets).item(), **model.task.metrics(logits, targets)}
 
 
+def _initialise(model, recipe, log) -> dict | None:
+    """``init_from``: start from an earlier stage's bundle (see bundle.initialise_from)."""
+    if not recipe.init_from:
+        return None
+    from .bundle import initialise_from
+    from .predict import resolve_bundle
+
+    relative = Path(recipe.source).parent / recipe.init_from if recipe.source else None
+    where = relative if relative is not None and relative.is_dir() else resolve_bundle(recipe.init_from)
+    done = initialise_from(model, resolve_bundle(where))
+    log(f"peftmm: init_from {done['bundle']}: {done['loaded']} tensors loaded into {', '.join(done['parts'])}, "
+        f"{done['skipped']} skipped (no match in this model)")
+    return done
+
+
 def default_run_dir(recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -102,6 +117,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
 
     splits = load_splits(recipe.data)
     model = MultimodalModel.build(recipe, splits.labels, device=accelerator.device)
+    initialised = _initialise(model, recipe, log)
     trainable, total = model.parameter_counts()
     log(f"peftmm: {recipe.name}: trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.3f}%)")
@@ -184,7 +200,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
         f"val_{core.task.primary_metric}": best["score"], "best_epoch": best["epoch"],
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "train_seconds": round(train_seconds, 1), "steps": step,
-    }
+    } | ({"init_from": initialised["bundle"]} if initialised else {})
     record({"final": metrics})
     bundle_dir = run_dir / "bundle"
     if main:
