@@ -13,7 +13,7 @@ import tiny
 from helpers import build
 from peftmm.bundle import save_bundle
 
-METHODS = {  # three bundles on the same two backbones, each with other methods (as tests/test_runtime.py)
+METHODS = {  # three bundles on the same two backbones, each with other methods, fusion and head
     "lora-text": dict(text_methods=[{"type": "lora", "r": 4}]),
     "adapter-both": dict(vision_methods=[{"type": "adapter", "reduction_factor": 4}],
                          text_methods=[{"type": "adapter", "reduction_factor": 4, "placement": "houlsby"}]),

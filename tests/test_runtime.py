@@ -13,39 +13,13 @@ from peftmm import BundleError
 from peftmm.bundle import CONFIG, WEIGHTS, save_bundle
 from peftmm.predict import Predictor
 from peftmm.runtime import Runtime
-
-METHODS = {  # three bundles on the same two backbones, each with other methods, fusion and head
-    "lora-text": dict(text_methods=[{"type": "lora", "r": 4}]),
-    "adapter-both": dict(vision_methods=[{"type": "adapter", "reduction_factor": 4}],
-                         text_methods=[{"type": "adapter", "reduction_factor": 4, "placement": "houlsby"}]),
-    "prefix-lora": dict(vision_methods=[{"type": "lora", "r": 2}],
-                        text_methods=[{"type": "prefix", "length": 3, "reparam": False}],
-                        fusion={"type": "concat-mlp", "dim": 32}),
-}
-
-
-def _bundle(tiny_models, root, name, seed, **methods):
-    torch.manual_seed(seed)
-    fusion = methods.pop("fusion", None)
-    data = tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"], **methods)
-    data["name"] = name
-    data["fusion"] = fusion or data["fusion"]
-    recipe, model, splits = build(data)
-    with torch.no_grad():  # non-trivial weights everywhere, so a wrong adapter shows in the output
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    return save_bundle(model, recipe, root / name), splits
-
+from serving import METHODS, make_adapters
 
 @pytest.fixture(scope="module")
 def bundles(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    paths = {}
-    for seed, (name, methods) in enumerate(METHODS.items()):
-        paths[name], splits = _bundle(tiny_models, root, name, seed, **dict(methods))
-    examples = [{"image": e["image"], "text": e["text"]} for e in splits.test[:12]]
-    return root, paths, examples
+    examples = make_adapters(tiny_models, root)
+    return root, {name: root / name for name in METHODS}, examples
 
 
 @pytest.fixture(scope="module")
