@@ -123,6 +123,7 @@ class Tower(nn.Module):
         self.processor = processor  # tokenizer (text) or ImagePreprocessor (vision)
         self.input_dtype = _param_dtype(model)
         self.slots = ActiveSlots()  # which injected modules act (methods/base.py)
+        self.causal_lm = False      # text towers: loaded with their LM head (load_tower(causal_lm=True))
 
     @property
     def arch(self) -> dict:
@@ -156,7 +157,10 @@ class Tower(nn.Module):
                 hidden = hidden.flatten(2).transpose(1, 2)
             mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
             return hidden.float(), mask
-        out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        # A causal LM (loaded for captioning) gives its decoder's final hidden states, without the
+        # vocabulary projection: base_model is the decoder inside it (the model itself otherwise).
+        model = self.model.base_model if self.causal_lm else self.model
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
         return hidden.float(), inputs["attention_mask"].bool()
 
@@ -262,6 +266,7 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
             processor.pad_token = processor.eos_token
     info = BackboneInfo(source, model_type, fingerprint(folder), precision, 0, layout)
     tower = Tower(name, model, info, processor)
+    tower.causal_lm = causal_lm and name == "text"
     info.hidden_size = _probe_hidden_size(tower)
     return tower
 

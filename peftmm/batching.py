@@ -27,6 +27,10 @@ class Batcher:
 
     def __call__(self, examples: list[dict]) -> dict:
         images, image_index = _distinct([str(e["image"]) for e in examples])
+        own_text = getattr(self.model.task, "text_inputs", None)
+        if own_text is not None:  # the task builds its text inputs and labels itself (captioning)
+            return {"image_index": image_index, **self.vision_inputs(images),
+                    **own_text(self.model.towers["text"], examples, self.model.max_length)}
         texts, text_index = _distinct([self.model.task.text_of(e) for e in examples])
         batch = {"image_index": image_index, "text_index": text_index}
         batch.update(self.vision_inputs(images))

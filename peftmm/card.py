@@ -6,7 +6,7 @@ import yaml
 
 _DATASETS = {"easy-vqa": "easy-vqa (PyPI easy-vqa 1.0, MIT)"}
 # Hugging Face pipeline tags of the tasks peftmm trains; a task missing here gets no pipeline_tag.
-PIPELINE_TAGS = {"vqa": "visual-question-answering"}
+PIPELINE_TAGS = {"vqa": "visual-question-answering", "captioning": "image-to-text"}
 
 
 def model_card(config: dict, tensors: dict, training: dict | None = None) -> str:
@@ -22,8 +22,8 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
                                                                   for m in recipe[t]["methods"]})],
         "datasets": [recipe["data"]["source"]],
         # Hugging Face metric ids ("accuracy"), not the split-prefixed keys of the Measured table
-        "metrics": sorted({k.split("_", 1)[1] for k in metrics
-                           if k.startswith(("test_", "val_")) and not k.endswith("_loss")}),
+        "metrics": sorted({k.split("_", 1)[1] for k, v in metrics.items()  # not counts (test_images)
+                           if k.startswith(("test_", "val_")) and not k.endswith("_loss") and isinstance(v, float)}),
         "license": "apache-2.0",
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
@@ -57,8 +57,8 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                   for k, v in metrics.items() if not isinstance(v, (dict, list))]
         lines.append("")
-    lines += ["## Use", "", "```bash", f"peftmm predict {config['name']} --image IMAGE --question 'what shape is it?'",
-              "```", ""]
+    question = "" if config["task"] == "captioning" else " --question 'what shape is it?'"
+    lines += ["## Use", "", "```bash", f"peftmm predict {config['name']} --image IMAGE{question}", "```", ""]
     return "\n".join(lines)
 
 

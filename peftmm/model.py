@@ -16,7 +16,7 @@ from .errors import BundleError, PeftmmError
 from .fusion import build_fusion
 from .methods import build_method
 from .methods.base import DEFAULT_SLOT
-from .tasks import build_task
+from .tasks import TASKS, build_task
 
 
 class MultimodalModel(nn.Module):
@@ -45,7 +45,8 @@ class MultimodalModel(nn.Module):
                 spec = getattr(recipe, name)
                 if name not in towers:
                     towers[name] = load_tower(name, spec.backbone, spec.precision, device=device,
-                                              image_size=spec.image_size if name == "vision" else None)
+                                              image_size=spec.image_size if name == "vision" else None,
+                                              causal_lm=name == "text" and _task_needs_lm(recipe))
                 for config in spec.methods:
                     method = build_method(config, slot)
                     try:
@@ -182,6 +183,12 @@ class MultimodalModel(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.task.forward(self, batch)  # most tasks: encode, fuse, head (tasks/base.py)
+
+
+def _task_needs_lm(recipe) -> bool:
+    """Whether the recipe's task decodes text with the text tower (captioning): it then loads as a
+    causal LM, output layer included."""
+    return getattr(TASKS.get(recipe.task.type), "text_tower_causal_lm", False)
 
 
 def _numel(param: torch.Tensor) -> int:

@@ -58,7 +58,8 @@ def _scheduler(spec, optimizer, total_steps: int):
 def build_caches(model, recipe) -> dict[str, FeatureCache]:
     """A cache for every tower that has nothing to train (unless the recipe opts out)."""
     return {name: FeatureCache(model.towers[name], model.max_length) for name in TOWERS
-            if not model.has_trainable(name) and getattr(recipe, name).cache_features}
+            if not model.has_trainable(name) and getattr(recipe, name).cache_features
+            and name in getattr(model.task, "cached_towers", TOWERS)}
 
 
 def fill_caches(caches: dict[str, FeatureCache], model, examples, device, progress=True) -> None:
@@ -70,6 +71,8 @@ def fill_caches(caches: dict[str, FeatureCache], model, examples, device, progre
 @torch.no_grad()
 def evaluate(model, examples, batcher, batch_size: int, device, progress=False, desc="eval") -> dict:
     """Loss and task metrics over ``examples`` (sorted by image so each image is encoded once)."""
+    if hasattr(model.task, "evaluate"):  # a task whose metrics need more than outputs (captioning generates)
+        return model.task.evaluate(model, examples, batcher, batch_size, device, progress=progress, desc=desc)
     model.eval()
     examples = sorted(examples, key=lambda e: str(e["image"]))
     logits, targets = [], []

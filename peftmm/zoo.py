@@ -148,7 +148,35 @@ def _convert_torchvision_mobilenet_v2(src: Path, out: Path) -> None:
     }, indent=2))
 
 
+def _convert_gguf_causal_lm(src: Path, out: Path) -> None:
+    """Dequantise a GGUF decoder LM into a plain transformers folder (fp32 safetensors).
+
+    transformers reads GGUF (with the ``gguf`` package) but refuses to ``save_pretrained`` a model
+    loaded that way, so the weights go into a fresh model of the same class built from a config
+    without the GGUF quantisation record. The tokenizer, chat template included, comes from the
+    same file.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (gguf,) = src.glob("*.gguf")
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(loaded)(config)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) | {"lm_head.weight"}
+    if unexpected or set(missing) - tied:
+        raise PeftmmError(f"GGUF conversion of {gguf.name}: missing {sorted(missing)[:4]}, "
+                          f"unexpected {sorted(unexpected)[:4]}")
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src, gguf_file=gguf.name).save_pretrained(out)
+
+
 _CONVERTERS = {
     "hf_folder": _convert_hf_folder,
     "torchvision_mobilenet_v2": _convert_torchvision_mobilenet_v2,
+    "gguf_causal_lm": _convert_gguf_causal_lm,
 }

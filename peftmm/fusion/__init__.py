@@ -23,3 +23,4 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 from . import concat_mlp, dual_projection, gated_cross_attention  # noqa: E402,F401  (each registers itself)
+from . import projector  # noqa: E402,F401  (vision tokens into a decoder LM: captioning)

@@ -12,3 +12,4 @@ def build_task(config, labels: list[str]):
 
 
 from . import classification, retrieval, vqa  # noqa: E402,F401  (each registers itself)
+from . import captioning  # noqa: E402,F401  (a decoder LM writes the text)
