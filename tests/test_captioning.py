@@ -163,8 +163,9 @@ def test_bundle_reload_gives_identical_captions(tiny_models, tmp_path, methods):
     assert "image-to-text" in (path / "README.md").read_text()
 
 
-def test_int8_lm_trains_and_generates(tiny_models):
-    _, model = build(caption_recipe(tiny_models, [{"type": "lora", "r": 2}], precision="int8"))
+@pytest.mark.parametrize("precision", ["int8", "nf4", "bf16"])
+def test_quantised_and_bf16_lms_train_and_generate(tiny_models, precision):
+    _, model = build(caption_recipe(tiny_models, [{"type": "lora", "r": 2}], precision=precision))
     batch = Batcher(model)(EXAMPLES)
     losses = overfit(model, batch, steps=3, lr=3e-2)
     assert all(torch.isfinite(torch.tensor(losses)))
