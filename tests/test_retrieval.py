@@ -31,6 +31,7 @@ def test_recall_counts_rank_of_the_positive():
 
 
 def test_infonce_trains_and_reloads_exactly(tiny_models, tmp_path):
+    torch.manual_seed(0)  # the projections' initialisation, whatever ran before
     data = _retrieval(tiny_models, text_methods=[{"type": "lora", "r": 2}])
     recipe, model, splits = build(data)
     examples = []  # distinct images and distinct texts: one positive per row and column
