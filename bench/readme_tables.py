@@ -68,9 +68,9 @@ TABLES = {"methods": methods, "runtime": runtime, "serve": serve}
 
 def render(text: str) -> str:
     for name, make in TABLES.items():
-        pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
         if pattern.search(text) and (RESULTS / {"methods": "methods.md"}.get(name, f"{name}.json")).exists():
-            text = pattern.sub(lambda m: m.group(1) + make() + m.group(2), text)
+            text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
     return text
 
 
