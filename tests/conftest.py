@@ -22,3 +22,24 @@ def _quiet():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable here; fail fast, not after retries
     quiet_libraries()
+
+
+@pytest.fixture(scope="session")
+def cli_run(tiny_models, tmp_path_factory):
+    """A tiny run directory trained through the CLI (LoRA on the text tower), shared read-only:
+    (recipe file, run directory, the summary JSON that `peftmm train` printed)."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from peftmm.cli import main
+
+    root = tmp_path_factory.mktemp("cli-run")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"],
+                                                 text_methods=[{"type": "lora", "r": 2}])))
+    result = CliRunner().invoke(main, ["train", str(recipe), "--output", str(root / "run"), "--no-progress",
+                                       "--set", "train.epochs=2"])
+    assert result.exit_code == 0, result.output
+    return recipe, root / "run", json.loads(result.output[result.output.index("{"):])

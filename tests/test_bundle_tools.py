@@ -11,7 +11,6 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import tiny
 from helpers import batch_of, logits
 from peftmm import BundleError
 from peftmm.bundle import CARD, CONFIG, WEIGHTS, bundle_summary, load_bundle, read_config, read_tensors
@@ -24,15 +23,9 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def run(tiny_models, tmp_path_factory):
+def run(cli_run):
     """A tiny run directory trained through the CLI (LoRA on the text tower)."""
-    root = tmp_path_factory.mktemp("tools")
-    recipe = root / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"],
-                                                 text_methods=[{"type": "lora", "r": 2}])))
-    result = invoke("train", recipe, "--output", root / "run", "--no-progress", "--set", "train.epochs=2")
-    assert result.exit_code == 0, result.output
-    return root / "run"
+    return cli_run[1]
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,14 @@
 import json
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
-import tiny
 from peftmm.cli import main
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    recipe = root / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"],
-                                                 text_methods=[{"type": "lora", "r": 2}])))
-    result = CliRunner().invoke(main, ["train", str(recipe), "--output", str(root / "run"), "--no-progress",
-                                       "--set", "train.epochs=2"])
-    assert result.exit_code == 0, result.output
-    return recipe, root / "run", json.loads(result.output[result.output.index("{"):])
+def trained(cli_run):
+    return cli_run
 
 
 def test_train_writes_run_directory(trained):
