@@ -24,9 +24,30 @@ def test_readme_python_example_runs(monkeypatch, capsys):
     assert (ROOT / "runs/api-demo/bundle/adapter_model.safetensors").is_file()
 
 
-def test_shipped_default_bundle_is_accurate(monkeypatch):
+SHIPPED = sorted(p.name for p in (ROOT / "adapters").iterdir() if (p / "adapter_config.json").is_file())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_bundles_are_accurate(monkeypatch, name):
     from peftmm import evaluate_bundle
 
     monkeypatch.chdir(ROOT)
-    metrics = evaluate_bundle("easy-vqa-lora", split="test", max_samples=400, progress=False)
+    metrics = evaluate_bundle(name, split="test", max_samples=400, progress=False)
     assert metrics["examples"] == 400 and metrics["accuracy"] >= 0.99
+
+
+def test_shipped_bundles_serve_from_one_runtime():
+    """All shipped bundles on one pair of backbones; each answers as it does alone."""
+    import easy_vqa
+
+    from peftmm import Predictor, Runtime
+
+    runtime = Runtime(device="cpu", root=ROOT / "adapters")
+    for name in SHIPPED:
+        runtime.register(name)
+    assert len(runtime.backbones()) == 2 and len(SHIPPED) >= 3
+    image = easy_vqa.get_test_image_paths()[0]
+    requests = [{"adapter": name, "image": image, "text": "what shape is in the image?"} for name in SHIPPED]
+    for request, served in zip(requests, runtime.predict(requests)):
+        alone = Predictor.load(ROOT / "adapters" / request["adapter"], device="cpu").predict(image, request["text"])
+        assert served["answer"] == alone["answer"]
