@@ -164,6 +164,17 @@ class Tower(nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
         return hidden.float(), inputs["attention_mask"].bool()
 
+    def image_processor(self, size: int) -> "ImagePreprocessor":
+        """This tower's preprocessing at another image size (CNNs take any size, and a bundle
+        sharing the tower may have trained at another one)."""
+        if size == self.processor.size:
+            return self.processor
+        resized = self.__dict__.setdefault("_resized_processors", {})
+        if size not in resized:
+            base = self.processor
+            resized[size] = ImagePreprocessor(size, base.mean.flatten().tolist(), base.std.flatten().tolist())
+        return resized[size]
+
     def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         encoded = self.processor(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}

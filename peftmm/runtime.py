@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones import TOWERS, ImagePreprocessor, Tower, load_tower
+from .backbones import TOWERS, Tower, load_tower
 from .bundle import CONFIG, check_adapter_name, load_bundle, read_config
 from .data.images import load_image
 from .errors import BundleError, DataError
@@ -215,7 +215,7 @@ class Runtime:
     def _forward(self, tower: Tower, chunk, entries, images) -> list[torch.Tensor]:
         slots = [key[1] for key, _ in chunk]
         if tower.name == "vision":
-            preprocess = _preprocessor(tower, chunk[0][0][2][1])
+            preprocess = tower.image_processor(chunk[0][0][2][1])
             inputs = {"pixel_values": torch.stack([preprocess(images[users[0]][1]) for _, users in chunk])}
         else:
             inputs = _tokenize(tower, [(key[2][0], key[2][1]) for key, _ in chunk])
@@ -231,20 +231,6 @@ class Runtime:
             finally:
                 tower.slots.rows = None
         return [t[m] for t, m in zip(tokens, mask)]
-
-
-_PREPROCESSORS: dict[tuple, ImagePreprocessor] = {}
-
-
-def _preprocessor(tower: Tower, size: int) -> ImagePreprocessor:
-    """The tower's own preprocessing at another image size (a bundle may train CNNs at any size)."""
-    base = tower.processor
-    if base.size == size:
-        return base
-    key = (id(tower), size)
-    if key not in _PREPROCESSORS:
-        _PREPROCESSORS[key] = ImagePreprocessor(size, base.mean.flatten().tolist(), base.std.flatten().tolist())
-    return _PREPROCESSORS[key]
 
 
 def _tokenize(tower: Tower, texts: list[tuple[str, int]]) -> dict[str, torch.Tensor]:

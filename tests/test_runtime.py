@@ -248,3 +248,21 @@ def test_mixed_lora_batch_on_an_int8_backbone(tiny_models, tmp_path, bundles):
     mixed = runtime.predict(requests)
     for i, request in enumerate(requests):
         _same([mixed[i]], runtime.predict([request]))
+
+
+def test_bundles_at_another_image_size_share_the_cnn(tiny_models, bundles, tmp_path):
+    """A CNN takes any size: a bundle trained at 48 px shares the backbone of one at 32 px."""
+    root, paths, examples = bundles
+    shutil.copytree(paths["lora-text"], tmp_path / "small")
+    data = tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"], text_methods=[{"type": "lora", "r": 2}])
+    data["vision"]["image_size"] = 48
+    recipe, model, _ = build(data)
+    save_bundle(model, recipe, tmp_path / "large")
+    runtime = Runtime(device="cpu", root=tmp_path)
+    runtime.register("small")
+    runtime.register("large")
+    assert len(runtime.backbones()) == 2  # one vision, one text backbone for both
+    requests = [{"adapter": name, **examples[0]} for name in ("small", "large")]
+    for request, served in zip(requests, runtime.predict(requests)):
+        alone = Predictor.load(tmp_path / request["adapter"], device="cpu").predict_batch([examples[0]])
+        _same([served], alone)
