@@ -15,6 +15,12 @@ The public API::
 
 __version__ = "0.1.0"
 
+import logging  # noqa: E402
+
+# bitsandbytes warns at import, on CPU, that an optional 4-bit kernel package is missing; it is
+# not needed (nf4 works without it), and the line would otherwise end up in every command's output.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
 from .errors import BundleError, DataError, PeftmmError, RecipeError  # noqa: E402
 from .recipe import from_dict as recipe_from_dict  # noqa: E402
 from .recipe import load as load_recipe  # noqa: E402

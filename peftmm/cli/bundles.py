@@ -169,6 +169,15 @@ def inspect(bundle, as_json):
 @click.argument("folder", default="adapters", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per bundle, as a list.")
 @friendly
+def _foreign(config: Path) -> bool:
+    """A readable JSON config that is not peftmm's: a peft adapter folder, say."""
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False  # missing or broken: listed with its error
+    return isinstance(data, dict) and "format" not in data
+
+
 def list_bundles(folder, as_json):
     """List the bundles in FOLDER (default ./adapters), one line each; broken ones show their error."""
     from ..bundle import CONFIG, WEIGHTS, bundle_summary
@@ -181,8 +190,8 @@ def list_bundles(folder, as_json):
     for path in sorted(root.iterdir()):
         if path.name.startswith(".") or not path.is_dir():
             continue  # hidden: an atomic write in progress, or not ours
-        if not ((path / CONFIG).exists() or (path / WEIGHTS).exists()):
-            continue  # not a bundle
+        if not ((path / CONFIG).exists() or (path / WEIGHTS).exists()) or _foreign(path / CONFIG):
+            continue  # not a bundle (or another library's adapter, such as a peft export)
         try:
             entries.append(bundle_summary(path))
         except (PeftmmError, OSError) as e:
