@@ -140,6 +140,8 @@ def test_list_shows_bundles_skips_other_folders_and_reports_broken_ones(run, pub
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("x")
     (tmp_path / "loose.txt").write_text("x")
+    (tmp_path / "peft-export").mkdir()  # another library's adapter folder: not listed
+    (tmp_path / "peft-export" / CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     result = invoke("list", tmp_path)
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()

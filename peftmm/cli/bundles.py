@@ -165,10 +165,6 @@ def inspect(bundle, as_json):
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
-@click.command("list")
-@click.argument("folder", default="adapters", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per bundle, as a list.")
-@friendly
 def _foreign(config: Path) -> bool:
     """A readable JSON config that is not peftmm's: a peft adapter folder, say."""
     try:
@@ -178,6 +174,10 @@ def _foreign(config: Path) -> bool:
     return isinstance(data, dict) and "format" not in data
 
 
+@click.command("list")
+@click.argument("folder", default="adapters", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per bundle, as a list.")
+@friendly
 def list_bundles(folder, as_json):
     """List the bundles in FOLDER (default ./adapters), one line each; broken ones show their error."""
     from ..bundle import CONFIG, WEIGHTS, bundle_summary
