@@ -63,13 +63,23 @@ def serve() -> str:
         f"{_ms(data['latency_s']['p95'])} | {data['requests_per_s']:.1f} requests/s |"])
 
 
-TABLES = {"methods": methods, "runtime": runtime, "serve": serve}
+def walltime() -> str:
+    data = json.loads((RESULTS / "main_walltime.json").read_text())
+    return "\n".join([
+        "| what | measured |", "|---|---|",
+        f"| `make main` from a fresh clone, set-up included | {data['wall_seconds']:.0f} s ({data['wall_seconds'] / 60:.1f} min) |",
+        f"| `peftmm eval` test accuracy of the bundle it trained | {100 * data['eval_test_accuracy']:.2f}% |",
+        f"| its prediction for test image 0, \"{data['prediction']['question']}\" | {data['prediction']['answer']} |"])
+
+
+TABLES = {"methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime}
+FILES = {"methods": "methods.md", "walltime": "main_walltime.json"}
 
 
 def render(text: str) -> str:
     for name, make in TABLES.items():
         pattern = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
-        if pattern.search(text) and (RESULTS / {"methods": "methods.md"}.get(name, f"{name}.json")).exists():
+        if pattern.search(text) and (RESULTS / FILES.get(name, f"{name}.json")).exists():
             text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
     return text
 
