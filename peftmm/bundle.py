@@ -26,13 +26,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
 from . import __version__
+from .backbones import TOWERS, architectures
 from .errors import BundleError
 from .io import atomic_directory
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, CARD = "adapter_model.safetensors", "adapter_config.json", "README.md"
 REQUIRED_KEYS = ("name", "task", "labels", "towers", "recipe")
-TOWERS = ("vision", "text")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the cap safetensors itself applies
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1}  # what a bundle may hold: nothing exotic a reader might choke on
@@ -206,15 +206,12 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _methods(data, model_type) -> list[dict]:
     """A tower's methods as saved, type first; LoRA's unset targets show the architecture's defaults."""
-    from importlib import resources
-
     methods = data.get("methods", []) if isinstance(data, dict) else []
     methods = [{"type": m.get("type"), **{k: v for k, v in m.items() if k != "type"}} if isinstance(m, dict)
                else {"type": str(m)} for m in methods]
     for method in methods:
         if method["type"] == "lora" and method.get("targets") is None:
-            arch = json.loads(resources.files("peftmm").joinpath("architectures.json").read_text())
-            defaults = arch.get(model_type, {}).get("lora_targets") if isinstance(model_type, str) else None
+            defaults = architectures().get(model_type, {}).get("lora_targets") if isinstance(model_type, str) else None
             if defaults:
                 method["targets"], method["default_targets"] = list(defaults), True
     return methods

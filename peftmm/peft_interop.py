@@ -15,15 +15,15 @@ import json
 import re
 from pathlib import Path
 
+from .backbones import TOWERS
 from .bundle import CONFIG, WEIGHTS, bundle_config, read_config, read_tensors, save_bundle
 from .errors import BundleError
 from .io import atomic_directory
+from .methods.base import PLAIN_NAME  # what recipe targets read as a suffix, not a regex
 
-TOWERS = ("vision", "text")
 PEFT_PREFIX = "base_model.model."
 _BUNDLE_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])\.default\.weight")
 _PEFT_KEY = re.compile(re.escape(PEFT_PREFIX) + r"(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")  # what recipe targets read as a suffix, not a regex
 # peft settings peftmm follows (or that only say how the folder was made); any other setting
 # that differs from peft's default changes what the adapter computes, so an import refuses it.
 _UNDERSTOOD = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -112,7 +112,7 @@ def import_peft(peft_dir, bundle_path, tower: str, out_dir, overwrite: bool = Fa
         raise BundleError(f"the peft adapter has LoRA on {len(missing)} module(s) the {tower} backbone "
                           f"{spec['backbone']!r} does not have as Linear/Conv2d layers: {_few(missing)}", str(peft_dir))
     # Exact names: a plain name where it matches nothing else as a suffix, else an escaped regex.
-    targets = [m if _PLAIN_NAME.match(m) and not any(n.endswith("." + m) for n in known) else re.escape(m)
+    targets = [m if PLAIN_NAME.match(m) and not any(n.endswith("." + m) for n in known) else re.escape(m)
                for m in sorted(pairs)]
     del probe
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import PeftmmError
 
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 DEFAULT_SLOT = "default"
 NO_SLOT = "__base__"  # a row of a mixed batch that runs the bare backbone (peft's name for it)
 
@@ -96,7 +96,7 @@ def match_targets(tower, patterns: list[str], kinds=(nn.Linear, nn.Conv2d), key:
     names = tower.module_names(kinds)
     matched: list[str] = []
     for pattern in patterns:
-        if _PLAIN_NAME.match(pattern):
+        if PLAIN_NAME.match(pattern):
             hits = [n for n in names if n == pattern or n.endswith("." + pattern)]
         else:
             try:
