@@ -4,6 +4,12 @@ easy-VQA asks ~10 questions per image and has only 107 distinct questions, and m
 data repeats images and prompts too: the batch holds the distinct inputs plus an index per
 example, so a tower never runs twice on the same input in one step. A tower whose outputs are
 cached (see features.py) contributes its tokens directly.
+
+A batcher given a :class:`~peftmm.data.skips.SplitLog` (training and its evaluations) first
+screens its examples: one whose image cannot be read or whose needed text is empty is left out
+and recorded there (or stops the run, under ``data.on_bad_sample: stop``). A batch with nothing
+left is ``{}``. Without one (prediction) a bad image raises its DataError, as the caller asked
+for that very image.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from .data.images import load_image
+from .data.skips import SplitLog, needed_text_error
+from .errors import DataError
 from .features import FeatureCache
 
 
@@ -21,29 +29,66 @@ def _distinct(values: list) -> tuple[list, torch.Tensor]:
 
 
 class Batcher:
-    def __init__(self, model, caches: dict[str, FeatureCache] | None = None):
+    def __init__(self, model, caches: dict[str, FeatureCache] | None = None, skips: SplitLog | None = None):
         self.model = model
         self.caches = caches or {}
+        self.skips = skips
 
     def __call__(self, examples: list[dict]) -> dict:
+        pixels: dict[str, torch.Tensor] = {}
+        if self.skips is not None:
+            examples = self.screen(examples, pixels)
+            if not examples:
+                return {}
         images, image_index = _distinct([str(e["image"]) for e in examples])
         own_text = getattr(self.model.task, "text_inputs", None)
         if own_text is not None:  # the task builds its text inputs and labels itself (captioning)
-            return {"image_index": image_index, **self.vision_inputs(images),
+            return {"image_index": image_index, **self.vision_inputs(images, pixels),
                     **own_text(self.model.towers["text"], examples, self.model.max_length)}
         texts, text_index = _distinct([self.model.task.text_of(e) for e in examples])
         batch = {"image_index": image_index, "text_index": text_index}
-        batch.update(self.vision_inputs(images))
+        batch.update(self.vision_inputs(images, pixels))
         batch.update(self.text_inputs(texts))
-        if all("label" in e for e in examples):
-            batch["labels"] = self.model.task.targets(examples)
+        if all("label" in e for e in examples) or self.model.task.registry_name == "retrieval":
+            batch["labels"] = self.model.task.targets(examples)  # retrieval: pairs, no label needed
         return batch
 
-    def vision_inputs(self, images: list[str]) -> dict:
+    def screen(self, examples: list[dict], pixels: dict | None = None) -> list[dict]:
+        """The usable examples; the others go to ``self.skips``. Images decoded on the way are
+        put in ``pixels`` (when given) so the batch does not decode them again."""
+        self.skips.seen += len(examples)
+        task, errors, kept = self.model.task, {}, []
+        for e in examples:
+            error = needed_text_error(task, e)
+            if error is None:
+                path = str(e["image"])
+                if path not in errors:
+                    errors[path] = self._image_error(path, pixels)
+                error = errors[path]
+            if error is None:
+                kept.append(e)
+            else:
+                self.skips.skip(e, error)
+        return kept
+
+    def _image_error(self, path: str, pixels: dict | None) -> DataError | None:
+        cache = self.caches.get("vision")
+        if cache is not None:            # filled before use: an unreadable image is in failed
+            return cache.failed.get(path)
+        try:
+            image = self.model.towers["vision"].processor(load_image(path))
+        except DataError as error:
+            return error
+        if pixels is not None:
+            pixels[path] = image
+        return None
+
+    def vision_inputs(self, images: list[str], pixels: dict | None = None) -> dict:
         if "vision" in self.caches:
             return self.caches["vision"].lookup(images, "vision")
-        preprocess = self.model.towers["vision"].processor
-        return {"pixel_values": torch.stack([preprocess(load_image(p)) for p in images])}
+        preprocess, pixels = self.model.towers["vision"].processor, pixels or {}
+        return {"pixel_values": torch.stack([pixels[p] if p in pixels else preprocess(load_image(p))
+                                             for p in images])}
 
     def text_inputs(self, texts: list[str]) -> dict:
         if "text" in self.caches:

@@ -4,6 +4,10 @@ accumulation, and the same code under ``accelerate launch`` on several processes
 Only the trainable parameters reach the optimizer. A run directory receives
 ``metrics.jsonl`` (one JSON object per logged step and per evaluation), ``curves.png``,
 ``recipe.yaml`` (the validated recipe) and ``bundle/`` (the best epoch's adapter).
+
+Examples that cannot be used (an unreadable image, an empty text the task needs) are left out
+of their batch and counted per split, or end the run, as ``data.on_bad_sample`` says (see
+data/skips.py); the counts go into the epoch records and the final metrics.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from .backbones import TOWERS
 from .batching import Batcher
 from .bundle import save_bundle
 from .data import load_splits
+from .data.files import check_labels_in_train
+from .data.skips import SplitLog, cache_on_bad, needed_text_error, truncated_texts
+from .errors import DataError
 from .features import FeatureCache
 from .io import atomic_write_text
 from .model import MultimodalModel
@@ -62,27 +69,74 @@ def build_caches(model, recipe) -> dict[str, FeatureCache]:
             and name in getattr(model.task, "cached_towers", TOWERS)}
 
 
-def fill_caches(caches: dict[str, FeatureCache], model, examples, device, progress=True) -> None:
+def fill_caches(caches: dict[str, FeatureCache], model, examples, device, progress=True, on_bad=None) -> None:
+    """``on_bad``: see FeatureCache.fill (None: an unreadable image raises)."""
     for name, cache in caches.items():
-        keys = [str(e["image"]) if name == "vision" else model.task.text_of(e) for e in examples]
-        cache.fill(keys, device, progress)
+        if name == "vision":
+            keys = [str(e["image"]) for e in examples]
+        else:  # texts the batcher will skip (empty, or none at all) are not worth a cache entry
+            keys = [model.task.text_of(e) for e in examples if needed_text_error(model.task, e) is None]
+        cache.fill(keys, device, progress, on_bad=on_bad)
 
 
 @torch.no_grad()
 def evaluate(model, examples, batcher, batch_size: int, device, progress=False, desc="eval") -> dict:
-    """Loss and task metrics over ``examples`` (sorted by image so each image is encoded once)."""
+    """Loss and task metrics over ``examples`` (sorted by image so each image is encoded once),
+    and how many examples they were computed over (``examples``). A batcher with a skip log
+    leaves out the examples it cannot use and counts them there (reset here first)."""
+    skips = getattr(batcher, "skips", None)
+    if skips is not None:
+        skips.new_epoch()
     if hasattr(model.task, "evaluate"):  # a task whose metrics need more than outputs (captioning generates)
-        return model.task.evaluate(model, examples, batcher, batch_size, device, progress=progress, desc=desc)
+        if skips is not None:  # it batches the examples more than once (loss, captions): screen them once
+            examples, batcher = batcher.screen(examples), Batcher(batcher.model, batcher.caches)
+        if not examples:
+            raise skips.all_skipped_error() if skips is not None and skips.seen else _nothing(desc)
+        return model.task.evaluate(model, examples, batcher, batch_size, device, progress=progress,
+                                   desc=desc) | {"examples": len(examples)}
     model.eval()
     examples = sorted(examples, key=lambda e: str(e["image"]))
     logits, targets = [], []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress, leave=False):
         batch = batcher(examples[start: start + batch_size])
+        if not batch:  # every example of this batch was skipped
+            continue
         batch = {k: v.to(device) for k, v in batch.items()}
         logits.append(model(batch).float().cpu())
         targets.append(batch["labels"].cpu())
+    if not logits:
+        raise skips.all_skipped_error() if skips is not None and skips.seen else _nothing(desc)
     logits, targets = torch.cat(logits), torch.cat(targets)
-    return {"loss": model.task.loss(logits, targets).item(), **model.task.metrics(logits, targets)}
+    return {"loss": model.task.loss(logits, targets).item(), **model.task.metrics(logits, targets),
+            "examples": len(logits)}
+
+
+def _nothing(split: str) -> DataError:
+    return DataError(f"the {split} split has no examples to evaluate")
+
+
+def _classifies_into_labels(recipe) -> bool:
+    """VQA and classification: one output per label, trained only on the labels of train."""
+    from .tasks import TASKS
+    from .tasks.vqa import VQATask
+
+    return issubclass(TASKS.get(recipe.task.type), VQATask)
+
+
+def _count_truncated(model, splits, names, counts: dict, log) -> None:
+    for name in names:
+        counts[name], warning = truncated_texts(model, splits[name])
+        if warning:
+            log(f"peftmm: {name}: {warning}")
+
+
+def _all_have_examples(batch: dict, accelerator) -> bool:
+    """Whether to step on this batch. Under several processes they must agree, or the ones that
+    step would wait for the others' gradients forever: a batch left empty on one skips all."""
+    if accelerator.num_processes == 1:
+        return bool(batch)
+    flag = torch.tensor([1.0 if batch else 0.0], device=accelerator.device)
+    return accelerator.gather(flag).min().item() > 0
 
 
 def _initialise(model, recipe, log) -> dict | None:
@@ -119,14 +173,24 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
 
     splits = load_splits(recipe.data)
+    for name in ("train", "val", "test"):  # found now, not after the whole training
+        if not splits[name]:
+            raise DataError(f"the {name} split is empty (data.source {recipe.data.source}); every run trains, "
+                            "picks its best epoch on val and reports test: give each split examples")
+    if _classifies_into_labels(recipe):
+        check_labels_in_train(splits)
     model = MultimodalModel.build(recipe, splits.labels, device=accelerator.device)
     initialised = _initialise(model, recipe, log)
     trainable, total = model.parameter_counts()
     log(f"peftmm: {recipe.name}: trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.3f}%)")
+    skips = {name: SplitLog(name, recipe.data.on_bad_sample) for name in ("train", "val", "test")}
+    truncated: dict[str, int] = {}
+    _count_truncated(model, splits, ("train", "val"), truncated, log)
     caches = build_caches(model, recipe)
-    fill_caches(caches, model, splits.train + splits.val, accelerator.device, progress and main)
-    batcher = Batcher(model, caches)
+    on_bad = cache_on_bad(recipe.data.on_bad_sample)
+    fill_caches(caches, model, splits.train + splits.val, accelerator.device, progress and main, on_bad)
+    batcher = Batcher(model, caches, skips["train"])
 
     if spec.group_by_image:
         sampler = ImageGroupedBatchSampler(splits.train, spec.batch_size, spec.seed)
@@ -147,23 +211,29 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     records: list[dict] = []
     best = {"score": -math.inf, "state": None, "epoch": 0}
     step, stale, started = 0, 0, time.perf_counter()
+    metrics_path = run_dir / "metrics.jsonl"
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    metrics_file = open(run_dir / "metrics.jsonl", "w") if main else None
+        metrics_path.write_text("")
 
     def record(entry):
         records.append(entry)
-        if metrics_file:
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
+        if main:  # appended entry by entry: a run that stops early keeps what it logged, no file left open
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
+    val_batcher = Batcher(core, caches, skips["val"])
     for epoch in range(1, spec.epochs + 1):
         model.train()
+        skips["train"].new_epoch()
         bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{spec.epochs}", unit="batch",
                    disable=not (progress and main), dynamic_ncols=True)
         tick, seen = time.perf_counter(), 0
         for batch in loader:
+            if not _all_have_examples(batch, accelerator):  # every example was skipped: no step
+                bar.update(1)
+                continue
             with accelerator.accumulate(model):
                 loss = core.task.loss(model(batch), batch["labels"])
                 accelerator.backward(loss)
@@ -181,10 +251,19 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
             if step >= total_steps:
                 break
         bar.close()
-        val = evaluate(core, splits.val, batcher, spec.eval_batch_size, accelerator.device)
+        trained = skips["train"].merged(accelerator)
+        if trained.seen and trained.skipped == trained.seen:
+            raise trained.all_skipped_error()
+        if trained.line(f"epoch {epoch}"):
+            log(trained.line(f"epoch {epoch}"))
+        val = evaluate(core, splits.val, val_batcher, spec.eval_batch_size, accelerator.device, desc="val")
+        if skips["val"].line(f"epoch {epoch}"):
+            log(skips["val"].line(f"epoch {epoch}"))
         score = val[core.task.primary_metric]
-        record({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in val.items()}})
-        log(f"epoch {epoch}: val {core.task.primary_metric} {score:.4f}, val loss {val['loss']:.4f}")
+        record({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in val.items()},
+                "skipped_train": trained.skipped, "skipped_val": skips["val"].skipped})
+        log(f"epoch {epoch}: val {core.task.primary_metric} {score:.4f} over {val['examples']:,} examples, "
+            f"val loss {val['loss']:.4f}")
         if score > best["score"]:
             best = {"score": score, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in core.trainable_state_dict().items()}}
@@ -196,20 +275,27 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
 
     train_seconds = time.perf_counter() - started
     core.load_trainable_state_dict(best["state"])
-    fill_caches(caches, model, splits.test, accelerator.device, progress and main)
-    test = evaluate(core, splits.test, batcher, spec.eval_batch_size, accelerator.device,
-                    progress=progress and main, desc="test")
+    _count_truncated(core, splits, ("test",), truncated, log)
+    fill_caches(caches, model, splits.test, accelerator.device, progress and main, on_bad)
+    test = evaluate(core, splits.test, Batcher(core, caches, skips["test"]), spec.eval_batch_size,
+                    accelerator.device, progress=progress and main, desc="test")
+    if skips["test"].line("test"):
+        log(skips["test"].line("test"))
     metrics = {f"test_{k}": v for k, v in test.items()} | {
         f"val_{core.task.primary_metric}": best["score"], "best_epoch": best["epoch"],
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "train_seconds": round(train_seconds, 1), "steps": step,
+        # distinct examples left out over the whole run, and texts cut at text.max_length, per split
+        **{f"skipped_{name}": len(log_.ever) for name, log_ in
+           (("train", skips["train"].merged(accelerator)), ("val", skips["val"]), ("test", skips["test"]))},
+        **{f"truncated_{name}": n for name, n in truncated.items()},
     } | ({"init_from": initialised["bundle"]} if initialised else {})
     record({"final": metrics})
     bundle_dir = run_dir / "bundle"
     if main:
-        metrics_file.close()
         save_bundle(core, recipe, bundle_dir, metrics)
         plot_curves(records, run_dir / "curves.png", title=recipe.name)
-    log(f"test {core.task.primary_metric} {test[core.task.primary_metric]:.4f}; bundle: {bundle_dir}")
+    log(f"test {core.task.primary_metric} {test[core.task.primary_metric]:.4f} over {test['examples']:,} "
+        f"examples; bundle: {bundle_dir}")
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, bundle_dir, metrics)

@@ -13,8 +13,13 @@ records of one image stay together): test when ``u < data.test_fraction``, else 
 ``(u - test_fraction) / (1 - test_fraction) < data.val_fraction``. With one, the file's splits are
 kept; when it names no ``val`` records, validation is taken out of train by the same hash.
 Labels are the sorted distinct ``label`` values (as strings); none when the file has no labels.
+A classifier learns only the labels of train, so a val or test label that never occurs in train
+is an error for the tasks that classify into labels (see :func:`check_labels_in_train`).
 
-Every mistake is a :class:`DataError` naming the file and line.
+Every mistake is a :class:`DataError` naming the file and line. Two of them are the training
+run's to handle when ``data.on_bad_sample`` is ``skip`` (the recipe's default): a missing image
+file and an empty ``text`` are kept here, then left out of training and counted by the batcher,
+like an image that exists but cannot be decoded (see :mod:`peftmm.data.skips`).
 
 Recipe::
 
@@ -41,11 +46,15 @@ def load_files(spec) -> Splits:
     path = getattr(spec, "path", None)
     if not path:
         raise DataError("data.path is required for data.source 'files' (a .jsonl or .csv file)", "data.path")
-    return read_files(path, val_fraction=spec.val_fraction, test_fraction=getattr(spec, "test_fraction", 0.1))
+    return read_files(path, val_fraction=spec.val_fraction, test_fraction=getattr(spec, "test_fraction", 0.1),
+                      on_bad_sample=getattr(spec, "on_bad_sample", "stop"))
 
 
-def read_files(path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1) -> Splits:
+def read_files(path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1,
+               on_bad_sample: str = "stop") -> Splits:
+    """``on_bad_sample='skip'`` keeps records with a missing image or an empty text (see above)."""
     path = Path(path)
+    lenient = on_bad_sample == "skip"
     if path.suffix.lower() not in SUFFIXES:
         raise DataError(f"unknown data file type {path.suffix or '(none)'!r}; use one of: "
                         f"{', '.join(SUFFIXES)}", str(path))
@@ -63,7 +72,7 @@ def read_files(path: str | Path, val_fraction: float = 0.1, test_fraction: float
             if column not in record:
                 raise DataError(f"missing column {column!r} (columns present: {', '.join(present) or 'none'})",
                                 where)
-        examples.append(_example(record, columns, has_split, path, where))
+        examples.append(_example(record, columns, has_split, path, where, lenient))
     if not examples:
         raise DataError("no records", str(path))
     return _split(examples, has_split, val_fraction, test_fraction, labels="label" in columns)
@@ -79,12 +88,12 @@ def _columns(present: list[str], where: str) -> list[str]:
     return columns
 
 
-def _example(record: dict, columns: list[str], has_split: bool, path: Path, where: str) -> dict:
+def _example(record: dict, columns: list[str], has_split: bool, path: Path, where: str, lenient: bool) -> dict:
     image = record["image"]
     if not isinstance(image, str) or not image.strip():
         raise DataError(f"empty image path (image = {image!r})", where)
     image_path = (path.parent / image.strip()).absolute()
-    if not image_path.is_file():
+    if not image_path.is_file() and not lenient:
         raise DataError(f"image file not found: {image.strip()} (looked for {image_path})", where)
     example = {"image": str(image_path)}
     for column in columns:
@@ -93,7 +102,7 @@ def _example(record: dict, columns: list[str], has_split: bool, path: Path, wher
             value = str(value)
         if not isinstance(value, str):
             raise DataError(f"{column} must be a string, got {value!r}", where)
-        if not value.strip():
+        if not value.strip() and not (lenient and column == "text"):
             raise DataError(f"empty {column}", where)
         example[column] = value.strip() if column == "label" else value
     if has_split:
@@ -103,7 +112,7 @@ def _example(record: dict, columns: list[str], has_split: bool, path: Path, wher
             raise DataError(f"split = {record.get('split')!r} is not allowed; choose one of: "
                             f"{', '.join(SPLITS)}", where)
         example["split"] = split
-    example["_key"] = image.strip()
+    example["_key"], example["_where"] = image.strip(), where
     return example
 
 
@@ -111,7 +120,9 @@ def _split(examples: list[dict], has_split: bool, val_fraction: float, test_frac
            labels: bool) -> Splits:
     splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
     given_val = has_split and any(e["split"] == "val" for e in examples)
+    where: dict[int, str] = {}
     for e in examples:
+        where[id(e)] = e.pop("_where")
         u = stable_fraction(f"files/{e.pop('_key')}")
         if has_split:
             name = e.pop("split")
@@ -122,7 +133,29 @@ def _split(examples: list[dict], has_split: bool, val_fraction: float, test_frac
                 "val" if (u - test_fraction) / (1 - test_fraction) < val_fraction else "train"
         splits[name].append(e)
     label_set = sorted({e["label"] for e in examples}) if labels else []
-    return Splits(**splits, labels=label_set)
+    trained = {e["label"] for e in splits["train"]} if labels else set()
+    unseen = [(where[id(e)], e["label"], name) for name in ("val", "test") for e in splits[name]
+              if labels and e["label"] not in trained]
+    return Splits(**splits, labels=label_set, metadata={"labels_not_in_train": unseen} if unseen else {})
+
+
+def check_labels_in_train(splits: Splits) -> None:
+    """One DataError for the first val/test record whose label no train record has.
+
+    The label set covers every split, so the classifier has an output for such a label, but no
+    training example ever asks for it: it would count as wrong on every such example and
+    hide a split that needs fixing (records of the label in train, or a ``split`` column).
+    """
+    unseen = splits.metadata.get("labels_not_in_train")
+    if not unseen:
+        return
+    where, label, name = unseen[0]
+    known = sorted({e["label"] for e in splits.train})
+    shown = ", ".join(known[:30]) + (f", ... ({len(known)} in all)" if len(known) > 30 else "")
+    more = f"; {len(unseen) - 1} more val/test records have labels not in train" if len(unseen) > 1 else ""
+    raise DataError(f"label {label!r} of this {name} record never occurs in train, so the classifier is never "
+                    f"trained to predict it{more}; labels in train: {shown or 'none'}. Give it train records "
+                    "(or assign splits with a 'split' column)", where)
 
 
 def _jsonl(path: Path):

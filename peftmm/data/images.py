@@ -28,7 +28,10 @@ def load_image(path: str | Path):
         repair = next((fix for owns, fix in _REPAIRERS if owns(Path(path))), None)
         if repair is None:
             raise
-    repair(Path(path))
+    try:
+        repair(Path(path))
+    except OSError as e:   # a cache folder that cannot be written: still one bad image, not a crash
+        raise DataError(f"cannot write the image again ({type(e).__name__}: {e})", str(path)) from None
     return _read(path)
 
 
@@ -41,5 +44,6 @@ def _read(path):
             return image.convert("RGB")
     except FileNotFoundError:
         raise DataError("image file not found", str(path)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # DecompressionBombError: an image whose header claims far more pixels than PIL allows
         raise DataError(f"cannot decode image ({type(e).__name__}: {e})", str(path)) from None
