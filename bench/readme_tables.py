@@ -72,8 +72,102 @@ def walltime() -> str:
         f"| its prediction for test image 0, \"{data['prediction']['question']}\" | {data['prediction']['answer']} |"])
 
 
-TABLES = {"methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime}
-FILES = {"methods": "methods.md", "walltime": "main_walltime.json"}
+# -- emoji tasks (issue 5): bench/emoji_tasks.py runs + bench/emoji_baselines.py reference points
+EMOJI_ORDER = ["emoji-retrieval-projection", "emoji-retrieval", "emoji-caption", "emoji-group"]
+
+
+def _pct(m: dict | None, key: str, scale: float = 100, digits: int = 1) -> str:
+    """mean ± std over seeds (std only with two or more seeds); blank when the run lacks it."""
+    if m is None or key not in m:
+        return "–"
+    value = m[key]
+    text = f"{scale * value['mean']:.{digits}f}"
+    return text + (f" ± {scale * value['std']:.{digits}f}" if value.get("std") is not None else "")
+
+
+def _label(a: dict) -> str:
+    return f"`{a['recipe']}` from `{a['chain_from']}` (init_from)" if a.get("chain_from") else f"`{a['recipe']}`"
+
+
+def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
+    """Tables of whatever has been measured: recipes without runs are simply absent."""
+    if tasks is None:
+        path = RESULTS / "emoji_tasks.json"
+        tasks = json.loads(path.read_text()) if path.exists() else {"aggregates": {}}
+    if baselines is None and (RESULTS / "emoji_baselines.json").exists():
+        baselines = json.loads((RESULTS / "emoji_baselines.json").read_text())
+    runs = [a for a in tasks["aggregates"].values() if a["as_recipe"]]  # never runs with overrides
+    runs.sort(key=lambda a: (EMOJI_ORDER.index(a["recipe"]) if a["recipe"] in EMOJI_ORDER else 99,
+                             a.get("chain_from") or "", a["recipe"]))
+    b = baselines or {}
+    seeds = lambda a: str(len(a["seeds"]))  # noqa: E731
+    recalls = [f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
+    lines = ["| retrieval, test split, recall (%) | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 "
+             "| seeds |", "|---|---|---|---|---|---|---|---|"]
+    for a in (a for a in runs if a["task"] == "retrieval"):
+        lines.append(f"| {_label(a)} | " + " | ".join(_pct(a["metrics"], f"test_{r}") for r in recalls)
+                     + f" | {seeds(a)} |")
+    if "retrieval_chance" in b:
+        c = b["retrieval_chance"]
+        lines.append(f"| chance (K/N, N = {c['n']}) | " + " | ".join(f"{100 * c[r]:.1f}" for r in recalls) + " | – |")
+    lines += ["", "| captioning, test split | exact match (%) | BLEU-4 (0-1) | CIDEr-D (0-10) | unigram F1 (%) "
+              "| seeds |", "|---|---|---|---|---|---|"]
+    for a in (a for a in runs if a["task"] == "captioning"):
+        m = a["metrics"]
+        lines.append(f"| {_label(a)} | {_pct(m, 'test_exact_match')} | {_pct(m, 'test_bleu4', 1, 3)} | "
+                     f"{_pct(m, 'test_cider_d', 1, 3)} | {_pct(m, 'test_unigram_f1')} | {seeds(a)} |")
+    if "nearest_neighbour_captioning" in b:
+        n = b["nearest_neighbour_captioning"]
+        lines += [f"| nearest neighbour: caption of the most similar train image | {100 * n['exact_match']:.1f} | "
+                  f"{n['bleu4']:.3f} | {n['cider_d']:.3f} | {100 * n['unigram_f1']:.1f} | – |",
+                  f"| oracle: best train caption per test image | – | – | – | "
+                  f"{100 * n['oracle_best_train_caption_unigram_f1']:.1f} | – |"]
+    groups = len(b["split"]["labels"]) if "split" in b else "the"
+    lines += ["", f"| {groups} Unicode groups, test split | accuracy (%) | macro-F1 (%) | seeds |", "|---|---|---|---|"]
+    for a in (a for a in runs if a["task"] == "classification"):
+        lines.append(f"| {_label(a)}, trained | {_pct(a['metrics'], 'test_accuracy')} | "
+                     f"{_pct(a['metrics'], 'test_macro_f1')} | {seeds(a)} |")
+    for a in (a for a in runs if "zero_shot_accuracy" in a["metrics"]):
+        lines.append(f"| {_label(a)}, zero-shot, prompt \"{tasks['template'].replace('{}', '<group>')}\" | "
+                     f"{_pct(a['metrics'], 'zero_shot_accuracy')} | {_pct(a['metrics'], 'zero_shot_macro_f1')} | "
+                     f"{seeds(a)} |")
+    if "majority_class" in b:
+        mc, probe = b["majority_class"], b["linear_probe"]
+        lines += [f"| majority class of train ({mc['label']}) | {100 * mc['accuracy']:.1f} | "
+                  f"{100 * mc['macro_f1']:.1f} | – |",
+                  f"| logistic-regression probe on frozen pooled image features (L2 {probe['l2']:g}, chosen on val) | "
+                  f"{100 * probe['accuracy']:.1f} | {100 * probe['macro_f1']:.1f} | – |", "",
+                  f"The family split gives test other group shares than train: {mc['label']} is "
+                  f"{100 * mc['train_share']:.1f}% of train but {100 * mc['accuracy']:.1f}% of test, whose largest "
+                  f"group is {mc['test_majority_label']} ({100 * mc['test_majority_share']:.1f}%)."]
+    chains = [(a, next((s for s in runs if s["recipe"] == a["recipe"] and not s.get("chain_from")), None))
+              for a in runs if a.get("chain_from")]
+    chains = [(a, s) for a, s in chains if s is not None]
+    if chains:
+        lines += ["", "| stage chain | test metric | with init_from | from scratch | seeds |", "|---|---|---|---|---|"]
+        for a, s in chains:
+            key = {"retrieval": "test_mean_recall", "captioning": "test_cider_d"}.get(a["task"], "test_accuracy")
+            lines.append(f"| {_label(a)} | {key[5:]} | {_pct(a['metrics'], key)} | {_pct(s['metrics'], key)} | "
+                         f"{seeds(a)} / {seeds(s)} |")
+    if runs:
+        lines += ["", "| recipe | trainable params | share | bundle bytes | train loop | whole run | seeds |",
+                  "|---|---|---|---|---|---|---|"]
+        for a in runs:
+            m = a["metrics"]
+            mark = "" if a["wall_measured"] else " *"
+            lines.append(f"| {_label(a)} | {m['trainable_params']['mean']:,.0f} | "
+                         f"{100 * m['trainable_share']['mean']:.3f}% | {m['adapter_bytes']['mean']:,.0f} | "
+                         f"{_pct(m, 'train_seconds', 1, 0)} s | {_pct(m, 'wall_seconds', 1, 0)} s{mark} | {seeds(a)} |")
+        if not all(a["wall_measured"] for a in runs):
+            lines.append("\n\\* trained outside bench/emoji_tasks.py: no whole-run time was measured, the train "
+                         "loop's time stands in.")
+    else:
+        lines += ["", "No recipe runs collected yet: `bench/emoji_tasks.py` adds their rows."]
+    return "\n".join(lines)
+
+
+TABLES = {"methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime, "emoji": emoji}
+FILES = {"methods": "methods.md", "walltime": "main_walltime.json", "emoji": "emoji_baselines.json"}
 
 
 def render(text: str) -> str:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import schema
+from .augment import AugmentSpec, augment_pixels
 from .backbones import TOWERS, Tower, load_tower
 from .errors import BundleError, PeftmmError
 from .fusion import build_fusion
@@ -29,6 +30,7 @@ class MultimodalModel(nn.Module):
         self.task = task
         self.head = task.build_head(fusion.out_dim)
         self.slot = slot
+        self.augment = AugmentSpec()   # build() sets the recipe's
 
     @classmethod
     def build(cls, recipe, labels: list[str], device="cpu", towers: dict[str, Tower] | None = None,
@@ -62,6 +64,7 @@ class MultimodalModel(nn.Module):
         fusion = build_fusion(recipe.fusion, towers["vision"].info.hidden_size, towers["text"].info.hidden_size)
         model = cls(towers, methods, fusion, build_task(recipe.task, labels), slot)
         model.max_length = recipe.text.max_length
+        model.augment = recipe.vision.augment
         model.fusion.to(device)
         model.head.to(device)
         model._mark_trainable()
@@ -178,7 +181,10 @@ class MultimodalModel(nn.Module):
             return batch[f"{tower}_tokens"], batch[f"{tower}_mask"]
         self.activate(tower)
         if tower == "vision":
-            return self.towers["vision"](pixel_values=batch["pixel_values"])
+            pixels = batch["pixel_values"]
+            if self.training and self.augment.active:
+                pixels = augment_pixels(pixels, self.augment)
+            return self.towers["vision"](pixel_values=pixels)
         return self.towers["text"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
     def forward(self, batch: dict) -> torch.Tensor:

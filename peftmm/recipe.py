@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from . import schema
+from .augment import AugmentSpec
 from .errors import RecipeError
 
 Precision = Literal["int8", "nf4", "bf16", "fp32"]
@@ -29,6 +30,7 @@ class TowerSpec:
     cache_features: bool = True        # reuse outputs of a tower with no trainable modules
     image_size: int | None = field(default=None, metadata={"min": 16, "max": 1024})  # vision only
     max_length: int = field(default=32, metadata={"min": 4, "max": 4096})             # text only
+    augment: AugmentSpec = field(default_factory=AugmentSpec)  # vision only, training only (augment.py)
 
 
 @dataclass
@@ -103,6 +105,8 @@ class Recipe:
         if allowed and self.fusion.type not in allowed:
             raise RecipeError(f"fusion.type = {self.fusion.type!r} cannot serve task {self.task.type!r}; "
                               f"use {' or '.join(allowed)}", self.source)
+        if self.text.augment.active:
+            raise RecipeError("text.augment: augmentation applies to images; set it under vision", self.source)
         for tower_name in ("vision", "text"):
             tower = getattr(self, tower_name)
             tower.methods = [METHODS.config(m, f"{tower_name}.methods.{i}", self.source)

@@ -1,15 +1,58 @@
 """The README's result tables are the benchmark JSON rendered (bench/readme_tables.py), not typed."""
 
 import importlib.util
+import json
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
 
 
-def test_readme_tables_match_the_benchmark_results():
+@pytest.fixture(scope="module")
+def tables():
     spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "bench" / "readme_tables.py")
-    tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tables)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_tables_match_the_benchmark_results(tables):
     text = (ROOT / "README.md").read_text()
-    assert "<!-- bench:methods -->" in text
+    for name in ("methods", "emoji"):
+        assert f"<!-- bench:{name} -->" in text and f"<!-- /bench:{name} -->" in text
     assert tables.render(text) == text, "README tables are stale: run .venv/bin/python bench/readme_tables.py"
+
+
+def _aggregate(label, task, metrics, chain_from=None, as_recipe=True, seeds=(0,)):
+    stats = {k: {"mean": v, "std": 0.01 if len(seeds) > 1 else None, "n": len(seeds)} for k, v in metrics.items()}
+    for k, v in (("trainable_params", 1000), ("trainable_share", 0.01), ("adapter_bytes", 4000),
+                 ("train_seconds", 10.0), ("wall_seconds", 20.0)):
+        stats[k] = {"mean": v, "std": None, "n": len(seeds)}
+    return {"label": label, "recipe": label.split(" <- ")[0], "task": task, "chain_from": chain_from,
+            "as_recipe": as_recipe, "seeds": list(seeds), "wall_measured": True, "metrics": stats}
+
+
+def test_emoji_block_renders_partial_data(tables):
+    """Rows exist only for what was measured; runs with overrides never reach the README."""
+    baselines = json.loads((ROOT / "bench/results/emoji_baselines.json").read_text())
+    empty = tables.emoji({"aggregates": {}, "template": "an emoji of {}"}, baselines)
+    assert "| chance (K/N, N = 183) |" in empty and "nearest neighbour" in empty and "probe" in empty
+    assert "No recipe runs collected yet" in empty and "`emoji-" not in empty
+
+    recall = {f"test_{d}_r{k}": 0.1 * k for d in ("t2i", "i2t") for k in (1, 5, 10)} | {"test_mean_recall": 0.4}
+    zero_shot = {"zero_shot_accuracy": 0.3, "zero_shot_macro_f1": 0.2}
+    aggregates = {
+        "emoji-retrieval": _aggregate("emoji-retrieval", "retrieval", recall | zero_shot, seeds=(0, 1, 2)),
+        "emoji-retrieval <- emoji-retrieval-projection": _aggregate(
+            "emoji-retrieval <- emoji-retrieval-projection", "retrieval", recall,
+            chain_from="emoji-retrieval-projection"),
+        "emoji-group (modified)": _aggregate("emoji-group", "classification", {"test_accuracy": 0.9}, as_recipe=False),
+    }
+    text = tables.emoji({"aggregates": aggregates, "template": "an emoji of {}"}, baselines)
+    assert "| `emoji-retrieval` | 10.0 ± 1.0 | 50.0 ± 1.0 | 100.0 ± 1.0 |" in text
+    assert "`emoji-retrieval` from `emoji-retrieval-projection` (init_from) | 10.0 | 50.0 |" in text
+    assert "zero-shot, prompt \"an emoji of <group>\" | 30.0 ± 1.0 | 20.0 ± 1.0 | 3 |" in text
+    assert "| stage chain |" in text and "| mean_recall | 40.0 | 40.0 ± 1.0 | 1 / 3 |" in text
+    assert "emoji-group" not in text and "emoji-caption" not in text   # modified and absent runs
+    assert "| `emoji-retrieval` | 1,000 | 1.000% | 4,000 | 10 s | 20 s | 3 |" in text
