@@ -198,22 +198,32 @@ def _is_kind(module, kinds) -> bool:
 
 
 class ImagePreprocessor:
-    """PIL image -> normalised tensor, with the backbone's own mean/std and size."""
+    """PIL image -> normalised tensor, with the backbone's own mean/std and size.
+
+    The arithmetic is numpy's on purpose: a few element-wise torch ops on one small image go
+    through torch's thread pool, and with another busy process on the machine those threads
+    spin-wait; measured on this 2-core VM, 64 ms per 224 px image with torch's 2 threads
+    against 1.3 ms with one. numpy stays on the calling thread; the values are the same
+    float32 operations, bit for bit.
+    """
 
     def __init__(self, size: int, mean=_IMAGENET_MEAN, std=_IMAGENET_STD):
         self.size = size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
+        self._mean = self.mean.numpy().reshape(1, 1, 3)
+        self._std = self.std.numpy().reshape(1, 1, 3)
 
     def __call__(self, image) -> torch.Tensor:
+        import numpy as np
         from PIL import Image
 
         image = image.convert("RGB")
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.BICUBIC)
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        pixels = data.view(self.size, self.size, 3).permute(2, 0, 1).float() / 255.0
-        return (pixels - self.mean) / self.std
+        pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+        normalised = (pixels - self._mean) / self._std
+        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
 
     def describe(self) -> dict:
         return {"size": self.size, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
