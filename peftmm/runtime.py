@@ -10,6 +10,11 @@ One call may mix adapters. Its examples are encoded tower by tower: inputs that 
 tower in the same slot are encoded once; where every method involved allows mixed batches (LoRA
 through peft's ``adapter_names``, bottleneck adapters) the rows of all slots go through the
 tower in one forward pass, otherwise one slot at a time. Fusion and head then run per adapter.
+
+A captioning bundle (a task that writes text with a decoder LM) shares the vision tokens of
+such a call, but its text tower is a causal LM loaded with its output layer, and it generates:
+its rows are captioned per adapter, with that bundle's own prompt, num_beams and
+max_new_tokens, once per distinct image.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .errors import BundleError, DataError
 from .features import pad_tokens
 from .methods.base import NO_SLOT
 from .predict import default_device, resolve_bundle
+from .tasks import TASKS
 
 @dataclass
 class Registered:
@@ -71,7 +77,8 @@ class Runtime:
                     if key not in self._towers:
                         spec = config["recipe"][tower]
                         self._towers[key] = load_tower(tower, spec["backbone"], spec.get("precision", "fp32"),
-                                                       device=self.device, image_size=spec.get("image_size"))
+                                                       device=self.device, image_size=spec.get("image_size"),
+                                                       causal_lm=key[3])
                 towers = {tower: self._towers[key] for tower, key in keys.items()}
                 model, recipe, config = load_bundle(path, self.device, towers=towers, slot=name)
             except BaseException:
@@ -105,14 +112,15 @@ class Runtime:
             "fusion": config["recipe"]["fusion"]["type"],
             "backbones": {t: {"backbone": config["towers"][t]["backbone"], "precision": config["towers"][t]["precision"],
                               "fingerprint": config["towers"][t]["fingerprint"][:16]} for t in TOWERS},
-            "trainable_params": trainable, "bytes": entry.bytes,
+            "question": question_use(model.task), "trainable_params": trainable, "bytes": entry.bytes,
             "metrics": {k: v for k, v in config.get("metrics", {}).items() if isinstance(v, (int, float, str))},
         }
 
     def backbones(self) -> list[dict]:
         """Every loaded backbone once, with the adapters that use it."""
         with self._lock:
-            return [{"tower": key[0], "fingerprint": key[1][:16], "precision": key[2], "source": tower.info.source,
+            return [{"tower": key[0], "fingerprint": key[1][:16], "precision": key[2], "causal_lm": key[3],
+                     "source": tower.info.source,
                      "adapters": sorted(n for n, e in self._adapters.items() if key in e.tower_keys.values())}
                     for key, tower in self._towers.items()]
 
@@ -125,6 +133,10 @@ class Runtime:
     def require(self, name: str) -> None:
         """Raise the runtime's not-found error unless ``name`` is registered."""
         self._get(name)
+
+    def question_use(self, name: str) -> str:
+        """How adapter ``name`` treats a request's text: see :func:`question_use`."""
+        return question_use(self._get(name).model.task)
 
     def _get(self, name: str) -> Registered:
         try:
@@ -147,47 +159,78 @@ class Runtime:
     @staticmethod
     def _tower_key(tower: str, config: dict, name: str) -> tuple:
         """Bundles on the same weights at the same precision share a tower; one that fine-tunes
-        a tower in full gets a private copy, since it changes the backbone's own weights."""
+        a tower in full gets a private copy, since it changes the backbone's own weights.
+
+        A text tower loaded as a causal LM (captioning) is another entry than the same weights
+        loaded as an encoder, even though both could run on one load (the encoder path reads
+        the LM's base model): the two loads name their modules differently (``model.layers.0``
+        under the LM head, ``layers.0`` without it), and a bundle's methods and tensors are
+        named relative to the load it trained on, so sharing would need every name rewritten.
+        Two loads of a text backbone cost memory only when both kinds of bundle are served."""
         info = config["towers"][tower]
         private = any(m.get("type") == "full" for m in config["recipe"][tower].get("methods", []))
-        return (tower, info["fingerprint"], info["precision"]) + ((name,) if private else ())
+        causal_lm = tower == "text" and _writes_text(TASKS.get(config["task"]))
+        return (tower, info["fingerprint"], info["precision"], causal_lm) + ((name,) if private else ())
 
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, requests: list[dict]) -> list[dict]:
-        """Each request: ``{"adapter": name, "image": path or PIL image, "text": str}``.
+        """Each request: ``{"adapter": name, "image": path or PIL image, "text": str}``; a
+        captioning adapter takes no text (``{"adapter", "image"}``) and answers ``{"caption"}``.
 
         Returns one result per request, in order, each tagged with the adapter that made it.
         """
         with self._lock:
             entries = [self._get(r.get("adapter")) for r in requests]
             images = _decode_images(requests)
-            tokens = {tower: self._encode(tower, requests, entries, images) for tower in TOWERS}
+            texts = [_text_of(e.model.task, r, i) for i, (r, e) in enumerate(zip(requests, entries))]
+            writers = {i for i, e in enumerate(entries) if _writes_text(e.model.task)}
+            readers = [i for i in range(len(requests)) if i not in writers]  # a captioner's LM reads no text here
+            tokens = {"vision": self._encode("vision", range(len(requests)), texts, entries, images),
+                      "text": self._encode("text", readers, texts, entries, images)}
             results: list[dict | None] = [None] * len(requests)
             by_adapter = defaultdict(list)
             for i, entry in enumerate(entries):
                 by_adapter[entry.name].append(i)
             for name, indices in by_adapter.items():
                 model = self._adapters[name].model
-                vision, vision_mask = pad_tokens([tokens["vision"][i] for i in indices])
-                text, text_mask = pad_tokens([tokens["text"][i] for i in indices])
-                logits = model.head(model.fusion(vision, vision_mask, text, text_mask))
-                for i, result in zip(indices, model.task.decode(logits)):
+                if indices[0] in writers:
+                    decoded = self._caption(model, indices, tokens["vision"], images)
+                else:
+                    vision, vision_mask = pad_tokens([tokens["vision"][i] for i in indices])
+                    text, text_mask = pad_tokens([tokens["text"][i] for i in indices])
+                    decoded = model.task.decode(model.head(model.fusion(vision, vision_mask, text, text_mask)))
+                for i, result in zip(indices, decoded):
                     results[i] = {"adapter": name, **result}
             return results
 
-    def _encode(self, tower_name: str, requests, entries, images) -> list[torch.Tensor]:
-        """Per request, the tower's tokens for its input ([N, D], padding dropped)."""
+    def _caption(self, model, indices: list[int], vision_tokens, images) -> list[dict]:
+        """Generate with the model's own task (the path its Predictor takes, fed the vision tokens
+        this call already computed), once per distinct image of the adapter's rows."""
+        first: dict[str, int] = {}
+        for i in indices:
+            first.setdefault(images[i][0], i)
+        vision, vision_mask = pad_tokens([vision_tokens[i] for i in first.values()])
+        prompts = model.task.text_inputs(model.towers["text"], [{"text": None}] * len(first), model.max_length)
+        batch = {"vision_tokens": vision, "vision_mask": vision_mask,  # model.encode uses these as given
+                 "image_index": torch.arange(len(first)), **prompts}
+        ids = model.task.generate(model, {k: v.to(self.device) for k, v in batch.items()})
+        captions = dict(zip(first, model.task.decode(ids)))
+        return [captions[images[i][0]] for i in indices]
+
+    def _encode(self, tower_name: str, which, texts, entries, images) -> list[torch.Tensor | None]:
+        """Per request in ``which``, the tower's tokens for its input ([N, D], padding dropped);
+        None for the others."""
         rows: dict[tuple, list[int]] = {}  # (tower id, slot, input) -> requests that need it
-        for i, (request, entry) in enumerate(zip(requests, entries)):
-            model = entry.model
+        for i in which:
+            model = entries[i].model
             slot = model.slot if model.methods[tower_name] else NO_SLOT
             if tower_name == "vision":
-                value = (images[i][0], entry.recipe.vision.image_size or model.towers["vision"].processor.size)
+                value = (images[i][0], entries[i].recipe.vision.image_size or model.towers["vision"].processor.size)
             else:
-                value = (_text_of(model.task, request, i), model.max_length)
+                value = (texts[i], model.max_length)
             rows.setdefault((id(model.towers[tower_name]), slot, value), []).append(i)
-        out: list[torch.Tensor | None] = [None] * len(requests)
+        out: list[torch.Tensor | None] = [None] * len(entries)
         by_tower = defaultdict(list)
         for key, users in rows.items():
             by_tower[key[0]].append((key, users))
@@ -245,8 +288,30 @@ def _tokenize(tower: Tower, texts: list[tuple[str, int]]) -> dict[str, torch.Ten
     return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
 
 
+def _writes_text(task) -> bool:
+    """Whether a task (or task class) writes text with its text tower, loaded as a causal LM."""
+    return getattr(task, "text_tower_causal_lm", False)
+
+
+def question_use(task) -> str:
+    """How an adapter of ``task`` treats a request's text: ``"required"`` (it reads the question:
+    VQA, retrieval), ``"ignored"`` (its task fixes the text: classification with a prompt), or
+    ``"refused"`` (captioning: it writes text itself, and a question sent to it would pass its
+    caption off as an answer to that question; its Predictor refuses a question too)."""
+    if _writes_text(task):
+        return "refused"
+    fixed = task.text_of({"text": None})
+    return "ignored" if isinstance(fixed, str) and fixed.strip() else "required"
+
+
 def _text_of(task, request: dict, index: int) -> str:
-    text = task.text_of({"text": request.get("text")})  # a task may fix the text (classification)
+    given = request.get("text")
+    if _writes_text(task):
+        if isinstance(given, str) and given.strip():
+            raise DataError(f"a {task.registry_name} adapter describes the image itself: send no question "
+                            "or text", f"request {index}")
+        return ""
+    text = task.text_of({"text": given})  # a task may fix the text (classification)
     if not isinstance(text, str) or not text.strip():
         raise DataError("each request needs a non-empty question text", f"request {index}")
     return text

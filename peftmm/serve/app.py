@@ -4,6 +4,11 @@ Every answer is JSON; every error is ``{"error": message}`` with a 4xx status (5
 bug). Images are checked in the request's own handler (size, base64, allowed folder, decodable)
 before they are queued, so a bad request fails alone; predictions go through one
 :class:`~peftmm.serve.batching.MicroBatcher`, which batches concurrent requests together.
+
+A prediction answers with whatever the adapter's task decodes (VQA: ``answer`` and ``scores``;
+captioning: ``caption``; retrieval: ``similarity``). Whether a request needs a ``question``
+depends on the adapter (``question`` in its description, see Runtime.question_use): a
+captioning adapter takes none.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ class RegisterBody(BaseModel):
 class PredictBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     adapter: str
-    question: str
+    question: str | None = None  # required or not by the adapter: checked in prepare()
     image_base64: str | None = None
     image_path: str | None = None
 
@@ -119,7 +124,7 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
         yield
         batcher.stop()
 
-    app = FastAPI(title="peftmm", summary="Answer questions about images with peftmm adapter bundles",
+    app = FastAPI(title="peftmm", summary="Answer questions about images, or caption them, with peftmm adapter bundles",
                   lifespan=lifespan, docs_url=None, redoc_url=None)  # their pages load scripts from a CDN
     app.state.runtime, app.state.batcher = runtime, batcher
 
@@ -189,8 +194,8 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def read_inputs(request: Request) -> tuple[str, str, tuple[str, object]]:
-        """(adapter, question, (kind, value)) from a JSON or a multipart body."""
+    async def read_inputs(request: Request) -> tuple[str, str | None, tuple[str, object]]:
+        """(adapter, question or None, (kind, value)) from a JSON or a multipart body."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind not in ("application/json", "multipart/form-data"):
             raise ApiError(415, "send the request as application/json or multipart/form-data")
@@ -214,13 +219,14 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
 
         form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
         try:
-            missing = [f for f in ("adapter", "question", "image") if form.get(f) in (None, "")]
+            missing = [f for f in ("adapter", "image") if form.get(f) in (None, "")]
             if missing:
                 raise ApiError(422, "; ".join(f"{f}: Field required" for f in missing))
-            adapter, question, upload = form["adapter"], form["question"], form["image"]
+            # an empty field is what a form sends for a question left out
+            adapter, question, upload = form["adapter"], form.get("question") or None, form["image"]
             if not isinstance(upload, UploadFile):
                 raise ApiError(422, "image: expected an uploaded file")
-            if not isinstance(adapter, str) or not isinstance(question, str):
+            if not isinstance(adapter, str) or not isinstance(question, (str, type(None))):
                 raise ApiError(422, "adapter, question: expected text fields")
             return adapter, question, ("bytes", await upload.read())
         finally:
@@ -261,22 +267,30 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
             raise ApiError(413, f"image_path: the file is over the limit of {max_image_bytes} bytes")
         return path.read_bytes()
 
-    def prepare(adapter: str, question: str, source: tuple[str, object]):
+    def prepare(adapter: str, question: str | None, source: tuple[str, object]):
+        """The decoded image and the question to send (None: the adapter reads none), or an ApiError."""
         runtime.require(adapter)
-        if not question.strip():
-            raise ApiError(422, "question: must not be empty")
-        if len(question) > MAX_QUESTION:
+        if question is not None and len(question) > MAX_QUESTION:
             raise ApiError(422, f"question: longer than {MAX_QUESTION} characters")
-        return decode_image(image_bytes(*source))
+        if question is None or not question.strip():
+            if runtime.question_use(adapter) == "required":
+                raise ApiError(422, "question: Field required" if question is None else "question: must not be empty")
+            question = None
+        # A question sent to an adapter that refuses one (captioning) is the runtime's to refuse:
+        # its DataError becomes a 400 for this request alone (the micro-batcher retries the rest).
+        return question, decode_image(image_bytes(*source))
 
     @app.post("/api/predict")
     async def predict(request: Request):
-        """JSON ``{adapter, question, image_base64 | image_path}`` or a multipart form with the
-        fields ``adapter`` and ``question`` and the file ``image``."""
+        """JSON ``{adapter, question?, image_base64 | image_path}`` or a multipart form with the
+        fields ``adapter`` and ``question`` (where the adapter reads one) and the file ``image``.
+
+        Answers ``{adapter, question, ...}`` plus what the adapter's task decodes: ``answer`` and
+        ``scores`` (VQA), ``caption`` (captioning), ``similarity`` (retrieval)."""
         adapter, question, source = await read_inputs(request)
-        image = await run_in_threadpool(prepare, adapter, question, source)
+        question, image = await run_in_threadpool(prepare, adapter, question, source)
         result = await batcher.predict({"adapter": adapter, "image": image, "text": question})
-        return {"adapter": result["adapter"], "question": question, "answer": result["answer"],
-                "scores": result["scores"]}
+        return {"adapter": result["adapter"], "question": question,
+                **{k: v for k, v in result.items() if k != "adapter"}}
 
     return app

@@ -1,4 +1,5 @@
-// The page behind `peftmm serve`: pick an adapter, give an image and a question, show the answer.
+// The page behind `peftmm serve`: pick an adapter, give an image (and a question where the adapter
+// reads one), show what it answers: an answer with its scores, a caption, or a similarity.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -25,8 +26,22 @@ async function api(path, options) {
 function describe(info) {
   const methods = Object.entries(info.methods)
     .map(([tower, list]) => `${tower}: ${list.length ? list.join(", ") : "frozen"}`).join("; ");
-  return `${info.task}, ${info.labels} answers · ${methods} · ${info.fusion} fusion · ` +
+  const answers = info.labels ? `, ${info.labels} answers` : "";  // a captioner has no answer list
+  return `${info.task}${answers} · ${methods} · ${info.fusion} fusion · ` +
     `${info.trainable_params.toLocaleString()} trained parameters`;
+}
+
+// Whether the chosen adapter reads a question ("required"); a captioning adapter refuses one and
+// a classifier with a fixed prompt ignores it, so the field is hidden for those.
+function wantsQuestion() {
+  const info = adapters[select.value];
+  return !info || info.question === undefined || info.question === "required";
+}
+
+// The button's words: a captioner describes the image, any other adapter is asked.
+function verb(busy) {
+  const captioning = (adapters[select.value] || {}).question === "refused";
+  return captioning ? (busy ? "Describing…" : "Describe") : (busy ? "Asking…" : "Ask");
 }
 
 async function loadAdapters() {
@@ -51,6 +66,8 @@ async function loadAdapters() {
 function showAdapterInfo() {
   const info = adapters[select.value];
   $("adapter-info").textContent = info ? describe(info) : "";
+  $("question-field").hidden = !wantsQuestion();
+  button.textContent = verb(false);
 }
 
 function useFile(file) {
@@ -68,11 +85,22 @@ function useFile(file) {
   drop.classList.add("has-image");
 }
 
+// The main line of a result, whatever the task decodes: an answer, a caption, or (retrieval)
+// the remaining fields as "key: value".
+function headline(result) {
+  if (result.answer !== undefined) return ["Answer", result.answer];
+  if (result.caption !== undefined) return ["Caption", result.caption];
+  const rest = Object.entries(result).filter(([key]) => !["adapter", "question", "scores"].includes(key));
+  return ["Result", rest.map(([key, value]) => `${key}: ${value}`).join(", ")];
+}
+
 function showResult(result) {
-  $("answer").textContent = result.answer;
+  const [title, text] = headline(result);
+  $("result-title").textContent = title;
+  $("answer").textContent = text;
   const list = $("scores");
   list.replaceChildren();
-  for (const item of result.scores) {
+  for (const item of result.scores || []) {
     const row = document.createElement("li");
     const name = document.createElement("span");
     name.className = "name";
@@ -97,13 +125,14 @@ async function ask(event) {
   showError("");
   if (!select.value) return showError("Choose an adapter.");
   if (!image) return showError("Choose an image.");
-  if (!question.value.trim()) { question.focus(); return showError("Type a question."); }
+  const asking = wantsQuestion();
+  if (asking && !question.value.trim()) { question.focus(); return showError("Type a question."); }
   const body = new FormData();
   body.append("adapter", select.value);
-  body.append("question", question.value);
+  if (asking) body.append("question", question.value);
   body.append("image", image, image.name || "image");
   button.disabled = true;
-  button.textContent = "Asking…";
+  button.textContent = verb(true);
   try {
     showResult(await api("/api/predict", { method: "POST", body }));
   } catch (error) {
@@ -111,7 +140,7 @@ async function ask(event) {
     showError(error.message);
   } finally {
     button.disabled = false;
-    button.textContent = "Ask";
+    button.textContent = verb(false);
   }
 }
 
