@@ -73,6 +73,10 @@ class TrainSpec:
     seed: int = 0
     group_by_image: bool = False   # batch all questions of an image together (see sampling.py)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # A checkpoint (checkpoint.py) every this many optimizer steps, and at every epoch end
+    # (0: only at epoch ends); the newest keep_checkpoints are kept. `peftmm train --resume`.
+    checkpoint_every: int = field(default=0, metadata={"min": 0, "max": 10**9})
+    keep_checkpoints: int = field(default=2, metadata={"min": 1, "max": 1000})
 
 
 @dataclass

@@ -4,10 +4,14 @@ When the vision tower trains (adapters, LoRA, full fine-tuning) it cannot be cac
 data asks many questions per image (easy-VQA: ~10). Packing each image's questions into the
 same batch lets the batcher encode that image once per epoch instead of once per question.
 Image order is reshuffled every epoch from a seeded generator, so runs are repeatable.
+
+Either sampler is wrapped in :class:`ResumableBatches`, so a run resumed from a checkpoint
+(see checkpoint.py) trains on the rest of the interrupted epoch's batches and no others.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 
 import torch
@@ -39,3 +43,37 @@ class ImageGroupedBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self._length
+
+
+class ResumableBatches(torch.utils.data.Sampler):
+    """A batch sampler whose next pass can start part-way: ``skip`` batches are dropped as
+    indices (nothing is loaded or counted for them), which is how a resumed run continues an
+    epoch where its checkpoint left it. ``generator`` decides the epoch's order: with its state
+    at the start of an epoch, the same batches come again."""
+
+    def __init__(self, batches, generator: torch.Generator):
+        self.batches, self.generator, self.skip = batches, generator, 0
+        self.batch_size = getattr(batches, "batch_size", None)
+        self.sampler = getattr(batches, "sampler", None)   # what accelerate looks for under several processes
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.batches), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def train_loader(examples: list[dict], spec, collate) -> tuple[torch.utils.data.DataLoader, ResumableBatches]:
+    """The training data loader (``spec``: the recipe's train section) and its batch sampler."""
+    if spec.group_by_image:
+        grouped = ImageGroupedBatchSampler(examples, spec.batch_size, spec.seed)
+        # the loader draws its (unused) worker seed from torch's global generator, as it always did
+        batches, generator = ResumableBatches(grouped, grouped.generator), None
+    else:  # what DataLoader(shuffle=True, generator=...) builds, its generator drawing the same numbers
+        generator = torch.Generator().manual_seed(spec.seed)
+        sampler = torch.utils.data.RandomSampler(examples, generator=generator)
+        batches = ResumableBatches(torch.utils.data.BatchSampler(sampler, spec.batch_size, drop_last=False),
+                                   generator)
+    loader = torch.utils.data.DataLoader(examples, batch_sampler=batches, collate_fn=collate, generator=generator)
+    return loader, batches

@@ -3,7 +3,9 @@ accumulation, and the same code under ``accelerate launch`` on several processes
 
 Only the trainable parameters reach the optimizer. A run directory receives
 ``metrics.jsonl`` (one JSON object per logged step and per evaluation), ``curves.png``,
-``recipe.yaml`` (the validated recipe) and ``bundle/`` (the best epoch's adapter).
+``recipe.yaml`` (the validated recipe), ``checkpoints/`` (see checkpoint.py: a run killed at
+any point resumes from there, ``resume=True``) and ``bundle/`` (the best epoch's adapter).
+A loss that is not finite stops the run before that step is applied.
 
 Examples that cannot be used (an unreadable image, an empty text the task needs) are left out
 of their batch and counted per split, or end the run, as ``data.on_bad_sample`` says (see
@@ -21,21 +23,20 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from .backbones import TOWERS
 from .batching import Batcher
 from .bundle import save_bundle
+from .checkpoint import Checkpointer, SkipTracker, restore_rng, resume_point
 from .data import load_splits
 from .data.files import check_labels_in_train
 from .data.skips import SplitLog, cache_on_bad, needed_text_error, truncated_texts
 from .errors import DataError
 from .features import FeatureCache
-from .io import atomic_write_text
 from .model import MultimodalModel
 from .plots import plot_curves
-from .sampling import ImageGroupedBatchSampler
+from .sampling import train_loader
 
 
 @dataclass
@@ -162,7 +163,10 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)  # stdout stays free for results (the CLI's JSON)
 
 
-def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=_log) -> TrainResult:
+def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=_log,
+          resume: bool = False) -> TrainResult:
+    """``resume``: continue ``run_dir`` from its latest complete checkpoint; ``recipe`` must be
+    the one it was started with (checkpoint.resume_recipe reads it from the run directory)."""
     from accelerate.utils import set_seed
 
     spec = recipe.train
@@ -171,6 +175,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     main = accelerator.is_main_process
     log = log if main else (lambda *a, **k: None)
     run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
+    saved = resume_point(run_dir, recipe, log) if resume else None
 
     splits = load_splits(recipe.data)
     for name in ("train", "val", "test"):  # found now, not after the whole training
@@ -180,7 +185,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     if _classifies_into_labels(recipe):
         check_labels_in_train(splits)
     model = MultimodalModel.build(recipe, splits.labels, device=accelerator.device)
-    initialised = _initialise(model, recipe, log)
+    initialised = saved.state["initialised"] if saved else _initialise(model, recipe, log)
     trainable, total = model.parameter_counts()
     log(f"peftmm: {recipe.name}: trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.3f}%)")
@@ -190,15 +195,8 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     caches = build_caches(model, recipe)
     on_bad = cache_on_bad(recipe.data.on_bad_sample)
     fill_caches(caches, model, splits.train + splits.val, accelerator.device, progress and main, on_bad)
-    batcher = Batcher(model, caches, skips["train"])
-
-    if spec.group_by_image:
-        sampler = ImageGroupedBatchSampler(splits.train, spec.batch_size, spec.seed)
-        loader = torch.utils.data.DataLoader(splits.train, batch_sampler=sampler, collate_fn=batcher)
-    else:
-        generator = torch.Generator().manual_seed(spec.seed)
-        loader = torch.utils.data.DataLoader(splits.train, batch_size=spec.batch_size, shuffle=True,
-                                             collate_fn=batcher, generator=generator)
+    tracker = SkipTracker(Batcher(model, caches, skips["train"]))
+    loader, batches = train_loader(splits.train, spec, tracker)
     optimizer = torch.optim.AdamW(model.parameter_groups(spec.lr), lr=spec.lr, weight_decay=spec.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / spec.grad_accum)
     total_steps = min(spec.max_steps or 10**12, spec.epochs * steps_per_epoch)
@@ -208,47 +206,54 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
         model, optimizer, loader, scheduler, device_placement=[False, True, True, True])
     core = accelerator.unwrap_model(model)
 
-    records: list[dict] = []
-    best = {"score": -math.inf, "state": None, "epoch": 0}
-    step, stale, started = 0, 0, time.perf_counter()
-    metrics_path = run_dir / "metrics.jsonl"
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        metrics_path.write_text("")
+    saver = Checkpointer(run_dir, recipe, accelerator, core, optimizer, scheduler, batches, tracker, skips,
+                         splits, initialised, main)
+    # resumed at an epoch's start, the random generators are restored now; mid-epoch, below
+    run, records = saver.resume(saved) if saved else saver.start()
+    metrics_path, started = run_dir / "metrics.jsonl", time.perf_counter()
 
     def record(entry):
         records.append(entry)
+        run.records = len(records)
         if main:  # appended entry by entry: a run that stops early keeps what it logged, no file left open
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
     val_batcher = Batcher(core, caches, skips["val"])
-    for epoch in range(1, spec.epochs + 1):
+    for epoch in range(run.epoch, 0 if run.finished else spec.epochs + 1):
         model.train()
-        skips["train"].new_epoch()
-        bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{spec.epochs}", unit="batch",
+        if not run.batches:
+            skips["train"].new_epoch()
+        saver.epoch_start(run.batches)
+        bar = tqdm(total=len(loader), initial=run.batches, desc=f"epoch {epoch}/{spec.epochs}", unit="batch",
                    disable=not (progress and main), dynamic_ncols=True)
         tick, seen = time.perf_counter(), 0
         for batch in loader:
+            if saved and run.batches:  # resumed mid-epoch: the generators as they were after this batch
+                restore_rng(saved)
+            saved = None
+            run.batches += 1
             if not _all_have_examples(batch, accelerator):  # every example was skipped: no step
                 bar.update(1)
                 continue
             with accelerator.accumulate(model):
                 loss = core.task.loss(model(batch), batch["labels"])
+                saver.check_loss(loss, run.step + 1, epoch)  # not finite: stop before this step
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             seen += len(batch["labels"])
             if accelerator.sync_gradients:
-                step += 1
+                run.step += 1
                 rate = seen / max(time.perf_counter() - tick, 1e-9)
-                record({"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                record({"step": run.step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                         "samples_per_s": round(rate, 2)})
                 bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
+                if saver.due(run, len(loader), total_steps):
+                    saver.save(run, run.seconds + time.perf_counter() - started)
             bar.update(1)
-            if step >= total_steps:
+            if run.step >= total_steps:
                 break
         bar.close()
         trained = skips["train"].merged(accelerator)
@@ -260,20 +265,24 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
         if skips["val"].line(f"epoch {epoch}"):
             log(skips["val"].line(f"epoch {epoch}"))
         score = val[core.task.primary_metric]
-        record({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in val.items()},
+        record({"epoch": epoch, "step": run.step, **{f"val_{k}": v for k, v in val.items()},
                 "skipped_train": trained.skipped, "skipped_val": skips["val"].skipped})
         log(f"epoch {epoch}: val {core.task.primary_metric} {score:.4f} over {val['examples']:,} examples, "
             f"val loss {val['loss']:.4f}")
-        if score > best["score"]:
-            best = {"score": score, "epoch": epoch,
-                    "state": {k: v.detach().clone() for k, v in core.trainable_state_dict().items()}}
-            stale = 0
+        if score > run.best["score"]:
+            run.best = {"score": score, "epoch": epoch,
+                        "state": {k: v.detach().clone() for k, v in core.trainable_state_dict().items()}}
+            run.stale = 0
         else:
-            stale += 1
-        if stale >= spec.patience or step >= total_steps:
+            run.stale += 1
+        run.finished = run.stale >= spec.patience or run.step >= total_steps
+        run.epoch, run.batches = epoch + 1, 0
+        saver.save(run, run.seconds + time.perf_counter() - started)
+        if run.finished:
             break
 
-    train_seconds = time.perf_counter() - started
+    train_seconds = run.seconds + time.perf_counter() - started
+    best = run.best
     core.load_trainable_state_dict(best["state"])
     _count_truncated(core, splits, ("test",), truncated, log)
     fill_caches(caches, model, splits.test, accelerator.device, progress and main, on_bad)
@@ -284,7 +293,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     metrics = {f"test_{k}": v for k, v in test.items()} | {
         f"val_{core.task.primary_metric}": best["score"], "best_epoch": best["epoch"],
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
-        "train_seconds": round(train_seconds, 1), "steps": step,
+        "train_seconds": round(train_seconds, 1), "steps": run.step,
         # distinct examples left out over the whole run, and texts cut at text.max_length, per split
         **{f"skipped_{name}": len(log_.ever) for name, log_ in
            (("train", skips["train"].merged(accelerator)), ("val", skips["val"]), ("test", skips["test"]))},

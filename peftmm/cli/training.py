@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -10,18 +11,33 @@ from . import friendly
 
 
 @click.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe", type=click.Path(dir_okay=False), required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set train.epochs=1 (repeatable).")
 @click.option("--output", type=click.Path(file_okay=False), help="Run directory (default runs/NAME-TIME).")
+@click.option("--resume", "resume", type=click.Path(file_okay=False), metavar="RUN_DIR",
+              help="Continue an interrupted run from its latest checkpoint, with the recipe saved in RUN_DIR.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @friendly
-def train(recipe, overrides, output, no_progress):
-    """Train the adapters a RECIPE (YAML) describes; writes a run directory with the bundle."""
+def train(recipe, overrides, output, resume, no_progress):
+    """Train the adapters a RECIPE (YAML) describes; writes a run directory with the bundle.
+
+    With --resume RUN_DIR, RECIPE may be left out: an interrupted run continues from its latest
+    checkpoint and ends as it would have without the interruption."""
     from ..recipe import load
     from ..trainer import train as run_training
 
-    result = run_training(load(recipe, list(overrides)), output, progress=not no_progress)
+    if resume:
+        from ..checkpoint import resume_recipe
+
+        if output and os.path.abspath(output) != os.path.abspath(resume):
+            raise click.UsageError("--resume continues the run in RUN_DIR; leave out --output")
+        loaded, output = resume_recipe(resume, recipe, list(overrides)), resume
+    elif recipe is None:
+        raise click.UsageError("missing RECIPE (or --resume RUN_DIR to continue a run)")
+    else:
+        loaded = load(recipe, list(overrides))
+    result = run_training(loaded, output, progress=not no_progress, resume=bool(resume))
     click.echo(json.dumps({"run_dir": str(result.run_dir), "bundle": str(result.bundle_dir),
                            **result.metrics}, indent=2))
 
