@@ -393,9 +393,9 @@ def test_killed_cli_run_resumes_bit_identical(models, tmp_path):
     peftmm = [sys.executable, "-m", "peftmm", "train"]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*peftmm, str(recipe), "--output", str(killed), "--no-progress"],
-                               env={**env, "PYTHONPATH": str(slow)}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+    slowed = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), env.get("PYTHONPATH")]))}
+    process = subprocess.Popen([*peftmm, str(recipe), "--output", str(killed), "--no-progress"], env=slowed,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
         while True:   # a checkpoint, and a step logged after it: then kill mid-epoch
