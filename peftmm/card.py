@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import yaml
 
-_DATASETS = {"easy-vqa": "easy-vqa (PyPI easy-vqa 1.0, MIT)"}
+_DATASETS = {
+    "easy-vqa": "easy-vqa (PyPI easy-vqa 1.0, MIT)",
+    # A bundle trained on the emoji renders carries their licence and attribution (CC BY-SA 4.0).
+    "emoji": ("emoji: OpenMoji 17.0 renders with Unicode emoji names and groups. All emojis designed by "
+              "OpenMoji – the open-source emoji and icon project. License: CC BY-SA 4.0 "
+              "(https://creativecommons.org/licenses/by-sa/4.0/)"),
+    "files": "the user's own image/text files",
+}
 # Hugging Face pipeline tags of the tasks peftmm trains; a task missing here gets no pipeline_tag.
-PIPELINE_TAGS = {"vqa": "visual-question-answering", "captioning": "image-to-text"}
+PIPELINE_TAGS = {"vqa": "visual-question-answering", "captioning": "image-to-text",
+                 "retrieval": "zero-shot-image-classification", "classification": "image-classification"}
+# What `peftmm predict` needs besides --image, per task.
+PREDICT_ARGUMENTS = {"vqa": " --question 'what shape is it?'",
+                     "retrieval": " --labels 'cat,dog,bird' --template 'a picture of {}'"}
 
 
 def model_card(config: dict, tensors: dict, training: dict | None = None) -> str:
@@ -57,8 +68,8 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                   for k, v in metrics.items() if not isinstance(v, (dict, list))]
         lines.append("")
-    question = "" if config["task"] == "captioning" else " --question 'what shape is it?'"
-    lines += ["## Use", "", "```bash", f"peftmm predict {config['name']} --image IMAGE{question}", "```", ""]
+    arguments = PREDICT_ARGUMENTS.get(config["task"], "")
+    lines += ["## Use", "", "```bash", f"peftmm predict {config['name']} --image IMAGE{arguments}", "```", ""]
     return "\n".join(lines)
 
 
