@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -26,6 +27,7 @@ from .methods.base import ActiveSlots
 
 TOWERS = ("vision", "text")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32, "nf4": torch.float32}
+QUANTIZATION_SKIP = ("lm_head", "classifier", "pooler")  # Linear layers int8/nf4 leave in full precision
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -124,6 +126,7 @@ class Tower(nn.Module):
         self.input_dtype = _param_dtype(model)
         self.slots = ActiveSlots()  # which injected modules act (methods/base.py)
         self.causal_lm = False      # text towers: loaded with their LM head (load_tower(causal_lm=True))
+        self.checkpointed: list[nn.Module] = []  # blocks under activation checkpointing (enable_checkpointing)
 
     @property
     def arch(self) -> dict:
@@ -139,12 +142,56 @@ class Tower(nn.Module):
             for module in self.model.modules():  # since VQA batches hold few distinct images
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
-            return self
-        self.model.eval()
-        for module in self.model.modules():
-            if type(module).__module__.startswith("peft."):
-                module.train(mode)
+        else:
+            self.model.eval()
+            for module in self.model.modules():
+                if type(module).__module__.startswith("peft."):
+                    module.train(mode)
+        # A checkpointed block recomputes only while its own flag says training (transformers'
+        # rule, kept for ours): set on the block alone, so dropout and batch norm inside it stay
+        # as they are, and evaluation runs the blocks plainly.
+        for block in self.checkpointed:
+            block.training = mode
         return self
+
+    def enable_checkpointing(self) -> None:
+        """Activation checkpointing: the forward pass keeps only each block's input, and backward
+        runs the block again to get what it needs. Through transformers' own switch where the model
+        supports it, else by checkpointing each block or stage that architectures.json names for
+        adapters (``adapter_stage``: MobileNetV2's inverted-residual blocks, ConvNeXt's stages).
+
+        Always non-reentrant (``use_reentrant=False``), which is what makes it work on a frozen
+        backbone: a block's input comes from frozen layers and does not require grad, and the
+        reentrant variant then returns an output without a grad_fn, so LoRA, adapters and prefixes
+        inside the block would silently get no gradient. The non-reentrant one records the block's
+        autograd graph as usual (recomputing its saved tensors when backward asks for them), so the
+        block's trainable parameters get their gradients whatever its inputs.
+        """
+        if self.checkpointed:
+            return
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        model, options = self.model, {"use_reentrant": False}
+        if getattr(model, "supports_gradient_checkpointing", False):
+            if hasattr(model, "activation_checkpointing_enable"):   # transformers' current name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            else:                                                    # before it (deprecated since)
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+            # transformers makes the embeddings' output require grad for the reentrant variant's sake;
+            # non-reentrant checkpointing needs no such thing, and backward stops where training does
+            model.disable_input_require_grads()
+            self.checkpointed = [m for m in model.modules()
+                                 if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        elif self.arch.get("adapter_stage"):
+            stage = self.arch["adapter_stage"]
+            self.checkpointed = [m for n, m in model.named_modules() if n and re.fullmatch(stage, n)]
+            for block in self.checkpointed:
+                _checkpoint_each_call(block)
+        if not self.checkpointed:
+            raise PeftmmError(f"{self.name}.gradient_checkpointing: {type(model).__name__} ({self.info.model_type}) "
+                              "supports no activation checkpointing in transformers, and peftmm knows no blocks of it "
+                              "to checkpoint (adapter_stage in architectures.json); set gradient_checkpointing: false")
+        self.train(self.training)
 
     def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
         if self.name == "vision":
@@ -191,6 +238,22 @@ class Tower(nn.Module):
 
     def module_names(self, kinds=(nn.Linear, nn.Conv2d)) -> list[str]:
         return [n for n, m in self.model.named_modules() if n and _is_kind(m, kinds)]
+
+
+def _checkpoint_each_call(block: nn.Module) -> None:
+    """Run ``block`` under torch.utils.checkpoint (non-reentrant, see Tower.enable_checkpointing)
+    whenever it is training and gradients are on. Its forward is replaced on the instance, not
+    wrapped in another module, so parameter names (and bundles) stay the same."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = block.forward
+
+    def checkpointed(*args, **kwargs):
+        if block.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    block.forward = checkpointed
 
 
 def _is_kind(module, kinds) -> bool:
@@ -245,9 +308,29 @@ def _image_preprocessor(folder: str, config, image_size: int | None, layout: str
                              settings.get("image_std", _IMAGENET_STD))
 
 
-def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: int | None = None,
-               device: str | torch.device = "cpu", causal_lm: bool = False) -> Tower:
-    """Load one frozen tower. ``name`` is "vision" or "text"."""
+@dataclass
+class Blueprint:
+    """What a tower is before any weight loads: its files, config, model class and processor."""
+    folder: str
+    cls: type            # the transformers class to instantiate
+    config: object       # the checkpoint's config
+    tower_config: object  # this tower's (a dual-tower checkpoint's sub-config, or config itself)
+    layout: str
+    processor: object    # tokenizer (text) or ImagePreprocessor (vision)
+
+    @property
+    def model_type(self) -> str:
+        return self.tower_config.model_type
+
+    def empty_model(self, precision: str = "fp32") -> nn.Module:
+        """The model on the meta device: every module and shape, no memory (peftmm plan)."""
+        make = getattr(self.cls, "from_config", None) or self.cls._from_config
+        with torch.device("meta"):
+            return make(self.tower_config, dtype=_DTYPES[precision])
+
+
+def blueprint(name: str, source: str, *, image_size: int | None = None, causal_lm: bool = False) -> Blueprint:
+    """Resolve a backbone (zoo name, folder or hub id) and read its config and processor only."""
     from transformers import AutoConfig, AutoTokenizer
 
     quiet_libraries()
@@ -260,13 +343,28 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
                           f"({', '.join(zoo.catalogue())}), an existing folder, nor a hub id the hub "
                           f"could provide ({reason})") from None
     cls, tower_config = _model_class(config, name, causal_lm)
+    layout = architectures().get(tower_config.model_type, {}).get("layout", "sequence")
+    if name == "vision":
+        processor = _image_preprocessor(folder, tower_config, image_size, layout)
+    else:
+        processor = AutoTokenizer.from_pretrained(folder)
+        if processor.pad_token is None:  # decoder LMs often ship without one
+            processor.pad_token = processor.eos_token
+    return Blueprint(folder, cls, config, tower_config, layout, processor)
+
+
+def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: int | None = None,
+               device: str | torch.device = "cpu", causal_lm: bool = False) -> Tower:
+    """Load one frozen tower. ``name`` is "vision" or "text"."""
+    plan = blueprint(name, source, image_size=image_size, causal_lm=causal_lm)
+    folder, cls, config, tower_config = plan.folder, plan.cls, plan.config, plan.tower_config
     kwargs: dict = {"dtype": _DTYPES[precision]}
     if precision in ("int8", "nf4"):
         if str(device).startswith("cpu"):
             kwargs["device_map"] = "cpu"
         else:
             kwargs["device_map"] = {"": torch.device(device).index or 0}
-        kwargs["quantization_config"] = _quantization_config(precision, skip=["lm_head", "classifier", "pooler"])
+        kwargs["quantization_config"] = _quantization_config(precision, skip=list(QUANTIZATION_SKIP))
     model = cls.from_pretrained(folder, **({"config": tower_config} if tower_config is not config else {}), **kwargs)
     if precision not in ("int8", "nf4"):
         model.to(device)
@@ -277,16 +375,8 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
     for module in model.modules():  # channels-last convolutions (see Tower.forward)
         if isinstance(module, nn.Conv2d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
-    model_type = tower_config.model_type
-    layout = architectures().get(model_type, {}).get("layout", "sequence")
-    if name == "vision":
-        processor = _image_preprocessor(folder, tower_config, image_size, layout)
-    else:
-        processor = AutoTokenizer.from_pretrained(folder)
-        if processor.pad_token is None:  # decoder LMs often ship without one
-            processor.pad_token = processor.eos_token
-    info = BackboneInfo(source, model_type, fingerprint(folder), precision, 0, layout)
-    tower = Tower(name, model, info, processor)
+    info = BackboneInfo(source, plan.model_type, fingerprint(folder), precision, 0, plan.layout)
+    tower = Tower(name, model, info, plan.processor)
     tower.causal_lm = causal_lm and name == "text"
     info.hidden_size = _probe_hidden_size(tower)
     return tower

@@ -13,7 +13,7 @@ from torch import nn
 from . import schema
 from .augment import AugmentSpec, augment_pixels
 from .backbones import TOWERS, Tower, load_tower
-from .errors import BundleError, PeftmmError
+from .errors import BundleError, PeftmmError, RecipeError
 from .fusion import build_fusion
 from .methods import build_method
 from .methods.base import DEFAULT_SLOT
@@ -56,6 +56,11 @@ class MultimodalModel(nn.Module):
                     except PeftmmError as e:
                         raise PeftmmError(e.message, e.where or recipe.source) from None
                     methods[name].append(method)
+                if spec.gradient_checkpointing and spec.methods:  # nothing to train: no activations kept
+                    try:
+                        towers[name].enable_checkpointing()
+                    except PeftmmError as e:
+                        raise RecipeError(e.message, e.where or recipe.source) from None
         except BaseException:
             for name, injected in methods.items():
                 for method in reversed(injected):

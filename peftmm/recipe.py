@@ -31,6 +31,9 @@ class TowerSpec:
     image_size: int | None = field(default=None, metadata={"min": 16, "max": 1024})  # vision only
     max_length: int = field(default=32, metadata={"min": 4, "max": 4096})             # text only
     augment: AugmentSpec = field(default_factory=AugmentSpec)  # vision only, training only (augment.py)
+    # Activation checkpointing in a tower with trainable modules: keep only each block's input
+    # and run the block again in backward (less memory, one more forward pass; Tower.enable_checkpointing)
+    gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -36,8 +36,8 @@ def main(debug):
     """Parameter-efficient fine-tuning for multimodal (image + text) models."""
 
 
-from . import bundles, interop, serve, training  # noqa: E402  (each module's commands, attached below)
+from . import bundles, interop, plan, serve, training  # noqa: E402  (each module's commands, attached below)
 
-for _module in (training, bundles, interop, serve):
+for _module in (training, bundles, interop, serve, plan):
     for _command in _module.COMMANDS:
         main.add_command(_command)
