@@ -34,9 +34,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_RECIPES = ["emoji-retrieval-projection", "emoji-retrieval", "emoji-caption", "emoji-group"]
-# Alignment with frozen towers first, then LoRA in the text tower from those projections.
-DEFAULT_CHAINS = ["emoji-retrieval:emoji-retrieval-projection"]
+DEFAULT_RECIPES = ["emoji-retrieval-projection", "emoji-retrieval", "emoji-retrieval-adapters", "emoji-caption",
+                   "emoji-group"]
+# Image-text alignment first (retrieval with vision adapters), then group classification
+# starting from those vision adapters (recipes/emoji-group-chain.yaml is the same chain as a recipe).
+DEFAULT_CHAINS = ["emoji-group:emoji-retrieval-adapters"]
 TEMPLATE = "an emoji of {}"
 RECENT_S = 600  # a metrics.jsonl written this recently may be a run still in progress elsewhere
 
@@ -95,15 +97,17 @@ def _flatten(data, prefix="") -> dict:
 
 def recipe_differences(run_dir: Path, recipe: Path, seed: int) -> dict:
     """Values of the run's recipe.yaml that differ from RECIPE at this seed (init_from aside):
-    a run with overrides is not a run of the recipe, and the README leaves it out."""
+    a run with overrides is not a run of the recipe, and the README leaves it out. Both sides go
+    through the recipe parser, so settings added later with their defaults do not count as
+    differences; neither does ``name``, which only labels the run."""
     import yaml
 
-    from peftmm.recipe import load
+    from peftmm.recipe import from_dict, load
 
-    ran = _flatten(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+    ran = _flatten(from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text())).to_dict())
     expected = _flatten(load(recipe, [f"train.seed={seed}"]).to_dict())
     return {k: ran.get(k) for k in sorted(set(ran) | set(expected))
-            if k != "init_from" and ran.get(k) != expected.get(k)}
+            if k not in ("init_from", "name") and ran.get(k) != expected.get(k)}
 
 
 def zero_shot(run_dir: Path, template: str, batch_images: int = 32) -> dict:

@@ -166,8 +166,26 @@ def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime, "emoji": emoji}
-FILES = {"methods": "methods.md", "walltime": "main_walltime.json", "emoji": "emoji_baselines.json"}
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def plan() -> str:
+    """``peftmm plan --device cpu`` against the measured peak, per recipe (bench/plan_check.py)."""
+    data = json.loads((RESULTS / "plan_check.json").read_text())
+    lines = ["| recipe | estimate | max RSS | error | above baseline: estimate | measured | error |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in sorted(data.items()):
+        lines.append(f"| {name} | {_mib(r['estimate_total'])} | {_mib(r['raw_max_rss'])} | "
+                     f"{100 * r['error_raw']:+.1f}% | {_mib(r['estimate_above_baseline'])} | "
+                     f"{_mib(r['above_baseline'])} | {100 * r['error_above_baseline']:+.1f}% |")
+    return "\n".join(lines)
+
+
+TABLES = {"methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime, "emoji": emoji,
+          "plan": plan}
+FILES = {"methods": "methods.md", "walltime": "main_walltime.json", "emoji": "emoji_baselines.json",
+         "plan": "plan_check.json"}
 
 
 def render(text: str) -> str:
