@@ -182,10 +182,72 @@ def plan() -> str:
     return "\n".join(lines)
 
 
+def _times(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}x"
+
+
+def peft(data: dict | None = None) -> str:
+    """Full fine-tuning, plain peft wired by hand and peftmm's methods (bench/compare_peft.py)."""
+    data = data or json.loads((RESULTS / "compare_peft.json").read_text())
+    rows, s = data["results"], data["settings"]
+    cuda = all("cuda_max_allocated" in r for r in rows)
+    first, second = ("cuda_max_allocated", "cuda_max_reserved") if cuda else ("raw_max_rss", "above_baseline")
+    names = ("peak allocated", "peak reserved") if cuda else ("peak RSS (raw)", "above baseline")
+    lines = [f"| variant | trainable params | {names[0]} | {names[1]} | memory vs full FT | median step | "
+             "step vs full FT | samples/s | accuracy |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['trainable_params']:,} | {_mib(r[first])} | {_mib(r[second])} | "
+                     f"{_times(r.get('memory_vs_full'))} | {_ms(r['median_step_s'])} | "
+                     f"{_times(r.get('step_vs_full'))} | {r['samples_per_s']:.1f} | {100 * r['accuracy']:.2f}% |")
+    lines += ["", f"{s['steps']} optimizer steps of {s['batch_size']} shuffled questions per variant (the same "
+              f"batches, from the first {s['train_samples']:,} training questions), seed {s['seed']}, on "
+              f"{rows[0]['device']}; median step time after {s['warmup']} warm-up "
+              f"step{'s' if s['warmup'] != 1 else ''}; accuracy on the first "
+              f"{s['eval_samples']:,} test questions. Memory ratios compare "
+              f"{'the peak allocated' if cuda else 'the peak above baseline'}."]
+    plain = next((r for r in rows if r["variant"] == "plain-peft-lora"), None)
+    lora = next((r for r in rows if r["variant"] == "easy-vqa-lora"), None)
+    if plain and lora:
+        lines.append(f"peftmm `easy-vqa-lora` against the same LoRA wired by hand with plain peft: "
+                     f"{_times(lora['memory_vs_plain_peft'])} the memory, {_times(lora['step_vs_plain_peft'])} the "
+                     f"step time, accuracy {100 * lora['accuracy']:.2f}% against {100 * plain['accuracy']:.2f}%.")
+    lines += ["", "![full fine-tuning, plain peft and peftmm: memory and step time](bench/results/compare_peft.png)"]
+    return "\n".join(lines)
+
+
+def cache(data: dict | None = None) -> str:
+    """Epoch time with the frozen-feature cache and without it (bench/cache_bench.py)."""
+    data = data or json.loads((RESULTS / "cache_bench.json").read_text())
+    runs, summary = data["runs"], data["summary"]
+    epochs = [e["epoch"] for e in summary["per_epoch"]]
+    metric = next((k for k in runs["cache"]["primary"] if k != "test_loss"), "test_loss")
+    lines = [f"| {data['recipe']} | cache fill (train + val) | " + " | ".join(f"epoch {e}" for e in epochs) +
+             f" | whole run | test {metric[5:].replace('_', ' ')} |", "|---|" + "---:|" * (len(epochs) + 3)]
+    for name, label, key in (("cache", "with the cache (default)", "cache_seconds"),
+                             ("no-cache", "`cache_features: false`", "no_cache_seconds")):
+        r = runs[name]
+        fill = f"{r['cache_fill_seconds']:.1f} s" if r["cache_fill_seconds"] else "–"
+        lines.append(f"| {label} | {fill} | " + " | ".join(f"{e[key]:.1f} s" for e in summary["per_epoch"]) +
+                     f" | {r['wall_seconds']:.0f} s | {100 * r['primary'][metric]:.2f}% |")
+    lines.append("| no cache / cache | | " + " | ".join(_times(e["no_cache_over_cache"]) for e in summary["per_epoch"])
+                 + f" | {_times(summary['whole_run_no_cache_over_cache'])} | |")
+    m, sizes = summary["metrics"], runs["cache"]["split_sizes"]
+    same = (f"identical in both runs ({m['compared']} numbers: every epoch's validation metrics, the test metrics "
+            "and each step's loss)" if m["identical"] else
+            f"not bit-identical: largest difference {m['max_abs_diff']:.2g} ({m['max_diff_at']}), "
+            f"{m['test_max_abs_diff']:.2g} in the test metrics")
+    lines += ["", f"{sizes['train']:,} training examples, {sizes['val']:,} val and {sizes['test']:,} test, "
+              f"on {runs['cache']['device']}. An epoch is its training loop and its validation; the first epoch "
+              f"with the cache, fill included, took {summary['cache_first_epoch_with_fill_seconds']:.1f} s "
+              f"(no cache / cache: {_times(summary['first_epoch_no_cache_over_cache_with_fill'])}). "
+              f"Final metrics: {same}."]
+    return "\n".join(lines)
+
+
 TABLES = {"methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime, "emoji": emoji,
-          "plan": plan}
+          "plan": plan, "peft": peft, "cache": cache}
 FILES = {"methods": "methods.md", "walltime": "main_walltime.json", "emoji": "emoji_baselines.json",
-         "plan": "plan_check.json"}
+         "plan": "plan_check.json", "peft": "compare_peft.json", "cache": "cache_bench.json"}
 
 
 def render(text: str) -> str:

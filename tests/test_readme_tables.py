@@ -19,7 +19,7 @@ def tables():
 
 def test_readme_tables_match_the_benchmark_results(tables):
     text = (ROOT / "README.md").read_text()
-    for name in ("methods", "emoji", "plan"):
+    for name in ("methods", "emoji", "plan", "peft", "cache"):
         assert f"<!-- bench:{name} -->" in text and f"<!-- /bench:{name} -->" in text
     assert tables.render(text) == text, "README tables are stale: run .venv/bin/python bench/readme_tables.py"
 
