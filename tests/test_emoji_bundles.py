@@ -1,0 +1,63 @@
+"""The published emoji bundles on the real zoo backbones: each reproduces, on the emoji test split,
+the test metrics its card (adapter_config.json) recorded at the end of training, and answers
+through the CLI. Retrieval and classification; captioning on the real zoo models is covered by
+tests/test_captioning.py (no captioning bundle is published yet)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peftmm.predict import Predictor, evaluate_bundle
+
+pytestmark = pytest.mark.integration
+
+ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+
+
+def _card(name: str) -> dict:
+    return json.loads((ADAPTERS / name / "adapter_config.json").read_text())
+
+
+def _cli(*args: str) -> dict:
+    from click.testing import CliRunner
+
+    from peftmm.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def _first_test_emoji(name: str) -> dict:
+    from peftmm.data import load_splits
+
+    return load_splits(Predictor.load(ADAPTERS / name).recipe.data).test[0]
+
+
+@pytest.mark.parametrize("name, metrics", [
+    ("emoji-retrieval-adapters", ("t2i_r1", "t2i_r10", "i2t_r1", "mean_recall")),
+    ("emoji-group", ("accuracy", "macro_f1")),
+])
+def test_bundle_reproduces_its_card_on_the_test_split(name, metrics):
+    recorded = _card(name)["metrics"]
+    measured = evaluate_bundle(ADAPTERS / name, progress=False)
+    assert measured["examples"] == 183
+    for metric in metrics:
+        # The same frozen weights, adapters and images: only summation order may differ.
+        assert measured[metric] == pytest.approx(recorded[f"test_{metric}"], abs=0.006), metric
+
+
+def test_group_classifier_beats_the_majority_class_by_far():
+    assert _card("emoji-group")["metrics"]["test_accuracy"] > 0.5   # majority class: 14.8% of test
+
+
+def test_zero_shot_labels_through_the_retrieval_bundle():
+    example = _first_test_emoji("emoji-retrieval-adapters")
+    groups = "Smileys & Emotion,People & Body,Animals & Nature,Food & Drink,Travel & Places,Activities," \
+             "Objects,Symbols,Flags"
+    out = _cli("predict", str(ADAPTERS / "emoji-retrieval-adapters"), "--image", str(example["image"]),
+               "--labels", groups, "--template", "an emoji of {}", "--json")
+    assert out["answer"] in groups.split(",")
+    assert sum(s["score"] for s in out["scores"]) == pytest.approx(1.0, abs=1e-4)
+
