@@ -20,6 +20,8 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def _ms(seconds: float) -> str:
+    if seconds >= 1.0:
+        return f"{seconds:,.2f} s"
     return f"{seconds * 1000:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} µs"
 
 
