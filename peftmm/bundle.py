@@ -106,9 +106,14 @@ def read_config(path: str | Path) -> dict:
         if not isinstance(config[key], kind):
             raise BundleError(f"{CONFIG}: {key!r} must be a {kind.__name__}, "
                               f"got {type(config[key]).__name__}", str(path))
+    if not all(isinstance(label, str) for label in config["labels"]):
+        raise BundleError(f"{CONFIG}: 'labels' must be a list of strings", str(path))
     for tower in TOWERS:
         if not isinstance(config["towers"].get(tower), dict):
             raise BundleError(f"{CONFIG}: towers lacks the {tower!r} tower", str(path))
+        for key in ("backbone", "fingerprint", "precision"):
+            if not isinstance(config["towers"][tower].get(key), str):
+                raise BundleError(f"{CONFIG}: towers.{tower} lacks its {key!r} (a string)", str(path))
         if not isinstance(config["recipe"].get(tower), dict):
             raise BundleError(f"{CONFIG}: recipe lacks the {tower!r} section", str(path))
     if "metrics" in config and not isinstance(config["metrics"], dict):
@@ -162,7 +167,7 @@ def read_header(path: str | Path) -> dict:
                         for x in entry["shape"] + entry["data_offsets"])):
             raise bad(f"tensor {name!r} has a malformed header entry {entry!r}")
         dtype = entry.get("dtype")
-        if dtype not in DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             raise bad(f"tensor {name!r} has dtype {dtype!r}; a bundle may hold only "
                       f"{', '.join(DTYPE_BYTES)}")
         begin, stop = entry["data_offsets"]
@@ -207,6 +212,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 def _methods(data, model_type) -> list[dict]:
     """A tower's methods as saved, type first; LoRA's unset targets show the architecture's defaults."""
     methods = data.get("methods", []) if isinstance(data, dict) else []
+    methods = methods if isinstance(methods, list) else []
     methods = [{"type": m.get("type"), **{k: v for k, v in m.items() if k != "type"}} if isinstance(m, dict)
                else {"type": str(m)} for m in methods]
     for method in methods:

@@ -61,13 +61,13 @@ class MultimodalModel(nn.Module):
                         towers[name].enable_checkpointing()
                     except PeftmmError as e:
                         raise RecipeError(e.message, e.where or recipe.source) from None
-        except BaseException:
+            fusion = build_fusion(recipe.fusion, towers["vision"].info.hidden_size, towers["text"].info.hidden_size)
+            model = cls(towers, methods, fusion, build_task(recipe.task, labels), slot)
+        except BaseException:  # a fusion or head that cannot be built takes the injected methods out too
             for name, injected in methods.items():
                 for method in reversed(injected):
                     method.remove(towers[name])
             raise
-        fusion = build_fusion(recipe.fusion, towers["vision"].info.hidden_size, towers["text"].info.hidden_size)
-        model = cls(towers, methods, fusion, build_task(recipe.task, labels), slot)
         model.max_length = recipe.text.max_length
         model.augment = recipe.vision.augment
         model.fusion.to(device)
@@ -151,6 +151,9 @@ class MultimodalModel(nn.Module):
             if tuple(tensor.shape) != tuple(expected[key].shape):
                 raise BundleError(f"tensor {key} has shape {tuple(tensor.shape)}, the config builds "
                                   f"{tuple(expected[key].shape)}", where)
+            if tensor.dtype.is_floating_point != expected[key].dtype.is_floating_point:  # bits reinterpreted
+                raise BundleError(f"tensor {key} has dtype {tensor.dtype}, the config builds "
+                                  f"{expected[key].dtype}", where)
         with torch.no_grad():
             for key, target in expected.items():
                 target.copy_(state[key].to(target.device, target.dtype))

@@ -127,6 +127,8 @@ class Recipe:
 
 def from_dict(data: dict, source: str | None = None, overrides: list[str] = ()) -> Recipe:
     data = copy.deepcopy(data)
+    if data is None:  # an empty file: the missing sections are named below
+        data = {}
     for item in overrides:
         apply_override(data, item, source)
     if not isinstance(data, dict):
@@ -156,8 +158,14 @@ def apply_override(data: dict, item: str, source: str | None = None) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML) to nested ``data``; list items by index."""
     if "=" not in item:
         raise RecipeError(f"--set {item!r} must look like key.path=value", source)
+    if not isinstance(data, dict):
+        raise RecipeError(f"--set {item!r}: a recipe must be a mapping of sections", source)
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {key}: the value {raw!r} is not valid YAML ({getattr(e, 'problem', None) or e})",
+                          source) from None
     parts = key.strip().split(".")
     node: Any = data
     for depth, part in enumerate(parts[:-1]):

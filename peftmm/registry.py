@@ -32,7 +32,7 @@ class Registry:
         return sorted(self._parts)
 
     def get(self, name: str, key: str = "type", where: str | None = None) -> type:
-        if name not in self._parts:
+        if not isinstance(name, str) or name not in self._parts:
             hint = difflib.get_close_matches(str(name), self.names(), n=1)
             did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise RecipeError(f"{key} = {name!r} is not a known {self.kind}{did_you_mean}; "

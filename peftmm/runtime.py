@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .backbones import TOWERS, Tower, load_tower
-from .bundle import CONFIG, check_adapter_name, load_bundle, read_config
+from .bundle import CONFIG, bundle_summary, check_adapter_name, load_bundle, read_config
 from .data.images import load_image
 from .errors import BundleError, DataError
 from .features import pad_tokens
@@ -70,15 +70,21 @@ class Runtime:
             if name in self._adapters:
                 raise BundleError(f"an adapter named {name!r} is already registered; unregister it first",
                                   kind="conflict")
-            keys = {tower: self._tower_key(tower, config, name) for tower in TOWERS}
+            # The config picks and keys backbones below: checked first as load_bundle checks it
+            # (weights header, config checksum, a recipe that validates), so a damaged or edited
+            # one is refused with its own error, before anything loads.
+            bundle_summary(path)
+            from .recipe import from_dict
+
+            recipe = from_dict(config["recipe"], source=str(path / CONFIG))
+            keys = {tower: self._tower_key(tower, config, recipe, name) for tower in TOWERS}
             new = [key for key in keys.values() if key not in self._towers]
             try:
                 for tower, key in keys.items():
                     if key not in self._towers:
-                        spec = config["recipe"][tower]
-                        self._towers[key] = load_tower(tower, spec["backbone"], spec.get("precision", "fp32"),
-                                                       device=self.device, image_size=spec.get("image_size"),
-                                                       causal_lm=key[3])
+                        spec = getattr(recipe, tower)
+                        self._towers[key] = load_tower(tower, spec.backbone, spec.precision, device=self.device,
+                                                       image_size=spec.image_size, causal_lm=key[3])
                 towers = {tower: self._towers[key] for tower, key in keys.items()}
                 model, recipe, config = load_bundle(path, self.device, towers=towers, slot=name)
             except BaseException:
@@ -109,7 +115,7 @@ class Runtime:
         return {
             "name": name, "bundle": entry.path.name, "task": config["task"], "labels": len(config["labels"]),
             "methods": {t: [m.registry_name for m in model.methods[t]] for t in TOWERS},
-            "fusion": config["recipe"]["fusion"]["type"],
+            "fusion": entry.recipe.fusion.type,
             "backbones": {t: {"backbone": config["towers"][t]["backbone"], "precision": config["towers"][t]["precision"],
                               "fingerprint": config["towers"][t]["fingerprint"][:16]} for t in TOWERS},
             "question": question_use(model.task), "trainable_params": trainable, "bytes": entry.bytes,
@@ -157,7 +163,7 @@ class Runtime:
         return path
 
     @staticmethod
-    def _tower_key(tower: str, config: dict, name: str) -> tuple:
+    def _tower_key(tower: str, config: dict, recipe, name: str) -> tuple:
         """Bundles on the same weights at the same precision share a tower; one that fine-tunes
         a tower in full gets a private copy, since it changes the backbone's own weights.
 
@@ -168,8 +174,8 @@ class Runtime:
         named relative to the load it trained on, so sharing would need every name rewritten.
         Two loads of a text backbone cost memory only when both kinds of bundle are served."""
         info = config["towers"][tower]
-        private = any(m.get("type") == "full" for m in config["recipe"][tower].get("methods", []))
-        causal_lm = tower == "text" and _writes_text(TASKS.get(config["task"]))
+        private = any(m.type == "full" for m in getattr(recipe, tower).methods)
+        causal_lm = tower == "text" and _writes_text(TASKS.get(recipe.task.type))
         return (tower, info["fingerprint"], info["precision"], causal_lm) + ((name,) if private else ())
 
     # -- inference -------------------------------------------------------------------------

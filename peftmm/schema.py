@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -102,13 +103,18 @@ def _coerce(tp: type, value: Any, key: str, where: str | None):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-3" as a string; accept what a person means
+            number = float(value) if not isinstance(value, int) or abs(value) < 2**1023 else math.inf
+        elif isinstance(value, str):  # YAML reads "1e-3" as a string; accept what a person means
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # NaN would pass every bound (its comparisons are false)
+                raise RecipeError(f"{key} must be a finite number, got {_show(value)}", where)
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
