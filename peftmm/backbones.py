@@ -24,11 +24,12 @@ from torch import nn
 from . import zoo
 from .errors import PeftmmError
 from .methods.base import ActiveSlots
+from .preprocess import ImagePreprocessor, image_preprocessor
+from .weight_files import check_safetensors_only, pickle_refused
 
 TOWERS = ("vision", "text")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32, "nf4": torch.float32}
 QUANTIZATION_SKIP = ("lm_head", "classifier", "pooler")  # Linear layers int8/nf4 leave in full precision
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def quiet_libraries() -> None:
@@ -260,54 +261,6 @@ def _is_kind(module, kinds) -> bool:
     return isinstance(module, kinds) or hasattr(module, "base_layer") and isinstance(module.base_layer, kinds)
 
 
-class ImagePreprocessor:
-    """PIL image -> normalised tensor, with the backbone's own mean/std and size.
-
-    The arithmetic is numpy's on purpose: a few element-wise torch ops on one small image go
-    through torch's thread pool, and with another busy process on the machine those threads
-    spin-wait; measured on this 2-core VM, 64 ms per 224 px image with torch's 2 threads
-    against 1.3 ms with one. numpy stays on the calling thread; the values are the same
-    float32 operations, bit for bit.
-    """
-
-    def __init__(self, size: int, mean=_IMAGENET_MEAN, std=_IMAGENET_STD):
-        self.size = size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-        self._mean = self.mean.numpy().reshape(1, 1, 3)
-        self._std = self.std.numpy().reshape(1, 1, 3)
-
-    def __call__(self, image) -> torch.Tensor:
-        import numpy as np
-        from PIL import Image
-
-        image = image.convert("RGB")
-        if image.size != (self.size, self.size):
-            image = image.resize((self.size, self.size), Image.BICUBIC)
-        pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
-        normalised = (pixels - self._mean) / self._std
-        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
-
-    def describe(self) -> dict:
-        return {"size": self.size, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
-
-
-def _image_preprocessor(folder: str, config, image_size: int | None, layout: str) -> ImagePreprocessor:
-    settings = {}
-    pre = Path(folder) / "preprocessor_config.json"
-    if pre.exists():
-        settings = json.loads(pre.read_text())
-    native = getattr(config, "image_size", None)
-    if image_size is None:
-        size = settings.get("size", {})
-        image_size = native or size.get("height") or size.get("shortest_edge") or 224
-    elif layout == "sequence" and native and image_size != native:  # CNNs take any size
-        raise PeftmmError(f"vision.image_size = {image_size} but this vision transformer was trained "
-                          f"at {native} px; leave image_size unset or use {native}")
-    return ImagePreprocessor(image_size, settings.get("image_mean", _IMAGENET_MEAN),
-                             settings.get("image_std", _IMAGENET_STD))
-
-
 @dataclass
 class Blueprint:
     """What a tower is before any weight loads: its files, config, model class and processor."""
@@ -345,7 +298,7 @@ def blueprint(name: str, source: str, *, image_size: int | None = None, causal_l
     cls, tower_config = _model_class(config, name, causal_lm)
     layout = architectures().get(tower_config.model_type, {}).get("layout", "sequence")
     if name == "vision":
-        processor = _image_preprocessor(folder, tower_config, image_size, layout)
+        processor = image_preprocessor(folder, tower_config, image_size, layout)
     else:
         processor = AutoTokenizer.from_pretrained(folder)
         if processor.pad_token is None:  # decoder LMs often ship without one
@@ -365,7 +318,7 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
         else:
             kwargs["device_map"] = {"": torch.device(device).index or 0}
         kwargs["quantization_config"] = _quantization_config(precision, skip=list(QUANTIZATION_SKIP))
-    _check_safetensors_only(name, source, folder, config, tower_config)
+    check_safetensors_only(name, source, folder, config, tower_config)
     try:
         # use_safetensors: a folder or hub repo with only pytorch_model.bin (a pickle) is refused,
         # never torch.load-ed
@@ -374,7 +327,7 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
     except OSError as e:
         if "safetensors" not in str(e):
             raise
-        raise _pickle_refused(name, source, folder, "the repository has no model.safetensors") from None
+        raise pickle_refused(name, source, folder, "the repository has no model.safetensors") from None
     if precision not in ("int8", "nf4"):
         model.to(device)
     model.requires_grad_(False)
@@ -389,54 +342,6 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
     tower.causal_lm = causal_lm and name == "text"
     info.hidden_size = _probe_hidden_size(tower)
     return tower
-
-
-SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
-_SAFE_SUFFIXES = (".safetensors", ".safetensors.index.json")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-def _pickle_refused(name: str, source: str, folder: str, what: str) -> PeftmmError:
-    where = source if folder == source else f"{source!r} ({folder})"
-    return PeftmmError(f"cannot load the {name} backbone {where}: only safetensors weights are loaded "
-                       f"(model.safetensors, or shards named in model.safetensors.index.json), never pickle files "
-                       f"such as pytorch_model.bin, which can run code when read; {what}. Convert it to safetensors "
-                       "(transformers' save_pretrained writes model.safetensors)")
-
-
-def _check_safetensors_only(name: str, source: str, folder: str, config, tower_config) -> None:
-    """Refuse, before transformers reads any weight, every way a backbone could point it at a
-    pickle despite ``use_safetensors=True``: no safetensors file in a local folder, a config naming
-    another weights file (``transformers_weights``), or a safetensors index listing .bin shards."""
-    for conf in (config, tower_config):
-        explicit = getattr(conf, "transformers_weights", None)
-        if explicit is not None and not str(explicit).endswith(_SAFE_SUFFIXES):
-            raise _pickle_refused(name, source, folder, f"its config names the weights file {explicit!r}")
-    path = Path(folder)
-    index = None
-    if path.is_dir():
-        if not (path / SAFE_WEIGHTS).is_file() and not (path / SAFE_INDEX).is_file():
-            pickles = sorted(f.name for f in path.iterdir() if f.name.endswith(_PICKLE_SUFFIXES))
-            raise _pickle_refused(name, source, folder, f"this folder has {', '.join(pickles) or 'no weights file'} "
-                                  "and no model.safetensors")
-        index = path / SAFE_INDEX if (path / SAFE_INDEX).is_file() else None
-    else:  # a hub id: its index, if the repo has one (transformers would fetch it anyway)
-        from transformers.utils import cached_file
-
-        try:
-            found = cached_file(folder, SAFE_INDEX, _raise_exceptions_for_missing_entries=False,
-                                _raise_exceptions_for_connection_errors=False)
-        except OSError:
-            found = None
-        index = Path(found) if found else None
-    if index is not None:
-        try:
-            shards = json.loads(index.read_text())["weight_map"].values()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise _pickle_refused(name, source, folder, f"{SAFE_INDEX} has no readable weight_map") from None
-        bad = sorted({str(s) for s in shards if not str(s).endswith(".safetensors")})
-        if bad:
-            raise _pickle_refused(name, source, folder, f"{SAFE_INDEX} names the shards {', '.join(bad[:3])}")
 
 
 @torch.no_grad()
