@@ -33,10 +33,8 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
-from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +44,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from .errors import DataError, PeftmmError, RecipeError
+from .errors import PeftmmError, RecipeError
 from .io import atomic_directory, atomic_write_text
+from .run_state import capture_rng, flatten_optimizer, log_state, restore_log, restore_rng, unflatten_optimizer
 
 FORMAT, VERSION = "peftmm-checkpoint", 1
 FOLDER, POINTER = "checkpoints", "latest.json"
@@ -85,101 +84,6 @@ def recipe_sha256(recipe) -> str:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-class SkipTracker:
-    """The collate function: the batcher, noting its skip log after each batch. The data loader
-    makes the next batch before the loop receives this one, so a checkpoint after batch n
-    takes the counts as they were after batch n, not after n + 1."""
-
-    def __init__(self, batcher):
-        self.batcher, self.log = batcher, batcher.skips
-        self.made, self.after, self.ever = 0, deque(maxlen=4), frozenset()
-
-    def start(self, done: int) -> None:
-        self.made = done
-        self.after.clear()
-
-    def __call__(self, examples):
-        batch = self.batcher(examples)
-        self.made += 1
-        if len(self.ever) != len(self.log.ever):   # it only grows: copied only when it has
-            self.ever = frozenset(self.log.ever)
-        self.after.append((self.made, (self.log.seen, dict(self.log.reasons), self.log.first, self.ever)))
-        return batch
-
-    def state_after(self, batches: int) -> tuple:
-        return next(state for made, state in self.after if made == batches)
-
-
-def _log_state(state: tuple, examples: list[dict]) -> dict:
-    seen, reasons, first, ever = state
-    index = {id(e): i for i, e in enumerate(examples)}
-    return {"seen": seen, "reasons": reasons, "first": [first.message, first.where] if first else None,
-            "ever": sorted(index[i] for i in ever)}
-
-
-def _restore_log(log, state: dict, examples: list[dict]) -> None:
-    log.seen, log.reasons = state["seen"], Counter(state["reasons"])
-    log.first = DataError(*state["first"]) if state["first"] else None
-    log.ever = {id(examples[i]) for i in state["ever"]}
-
-
-def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
-    """The global generators' states: (JSON part, tensors)."""
-    version, internal, gauss = random.getstate()
-    data = {"python": [version, list(internal), gauss]}
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    try:
-        import numpy as np
-    except ImportError:
-        return data, tensors
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    data["numpy"] = [name, int(pos), int(has_gauss), float(cached)]
-    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
-    return data, tensors
-
-
-def restore_rng(saved: Saved) -> None:
-    version, internal, gauss = saved.state["rng"]["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(saved.tensors["rng.torch"])
-    cuda = saved.part("rng.cuda.")
-    cuda = [cuda[str(i)] for i in range(len(cuda))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-    if "numpy" in saved.state["rng"]:
-        import numpy as np
-
-        name, pos, has_gauss, cached = saved.state["rng"]["numpy"]
-        np.random.set_state((name, saved.tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
-
-
-def flatten_optimizer(state_dict: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-    """An optimizer's state_dict as (JSON part, tensors named ``optimizer.<index>.<key>``)."""
-    tensors, rest = {}, {}
-    for index, entries in state_dict["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value
-            else:
-                rest.setdefault(str(index), {})[key] = value
-    return {"param_groups": state_dict["param_groups"], "state": rest}, tensors
-
-
-def unflatten_optimizer(data: dict, tensors: dict[str, torch.Tensor], current_groups: list[dict]) -> dict:
-    """The inverse of flatten_optimizer; tuples (Adam's betas) come back as tuples."""
-    state: dict[int, dict] = {}
-    for name, tensor in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor
-    for index, entries in data["state"].items():
-        state.setdefault(int(index), {}).update(entries)
-    groups = [{k: tuple(v) if isinstance(now.get(k), tuple) else v for k, v in group.items()}
-              for group, now in zip(data["param_groups"], current_groups)]
-    return {"state": state, "param_groups": groups}
 
 
 class Checkpointer:
@@ -262,8 +166,8 @@ class Checkpointer:
             "best_score": None if run.best["score"] == -math.inf else run.best["score"],
             "best_epoch": run.best["epoch"], "accumulation_step": self.accelerator.step,
             "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng,
-            "skips": {"train": _log_state(train_log, self.splits.train),
-                      "val": _log_state((val.seen, dict(val.reasons), val.first, val.ever), self.splits.val)},
+            "skips": {"train": log_state(train_log, self.splits.train),
+                      "val": log_state((val.seen, dict(val.reasons), val.first, val.ever), self.splits.val)},
             "initialised": self.initialised,
         }
         state_bytes = (json.dumps(state, indent=1) + "\n").encode()
@@ -289,8 +193,8 @@ class Checkpointer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.accelerator.step = state["accumulation_step"]
         self.batches.generator.set_state(saved.tensors["rng.order"])
-        _restore_log(self.skips["train"], state["skips"]["train"], self.splits.train)
-        _restore_log(self.skips["val"], state["skips"]["val"], self.splits.val)
+        restore_log(self.skips["train"], state["skips"]["train"], self.splits.train)
+        restore_log(self.skips["val"], state["skips"]["val"], self.splits.val)
         best = saved.part("best.")
         score = -math.inf if state["best_score"] is None else state["best_score"]
         self.latest = saved.path.name

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from .backbones import TOWERS
 from .batching import Batcher
 from .bundle import save_bundle
-from .checkpoint import Checkpointer, SkipTracker, restore_rng, resume_point
+from .checkpoint import Checkpointer, resume_point
+from .run_state import SkipTracker, restore_rng
 from .data import load_splits
 from .data.files import check_labels_in_train
 from .data.skips import SplitLog, cache_on_bad, needed_text_error, truncated_texts

@@ -30,7 +30,8 @@ from peftmm import PeftmmError, recipe_from_dict
 from peftmm.bundle import read_tensors
 from peftmm.checkpoint import POINTER, STATE, TENSORS, Checkpointer
 from peftmm.checkpoint import read_checkpoint
-from peftmm.checkpoint import flatten_optimizer, load_latest, prune, unflatten_optimizer
+from peftmm.checkpoint import load_latest, prune
+from peftmm.run_state import flatten_optimizer, unflatten_optimizer
 from peftmm.cli import main
 from peftmm.tasks.vqa import VQATask
 from peftmm.trainer import train
