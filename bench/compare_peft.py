@@ -61,12 +61,21 @@ LABELS = {"full": "full fine-tuning (peftmm `full`, fp32)", "plain-peft-lora": "
 
 
 # -- the child side: probes around one training run ------------------------------------------
-def _status(field: str) -> int:
+def proc_status(field: str) -> int:
     """A VmRSS / VmHWM line of /proc/self/status, in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_counter() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 class Probe:
@@ -88,7 +97,7 @@ class Probe:
             self.torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
         # the peak so far, at each step: at the last one, the training phase's (before test evaluation)
-        self.report["train_peak_rss"] = _status("VmHWM")
+        self.report["train_peak_rss"] = proc_status("VmHWM")
         if self.cuda:
             self.report["cuda_train_max_allocated"] = self.torch.cuda.max_memory_allocated()
 
@@ -96,12 +105,8 @@ class Probe:
         """Once, after imports and data loading: what every variant pays before its model exists."""
         if "baseline_rss" in self.report:
             return
-        self.report["baseline_rss"] = _status("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")   # reset VmHWM to the current RSS
-            self.report["peak_counter_reset"] = True
-        except OSError:
-            self.report["peak_counter_reset"] = False
+        self.report["baseline_rss"] = proc_status("VmRSS")
+        self.report["peak_counter_reset"] = reset_peak_counter()
         if self.cuda:
             self.torch.cuda.reset_peak_memory_stats()
 
@@ -118,7 +123,7 @@ class Probe:
 
     def finish(self) -> dict:
         r = self.report
-        r["peak_rss"] = _status("VmHWM")
+        r["peak_rss"] = proc_status("VmHWM")
         r["above_baseline"] = r["peak_rss"] - r.get("baseline_rss", 0)
         r["step_intervals"] = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
         r["step_stamps"] = self.stamps

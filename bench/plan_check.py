@@ -34,17 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from compare_peft import proc_status, reset_peak_counter  # noqa: E402  (bench/: memory probes)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "plan_check.json"
 TOLERANCE = 0.25
-
-
-def _status(field: str) -> int:
-    """A VmRSS / VmHWM line of /proc/self/status, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def child(report_path: str, argv: list[str]) -> None:
@@ -63,19 +57,15 @@ def child(report_path: str, argv: list[str]) -> None:
 
     def probed_build(cls, *args, **kwargs):
         if "baseline" not in report:   # after imports and load_splits: the data is in memory
-            report["baseline"] = _status("VmRSS")
-            try:
-                Path("/proc/self/clear_refs").write_text("5")   # reset VmHWM to the current RSS
-                report["peak_reset"] = True
-            except OSError:
-                report["peak_reset"] = False
+            report["baseline"] = proc_status("VmRSS")
+            report["peak_reset"] = reset_peak_counter()
         return build(cls, *args, **kwargs)
 
     MultimodalModel.build = classmethod(probed_build)
     try:
         main(argv, standalone_mode=False)
     finally:
-        report["peak"] = _status("VmHWM")
+        report["peak"] = proc_status("VmHWM")
         Path(report_path).write_text(json.dumps(report))
 
 
