@@ -63,3 +63,9 @@ def atomic_directory(path: str | Path, overwrite: bool = False):
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_size(n: float) -> str:
+    """Bytes for people: ``1.72 MiB`` (binary units; plain bytes under 1 KiB)."""
+    unit, scale = next(((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if abs(n) >= s), ("B", 0))
+    return f"{n / scale:.2f} {unit}" if scale else f"{int(n)} B"

@@ -40,6 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from .backbones import QUANTIZATION_SKIP, TOWERS, BackboneInfo, Tower, blueprint
 from .batching import Batcher
 from .errors import DataError, PeftmmError
+from .io import format_size
 
 GiB = 2**30
 CARDS = (8, 12, 16, 24)      # GiB: common consumer and workstation cards
@@ -60,11 +61,6 @@ def parse_size(text: str) -> int:
     if size < 2**20:
         raise PeftmmError(f"--gpu-mem {text!r} is less than 1 MiB; did you mean {match.group(1)}GiB?")
     return size
-
-
-def format_size(n: float) -> str:
-    unit, scale = next(((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if abs(n) >= s), ("B", 0))
-    return f"{n / scale:.2f} {unit}" if scale else f"{int(n)} B"
 
 
 @dataclass

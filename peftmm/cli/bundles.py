@@ -8,14 +8,8 @@ from pathlib import Path
 
 import click
 
+from ..io import format_size
 from . import friendly
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("MiB", 1024**2), ("KiB", 1024)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def _setting(value) -> str:
@@ -67,7 +61,7 @@ def format_summary(summary: dict) -> str:
     lines.append(f"  trainable parameters: {summary['trainable_params']:,} in {summary['tensors']} tensors")
     files = ", ".join(f"{name} {size:,} B" for name, size in summary["files"].items())
     lines.append(f"  files: {files}")
-    lines.append(f"  total size: {summary['total_bytes']:,} B ({_size(summary['total_bytes'])})")
+    lines.append(f"  total size: {summary['total_bytes']:,} B ({format_size(summary['total_bytes'])})")
     metrics = {k: v for k, v in summary["metrics"].items() if not isinstance(v, (dict, list))}
     if metrics:
         lines.append("  metrics: " + ", ".join(f"{k} {_metric(v)}" for k, v in metrics.items()))
@@ -211,7 +205,7 @@ def list_bundles(folder, as_json):
                            for tower, info in entry["towers"].items())
         metric = primary_metric(entry)
         rows.append([entry["name"], entry["task"], methods, f"{entry['trainable_params']:,} params",
-                     _size(entry["total_bytes"]), f"{metric[0]} {_metric(metric[1])}" if metric else "-"])
+                     format_size(entry["total_bytes"]), f"{metric[0]} {_metric(metric[1])}" if metric else "-"])
     widths = [max(len(r[i]) for r in rows if len(r) > 2 and i < len(r)) if any(len(r) > 2 for r in rows) else 0
               for i in range(6)]
     widths[0] = max(len(r[0]) for r in rows)

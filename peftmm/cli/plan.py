@@ -54,7 +54,8 @@ def plan(recipe, budget, overrides, device, as_json):
 
 
 def render(estimate, budget: int, suggestions) -> str:
-    from ..plan import GiB, format_size
+    from ..io import format_size
+    from ..plan import GiB
 
     mixed = estimate.details.get("mixed_precision", "no")
     where = {"cuda": "a CUDA card", "cpu": "CPU"}[estimate.device] + (f" ({mixed} autocast)" if mixed != "no" else "")
