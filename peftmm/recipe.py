@@ -80,6 +80,25 @@ class TrainSpec:
     # (0: only at epoch ends); the newest keep_checkpoints are kept. `peftmm train --resume`.
     checkpoint_every: int = field(default=0, metadata={"min": 0, "max": 10**9})
     keep_checkpoints: int = field(default=2, metadata={"min": 1, "max": 1000})
+    # Keep the frozen-feature cache (towers with nothing to train) on disk in this folder, for
+    # later runs and epochs; null: in memory, for this run only. Entries are keyed by backbone
+    # weights, precision and preprocessing, checked and rebuilt when damaged (features.py). A
+    # relative path is relative to the recipe file (to the working folder without one); ~ is home.
+    feature_cache_dir: str | None = None
+
+    def validate(self):
+        if self.feature_cache_dir is not None and not self.feature_cache_dir.strip():
+            raise ValueError("train.feature_cache_dir must name a folder, or be null to cache in memory only")
+
+    def resolve_paths(self, where: str | None) -> None:
+        """Make ``feature_cache_dir`` absolute, as DataSpec does ``path``."""
+        path = self.feature_cache_dir
+        if path and (path == "~" or path.startswith("~/")):
+            path = os.path.expanduser(path)
+        if path and not Path(path).is_absolute():
+            base = Path(where).parent if where else Path()
+            path = os.path.normpath(base.absolute() / path)
+        self.feature_cache_dir = path
 
 
 @dataclass

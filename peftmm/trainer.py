@@ -34,7 +34,7 @@ from .data import load_splits
 from .data.files import check_labels_in_train
 from .data.skips import SplitLog, cache_on_bad, needed_text_error, truncated_texts
 from .errors import DataError
-from .features import FeatureCache
+from .features import FeatureCache, cache_root
 from .model import MultimodalModel
 from .plots import plot_curves
 from .sampling import train_loader
@@ -64,11 +64,16 @@ def _scheduler(spec, optimizer, total_steps: int):
                          num_training_steps=total_steps)
 
 
-def build_caches(model, recipe) -> dict[str, FeatureCache]:
-    """A cache for every tower that has nothing to train (unless the recipe opts out)."""
-    return {name: FeatureCache(model.towers[name], model.max_length) for name in TOWERS
-            if not model.has_trainable(name) and getattr(recipe, name).cache_features
-            and name in getattr(model.task, "cached_towers", TOWERS)}
+def build_caches(model, recipe, log=None, write: bool = True) -> dict[str, FeatureCache]:
+    """A cache for every tower that has nothing to train (unless the recipe opts out), kept on
+    disk too under ``train.feature_cache_dir`` (features.py). ``write``: whether this process
+    adds entries there (the main one; the others only read it); ``log``: where a damaged
+    cache is reported."""
+    names = [name for name in TOWERS if not model.has_trainable(name) and getattr(recipe, name).cache_features
+             and name in getattr(model.task, "cached_towers", TOWERS)]
+    folder = cache_root(recipe.train.feature_cache_dir, recipe.source, create=bool(names) and write)
+    return {name: FeatureCache(model.towers[name], model.max_length, folder=folder, write=write, log=log)
+            for name in names}
 
 
 def fill_caches(caches: dict[str, FeatureCache], model, examples, device, progress=True, on_bad=None) -> None:
@@ -193,7 +198,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     skips = {name: SplitLog(name, recipe.data.on_bad_sample) for name in ("train", "val", "test")}
     truncated: dict[str, int] = {}
     _count_truncated(model, splits, ("train", "val"), truncated, log)
-    caches = build_caches(model, recipe)
+    caches = build_caches(model, recipe, log, write=main)
     on_bad = cache_on_bad(recipe.data.on_bad_sample)
     fill_caches(caches, model, splits.train + splits.val, accelerator.device, progress and main, on_bad)
     tracker = SkipTracker(Batcher(model, caches, skips["train"]))
