@@ -131,7 +131,7 @@ class Checkpointer:
     def epoch_start(self, done: int) -> None:
         """Called before each epoch's batches: ``done`` of them were trained on before a resume."""
         self.order = self.batches.generator.get_state()
-        self.batches.skip = done * self.accelerator.num_processes
+        self.batches.skip = done   # global batches: every process draws them all (distributed.py)
         self.tracker.start(done)
 
     def due(self, run: Progress, batches_per_epoch: int, total_steps: int) -> bool:

@@ -64,16 +64,23 @@ class ResumableBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
-def train_loader(examples: list[dict], spec, collate) -> tuple[torch.utils.data.DataLoader, ResumableBatches]:
-    """The training data loader (``spec``: the recipe's train section) and its batch sampler."""
+def train_loader(examples: list[dict], spec, collate, num_processes: int = 1,
+                 process_index: int = 0) -> tuple[torch.utils.data.DataLoader, ResumableBatches]:
+    """The training data loader (``spec``: the recipe's train section) and its batch sampler.
+    Under several processes each draws the same batches and loads its slice of them
+    (distributed.ProcessSlices), so the global batch is ``spec.batch_size`` whatever their number."""
     if spec.group_by_image:
         grouped = ImageGroupedBatchSampler(examples, spec.batch_size, spec.seed)
         # the loader draws its (unused) worker seed from torch's global generator, as it always did
-        batches, generator = ResumableBatches(grouped, grouped.generator), None
+        source, generator, order = grouped, None, grouped.generator
     else:  # what DataLoader(shuffle=True, generator=...) builds, its generator drawing the same numbers
         generator = torch.Generator().manual_seed(spec.seed)
         sampler = torch.utils.data.RandomSampler(examples, generator=generator)
-        batches = ResumableBatches(torch.utils.data.BatchSampler(sampler, spec.batch_size, drop_last=False),
-                                   generator)
+        source, order = torch.utils.data.BatchSampler(sampler, spec.batch_size, drop_last=False), generator
+    if num_processes > 1:
+        from .distributed import ProcessSlices
+
+        source = ProcessSlices(source, num_processes, process_index)
+    batches = ResumableBatches(source, order)
     loader = torch.utils.data.DataLoader(examples, batch_sampler=batches, collate_fn=collate, generator=generator)
     return loader, batches

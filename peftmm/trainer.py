@@ -33,6 +33,7 @@ from .run_state import SkipTracker, restore_rng
 from .data import load_splits
 from .data.files import check_labels_in_train
 from .data.skips import SplitLog, cache_on_bad, needed_text_error, truncated_texts
+from .distributed import batch_loss, check_engine
 from .errors import DataError
 from .features import FeatureCache, cache_root
 from .model import MultimodalModel
@@ -45,15 +46,38 @@ class TrainResult:
     run_dir: Path
     bundle_dir: Path
     metrics: dict
+    main: bool = True       # the process that wrote them (one of several: see distributed.py)
 
 
 def _accelerator(spec):
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
 
     mixed = spec.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=spec.grad_accum)
+    # split_batches: processes share each batch (distributed.py), so the scheduler steps once per step
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=spec.grad_accum,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+def _prepare(accelerator, model, optimizer, loader, scheduler):
+    """DDP (or what accelerate's config says) around the model; the loader is only wrapped for
+    device placement and accumulation bookkeeping: it already yields this process's slices."""
+    from accelerate.data_loader import prepare_data_loader
+
+    check_engine(accelerator)
+    if accelerator.num_processes > 1:
+        from .distributed import ignore_frozen
+
+        ignore_frozen(model)
+    # Backbones were loaded on the right device already (bitsandbytes weights must not be moved).
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler,
+                                                      device_placement=[False, True, True])
+    loader = prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
+                                 put_on_device=True, rng_types=None)
+    accelerator._dataloaders.append(loader)
+    return model, optimizer, loader, scheduler
 
 
 def _scheduler(spec, optimizer, total_steps: int):
@@ -87,10 +111,15 @@ def fill_caches(caches: dict[str, FeatureCache], model, examples, device, progre
 
 
 @torch.no_grad()
-def evaluate(model, examples, batcher, batch_size: int, device, progress=False, desc="eval") -> dict:
+def evaluate(model, examples, batcher, batch_size: int, device, progress=False, desc="eval",
+             accelerator=None) -> dict:
     """Loss and task metrics over ``examples`` (sorted by image so each image is encoded once),
     and how many examples they were computed over (``examples``). A batcher with a skip log
-    leaves out the examples it cannot use and counts them there (reset here first)."""
+    leaves out the examples it cannot use and counts them there (reset here first).
+
+    Under several processes (``accelerator``) each computes the outputs of its slice of the
+    sorted examples and all of them the metrics over the gathered outputs. A task with its own
+    ``evaluate`` (captioning) runs it whole on every process."""
     skips = getattr(batcher, "skips", None)
     if skips is not None:
         skips.new_epoch()
@@ -103,6 +132,11 @@ def evaluate(model, examples, batcher, batch_size: int, device, progress=False, 
                                    desc=desc) | {"examples": len(examples)}
     model.eval()
     examples = sorted(examples, key=lambda e: str(e["image"]))
+    several = accelerator is not None and accelerator.num_processes > 1
+    if several:
+        from .distributed import process_slice
+
+        examples = process_slice(examples, accelerator.num_processes, accelerator.process_index)
     logits, targets = [], []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress, leave=False):
         batch = batcher(examples[start: start + batch_size])
@@ -111,6 +145,13 @@ def evaluate(model, examples, batcher, batch_size: int, device, progress=False, 
         batch = {k: v.to(device) for k, v in batch.items()}
         logits.append(model(batch).float().cpu())
         targets.append(batch["labels"].cpu())
+    if several:
+        from .distributed import gather_rows
+
+        logits, targets = (gather_rows(torch.cat(parts) if parts else torch.zeros(0, dtype=dtype),
+                                       accelerator).cpu() for parts, dtype in ((logits, torch.float32),
+                                                                               (targets, torch.long)))
+        logits, targets = ([logits], [targets]) if len(logits) else ([], [])
     if not logits:
         raise skips.all_skipped_error() if skips is not None and skips.seen else _nothing(desc)
     logits, targets = torch.cat(logits), torch.cat(targets)
@@ -181,6 +222,10 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     main = accelerator.is_main_process
     log = log if main else (lambda *a, **k: None)
     run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
+    if accelerator.num_processes > 1:   # the main process's name: clocks may tick between processes
+        from accelerate.utils import broadcast_object_list
+
+        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     saved = resume_point(run_dir, recipe, log) if resume else None
 
     splits = load_splits(recipe.data)
@@ -202,14 +247,13 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     on_bad = cache_on_bad(recipe.data.on_bad_sample)
     fill_caches(caches, model, splits.train + splits.val, accelerator.device, progress and main, on_bad)
     tracker = SkipTracker(Batcher(model, caches, skips["train"]))
-    loader, batches = train_loader(splits.train, spec, tracker)
+    loader, batches = train_loader(splits.train, spec, tracker, accelerator.num_processes,
+                                   accelerator.process_index)
     optimizer = torch.optim.AdamW(model.parameter_groups(spec.lr), lr=spec.lr, weight_decay=spec.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / spec.grad_accum)
     total_steps = min(spec.max_steps or 10**12, spec.epochs * steps_per_epoch)
     scheduler = _scheduler(spec, optimizer, total_steps)
-    # Backbones were loaded on the right device already (bitsandbytes weights must not be moved).
-    model, optimizer, loader, scheduler = accelerator.prepare(
-        model, optimizer, loader, scheduler, device_placement=[False, True, True, True])
+    model, optimizer, loader, scheduler = _prepare(accelerator, model, optimizer, loader, scheduler)
     core = accelerator.unwrap_model(model)
 
     saver = Checkpointer(run_dir, recipe, accelerator, core, optimizer, scheduler, batches, tracker, skips,
@@ -243,7 +287,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
                 bar.update(1)
                 continue
             with accelerator.accumulate(model):
-                loss = core.task.loss(model(batch), batch["labels"])
+                loss, logged = batch_loss(core.task, model(batch), batch["labels"], accelerator)
                 saver.check_loss(loss, run.step + 1, epoch)  # not finite: stop before this step
                 accelerator.backward(loss)
                 optimizer.step()
@@ -253,9 +297,9 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
             if accelerator.sync_gradients:
                 run.step += 1
                 rate = seen / max(time.perf_counter() - tick, 1e-9)
-                record({"step": run.step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                        "samples_per_s": round(rate, 2)})
-                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
+                record({"step": run.step, "epoch": epoch, "loss": logged, "lr": scheduler.get_last_lr()[0],
+                        "samples_per_s": round(rate * accelerator.num_processes, 2)})
+                bar.set_postfix(loss=f"{logged:.4f}", samples_s=f"{rate * accelerator.num_processes:.0f}")
                 if saver.due(run, len(loader), total_steps):
                     saver.save(run, run.seconds + time.perf_counter() - started)
             bar.update(1)
@@ -267,12 +311,14 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
             raise trained.all_skipped_error()
         if trained.line(f"epoch {epoch}"):
             log(trained.line(f"epoch {epoch}"))
-        val = evaluate(core, splits.val, val_batcher, spec.eval_batch_size, accelerator.device, desc="val")
-        if skips["val"].line(f"epoch {epoch}"):
-            log(skips["val"].line(f"epoch {epoch}"))
+        val = evaluate(core, splits.val, val_batcher, spec.eval_batch_size, accelerator.device, desc="val",
+                       accelerator=accelerator)
+        validated = skips["val"].merged(accelerator)
+        if validated.line(f"epoch {epoch}"):
+            log(validated.line(f"epoch {epoch}"))
         score = val[core.task.primary_metric]
         record({"epoch": epoch, "step": run.step, **{f"val_{k}": v for k, v in val.items()},
-                "skipped_train": trained.skipped, "skipped_val": skips["val"].skipped})
+                "skipped_train": trained.skipped, "skipped_val": validated.skipped})
         log(f"epoch {epoch}: val {core.task.primary_metric} {score:.4f} over {val['examples']:,} examples, "
             f"val loss {val['loss']:.4f}")
         if score > run.best["score"]:
@@ -293,16 +339,15 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     _count_truncated(core, splits, ("test",), truncated, log)
     fill_caches(caches, model, splits.test, accelerator.device, progress and main, on_bad)
     test = evaluate(core, splits.test, Batcher(core, caches, skips["test"]), spec.eval_batch_size,
-                    accelerator.device, progress=progress and main, desc="test")
-    if skips["test"].line("test"):
-        log(skips["test"].line("test"))
+                    accelerator.device, progress=progress and main, desc="test", accelerator=accelerator)
+    if skips["test"].merged(accelerator).line("test"):
+        log(skips["test"].merged(accelerator).line("test"))
     metrics = {f"test_{k}": v for k, v in test.items()} | {
         f"val_{core.task.primary_metric}": best["score"], "best_epoch": best["epoch"],
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "train_seconds": round(train_seconds, 1), "steps": run.step,
         # distinct examples left out over the whole run, and texts cut at text.max_length, per split
-        **{f"skipped_{name}": len(log_.ever) for name, log_ in
-           (("train", skips["train"].merged(accelerator)), ("val", skips["val"]), ("test", skips["test"]))},
+        **{f"skipped_{name}": len(skips[name].merged(accelerator).ever) for name in ("train", "val", "test")},
         **{f"truncated_{name}": n for name, n in truncated.items()},
     } | ({"init_from": initialised["bundle"]} if initialised else {})
     record({"final": metrics})
@@ -313,4 +358,4 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     log(f"test {core.task.primary_metric} {test[core.task.primary_metric]:.4f} over {test['examples']:,} "
         f"examples; bundle: {bundle_dir}")
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, bundle_dir, metrics)
+    return TrainResult(run_dir, bundle_dir, metrics, main)

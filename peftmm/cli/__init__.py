@@ -24,7 +24,10 @@ def friendly(fn):
         except PeftmmError as e:
             if ctx.find_root().params.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            from ..distributed import hand_error_to_launcher
+
+            if not hand_error_to_launcher(str(e)):
+                click.echo(f"error: {e}", err=True)
             sys.exit(2)
     return wrapper
 

@@ -17,15 +17,21 @@ from . import friendly
 @click.option("--output", type=click.Path(file_okay=False), help="Run directory (default runs/NAME-TIME).")
 @click.option("--resume", "resume", type=click.Path(file_okay=False), metavar="RUN_DIR",
               help="Continue an interrupted run from its latest checkpoint, with the recipe saved in RUN_DIR.")
+@click.option("--num-processes", type=click.IntRange(1), default=1, show_default=True,
+              help="Train in N processes (one per GPU; gloo on CPU), as `accelerate launch` would.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @friendly
-def train(recipe, overrides, output, resume, no_progress):
+def train(recipe, overrides, output, resume, num_processes, no_progress):
     """Train the adapters a RECIPE (YAML) describes; writes a run directory with the bundle.
 
     With --resume RUN_DIR, RECIPE may be left out: an interrupted run continues from its latest
-    checkpoint and ends as it would have without the interruption."""
+    checkpoint and ends as it would have without the interruption.
+
+    Several processes: --num-processes N, or `accelerate launch [--config_file F] -m peftmm train
+    RECIPE` (DDP, FSDP, DeepSpeed: see the README). The global batch stays train.batch_size."""
+    from ..distributed import launched, relaunch
     from ..recipe import load
-    from ..trainer import train as run_training
+    from ..trainer import default_run_dir, train as run_training
 
     if resume:
         from ..checkpoint import resume_recipe
@@ -37,9 +43,16 @@ def train(recipe, overrides, output, resume, no_progress):
         raise click.UsageError("missing RECIPE (or --resume RUN_DIR to continue a run)")
     else:
         loaded = load(recipe, list(overrides))
+    if num_processes > 1 and not launched():   # checked here, then every process trains
+        debug = ["--debug"] if click.get_current_context().find_root().params.get("debug") else []
+        args = [*debug, "train", *([recipe] if recipe else []), *(x for o in overrides for x in ("--set", o)),
+                *(["--resume", resume] if resume else ["--output", str(output or default_run_dir(loaded))]),
+                *(["--no-progress"] if no_progress else [])]
+        raise SystemExit(relaunch(num_processes, args))
     result = run_training(loaded, output, progress=not no_progress, resume=bool(resume))
-    click.echo(json.dumps({"run_dir": str(result.run_dir), "bundle": str(result.bundle_dir),
-                           **result.metrics}, indent=2))
+    if result.main:
+        click.echo(json.dumps({"run_dir": str(result.run_dir), "bundle": str(result.bundle_dir),
+                               **result.metrics}, indent=2))
 
 
 @click.command("eval")

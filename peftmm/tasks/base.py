@@ -15,6 +15,10 @@ class Task:
     Config: type
     primary_metric: str         # what early stopping and the model card lead with
     fusions: tuple[str, ...] | None = None  # fusion types the task can read; None: any
+    # Under several processes (distributed.batch_loss): a loss where each example's term depends
+    # on the others' outputs (contrastive) is computed over the gathered batch; any other is a
+    # mean over loss_units(targets) and is reweighted by each process's share of them.
+    loss_spans_batch: bool = False
 
     def __init__(self, config, labels: list[str]):
         self.config = config
@@ -39,6 +43,10 @@ class Task:
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def loss_units(self, targets: torch.Tensor) -> int | torch.Tensor:
+        """How many terms ``loss`` averages over: one per example unless a task says otherwise."""
+        return len(targets)
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Over a whole split: ``outputs`` and ``targets`` of all its examples, in order."""

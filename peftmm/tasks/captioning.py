@@ -169,6 +169,9 @@ class CaptioningTask(Task):
                                 reduction="sum")
         return total / (labels != IGNORE).sum().clamp(min=1)  # a batch of only empty captions: 0
 
+    def loss_units(self, labels: torch.Tensor) -> torch.Tensor:
+        return (labels != IGNORE).sum()  # the loss is a mean over caption tokens
+
     def decode(self, ids: torch.Tensor) -> list[dict]:
         if ids.is_floating_point():  # teacher-forced logits: the examples carried text
             raise PeftmmError("a captioning model describes the image itself: give it no question or text")

@@ -45,6 +45,7 @@ def split_embeddings(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 class RetrievalTask(Task):
     primary_metric = "mean_recall"  # the mean of R@1/5/10 both ways: steadier than one R@1
     fusions = ("dual-projection",)   # independent image and text embeddings
+    loss_spans_batch = True          # every other example of the batch is a negative
 
     @dataclass
     class Config:
