@@ -337,7 +337,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     best = run.best
     core.load_trainable_state_dict(best["state"])
     _count_truncated(core, splits, ("test",), truncated, log)
-    fill_caches(caches, model, splits.test, accelerator.device, progress and main, on_bad)
+    fill_caches(caches, core, splits.test, accelerator.device, progress and main, on_bad)
     test = evaluate(core, splits.test, Batcher(core, caches, skips["test"]), spec.eval_batch_size,
                     accelerator.device, progress=progress and main, desc="test", accelerator=accelerator)
     if skips["test"].merged(accelerator).line("test"):

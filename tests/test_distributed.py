@@ -140,20 +140,20 @@ def _local_mean_grad(kind: str) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def recipes(tiny_models, tmp_path_factory) -> dict[str, Path]:
-    """Tiny runs where both towers train every step: adapters in an uncached vision tower and
-    LoRA in the text tower; VQA (per-example loss) and retrieval (contrastive)."""
+    """Tiny runs: VQA (per-example loss) with adapters in an uncached vision tower and LoRA in the
+    text tower; retrieval (contrastive) with LoRA in the text tower and cached vision features."""
     root = tmp_path_factory.mktemp("distributed-recipes")
     train = {"epochs": 2, "batch_size": 16, "lr": 1e-3, "warmup_ratio": 0.0, "seed": 3, "patience": 5}
     vqa = tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"],
                       vision_methods=[{"type": "adapter", "reduction_factor": 4}],
                       text_methods=[{"type": "lora", "r": 2}], train=train)
     vqa["fusion"] = {"type": "concat-mlp", "dim": 32, "dropout": 0.0}   # no random draws per example
+    vqa["vision"]["cache_features"] = False
     retrieval = tiny.recipe(tiny_models["vit"], tiny_models["bert"], text_methods=[{"type": "lora", "r": 2}],
-                            vision_methods=[{"type": "lora", "r": 2}], train=train)
+                            train=train)      # the vision tower frozen: its features cached
     retrieval["task"], retrieval["fusion"] = {"type": "retrieval"}, {"type": "dual-projection", "dim": 16}
     paths = {}
     for name, data in (("vqa", vqa), ("retrieval", retrieval)):
-        data["vision"]["cache_features"] = False
         paths[name] = root / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(data))
     return paths
