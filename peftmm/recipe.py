@@ -82,7 +82,7 @@ class TrainSpec:
     keep_checkpoints: int = field(default=2, metadata={"min": 1, "max": 1000})
     # Keep the frozen-feature cache (towers with nothing to train) on disk in this folder, for
     # later runs and epochs; null: in memory, for this run only. Entries are keyed by backbone
-    # weights, precision and preprocessing, checked and rebuilt when damaged (features.py). A
+    # weights, precision and preprocessing, checked and rebuilt when damaged (feature_store.py). A
     # relative path is relative to the recipe file (to the working folder without one); ~ is home.
     feature_cache_dir: str | None = None
 

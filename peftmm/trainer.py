@@ -35,7 +35,8 @@ from .data.files import check_labels_in_train
 from .data.skips import SplitLog, cache_on_bad, needed_text_error, truncated_texts
 from .distributed import batch_loss, check_engine
 from .errors import DataError
-from .features import FeatureCache, cache_root
+from .feature_store import cache_root
+from .features import FeatureCache
 from .model import MultimodalModel
 from .plots import plot_curves
 from .sampling import train_loader
@@ -90,7 +91,7 @@ def _scheduler(spec, optimizer, total_steps: int):
 
 def build_caches(model, recipe, log=None, write: bool = True) -> dict[str, FeatureCache]:
     """A cache for every tower that has nothing to train (unless the recipe opts out), kept on
-    disk too under ``train.feature_cache_dir`` (features.py). ``write``: whether this process
+    disk too under ``train.feature_cache_dir`` (feature_store.py). ``write``: whether this process
     adds entries there (the main one; the others only read it); ``log``: where a damaged
     cache is reported."""
     names = [name for name in TOWERS if not model.has_trainable(name) and getattr(recipe, name).cache_features

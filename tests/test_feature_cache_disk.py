@@ -1,4 +1,4 @@
-"""The frozen-feature cache on disk (train.feature_cache_dir, features.DiskCache): a warm cache
+"""The frozen-feature cache on disk (train.feature_cache_dir, feature_store.DiskCache): a warm cache
 reads bit-identical tensors without running the tower; another backbone fingerprint, precision,
 image size or max_length lands in another folder; a changed image file is encoded again; a
 corrupt or missing shard, a manifest that does not parse and a key.json of another key are
@@ -20,7 +20,7 @@ from safetensors.torch import save
 
 import tiny
 from peftmm import RecipeError, recipe_from_dict
-from peftmm import features
+from peftmm import feature_store
 from peftmm.backbones import Tower, load_tower
 from peftmm.features import FeatureCache
 from peftmm.recipe import load as load_recipe
@@ -113,7 +113,7 @@ def test_a_warm_cache_reads_bit_identical_tensors_and_encodes_nothing(towers, im
     assert folder.parent == tmp_path / "cache" and folder.name.startswith(f"{role}-")
     about = json.loads((folder / "key.json").read_text())
     assert about["key"]["fingerprint"] == tower.info.fingerprint and about["key"]["precision"] == "fp32"
-    assert about["key"]["format"] == features.FORMAT_VERSION
+    assert about["key"]["format"] == feature_store.FORMAT_VERSION
     assert about["backbone"] == tower.info.source
     assert len(manifest(folder)["shards"]) == 1
 
@@ -277,7 +277,7 @@ def test_a_key_json_of_another_key_rebuilds_the_folder(towers, images, tmp_path)
 # -- writing ----------------------------------------------------------------------------------
 
 def test_writes_leave_only_the_manifest_key_and_shards_it_names(towers, images, tmp_path, monkeypatch):
-    monkeypatch.setattr(features, "SHARD_BYTES", 1)   # a shard per entry: many writes
+    monkeypatch.setattr(feature_store, "SHARD_BYTES", 1)   # a shard per entry: many writes
     cache, _, _ = fill(towers["vision"], images, tmp_path)
     folder = folder_of(cache)
     named = set(manifest(folder)["shards"])
