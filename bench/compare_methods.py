@@ -22,16 +22,21 @@ DEFAULT = ["easy-vqa-full", "easy-vqa-fusion-only", "easy-vqa-lora", "easy-vqa-a
            "easy-vqa-mix"]
 
 
-def run(recipe: Path, overrides: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "peftmm", "train", str(recipe), "--output", str(out), "--no-progress"]
+def train_cli(recipe, overrides: list[str], out: Path, *args: str) -> tuple[dict, float]:
+    """`peftmm train RECIPE --output OUT [args]` in its own process: its final metrics and wall time."""
+    cmd = [sys.executable, "-m", "peftmm", "train", str(recipe), "--output", str(out), "--no-progress", *args]
     for item in overrides:
         cmd += ["--set", item]
     started = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - started
     if result.returncode != 0:
-        raise SystemExit(f"{recipe.name} failed:\n{result.stderr[-3000:]}")
-    metrics = json.loads(result.stdout[result.stdout.index("{"):])
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout[result.stdout.index("{"):]), wall
+
+
+def run(recipe: Path, overrides: list[str], out: Path) -> dict:
+    metrics, wall = train_cli(recipe, overrides, out)
     bundle = Path(metrics["bundle"])
     methods = json.loads((out / "bundle" / "adapter_config.json").read_text())["recipe"]
     return {

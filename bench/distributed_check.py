@@ -14,7 +14,7 @@ The default recipe is run without the head's dropout (``task.dropout=0``): with 
 process draws masks for its slice of the batch, another random stream than one process's, so the
 runs would differ by chance and not only by float summation order.
 
-Writes OUT/distributed.json (OUT: --out, default bench/results); the README block is
+Merges its result by recipe into OUT/distributed.json (OUT: --out, default bench/results); the README block is
 bench/readme_tables.py's ``distributed``.
 """
 
@@ -24,26 +24,17 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_methods import ROOT, train_cli  # noqa: E402  (bench/: one way to run `peftmm train`)
+
 DEFAULT_SET = ["data.max_train_samples=4096", "data.max_eval_samples=1024", "train.epochs=2", "task.dropout=0"]
 
 
 def run(recipe: str, overrides: list[str], processes: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "peftmm", "train", recipe, "--output", str(out), "--no-progress",
-           "--num-processes", str(processes)]
-    for item in overrides:
-        cmd += ["--set", item]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    metrics = json.loads(done.stdout)
+    metrics, wall = train_cli(recipe, overrides, out, "--num-processes", str(processes))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"processes": processes, "wall_seconds": round(wall, 1), "train_seconds": metrics["train_seconds"],
             "steps": metrics["steps"], "losses": [r["loss"] for r in records if "loss" in r],
@@ -73,7 +64,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     overrides = DEFAULT_SET if args.overrides is None else args.overrides
-    runs_dir = args.out / "runs" / "distributed"
+    runs_dir = args.out / "runs" / "distributed" / Path(args.recipe).stem
     runs = [run(args.recipe, overrides, n, runs_dir / f"processes-{n}") for n in args.processes]
     reference = runs[0]
     for other in runs[1:]:
@@ -85,7 +76,9 @@ def main() -> None:
               "cuda": _cuda(), "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "distributed.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    checks = json.loads(path.read_text())["checks"] if path.exists() else []
+    checks = [c for c in checks if c["recipe"] != args.recipe] + [result]    # merged by recipe
+    path.write_text(json.dumps({"checks": checks}, indent=2) + "\n")
     for r in runs:
         line = f"{r['processes']} process(es): wall {r['wall_seconds']} s, train loop {r['train_seconds']} s"
         if "against_1" in r:
