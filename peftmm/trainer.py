@@ -33,7 +33,7 @@ from .run_state import SkipTracker, restore_rng
 from .data import load_splits
 from .data.files import check_labels_in_train
 from .data.skips import SplitLog, cache_on_bad, needed_text_error, truncated_texts
-from .distributed import batch_loss, check_engine
+from .distributed import batch_loss, check_engine, gather_rows, ignore_frozen, process_slice
 from .errors import DataError
 from .feature_store import cache_root
 from .features import FeatureCache
@@ -69,8 +69,6 @@ def _prepare(accelerator, model, optimizer, loader, scheduler):
 
     check_engine(accelerator)
     if accelerator.num_processes > 1:
-        from .distributed import ignore_frozen
-
         ignore_frozen(model)
     # Backbones were loaded on the right device already (bitsandbytes weights must not be moved).
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler,
@@ -135,8 +133,6 @@ def evaluate(model, examples, batcher, batch_size: int, device, progress=False, 
     examples = sorted(examples, key=lambda e: str(e["image"]))
     several = accelerator is not None and accelerator.num_processes > 1
     if several:
-        from .distributed import process_slice
-
         examples = process_slice(examples, accelerator.num_processes, accelerator.process_index)
     logits, targets = [], []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress, leave=False):
@@ -146,12 +142,9 @@ def evaluate(model, examples, batcher, batch_size: int, device, progress=False, 
         batch = {k: v.to(device) for k, v in batch.items()}
         logits.append(model(batch).float().cpu())
         targets.append(batch["labels"].cpu())
-    if several:
-        from .distributed import gather_rows
-
-        logits, targets = (gather_rows(torch.cat(parts) if parts else torch.zeros(0, dtype=dtype),
-                                       accelerator).cpu() for parts, dtype in ((logits, torch.float32),
-                                                                               (targets, torch.long)))
+    if several:   # every process gets every output, in the order of the sorted examples
+        logits = gather_rows(torch.cat(logits) if logits else torch.zeros(0), accelerator).cpu()
+        targets = gather_rows(torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long), accelerator).cpu()
         logits, targets = ([logits], [targets]) if len(logits) else ([], [])
     if not logits:
         raise skips.all_skipped_error() if skips is not None and skips.seen else _nothing(desc)
