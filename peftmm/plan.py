@@ -1,46 +1,60 @@
 """Will it fit? A recipe's peak training memory, estimated without loading a single weight.
 
-Backbones are built from their config.json on the meta device (modules and shapes, no memory) and
-get the recipe's methods, fusion and head as training puts them (``MultimodalModel.build``), so
+Backbones are built from their config.json on the meta device (modules and shapes, no memory;
+for a hub id while the hub cannot be reached, peftmm/hub_configs' copy of it) and get the
+recipe's methods, fusion and head as training puts them (``MultimodalModel.build``), so
 trainable parameters are counted. Frozen weights take their precision's bytes: int8 a byte per
 weight of a quantised Linear layer plus an fp32 scale per row, nf4 half a byte plus an fp32 scale
 per 64, the rest (embeddings, norms, convolutions, biases, skipped layers) the compute dtype's.
+On CPU the checkpoint's pages that int8/nf4 was quantised from stay resident as well (the file
+is memory-mapped and the mapping outlives loading). Trainable weights add a gradient, two AdamW
+moments and the best epoch's copy.
 
-Activations are simulated: a training step, an evaluation batch and a feature-caching batch run
-on the meta device under :class:`Meter`, which follows every tensor ops create and free and keeps
-the most bytes alive at once (as on real tensors: tests/test_plan.py). Batches have the trainer's
-shapes: the most rows, distinct images and texts one of its batches holds (same sampler and seed),
-the longest texts, the cached towers' tokens. Towers with nothing to train keep nothing for
-backward; with ``gradient_checkpointing`` the meta run checkpoints too. On cuda, bf16 autocast
-(``mixed_precision: auto``) is imitated by :func:`autocast`.
+Activations are simulated: a batch of feature caching, a training step and an evaluation batch
+run on the meta device under plan_meter.Meter, which follows every tensor ops create and free
+(views of existing tensors are not new memory) and keeps the most bytes alive at once (as on
+real tensors: tests/test_plan.py). Batches have the trainer's shapes: the most rows, distinct
+images and texts one of its batches holds (same sampler and seed; evaluation: of the val or the
+test split, whichever batch is larger), the longest texts, the cached towers' tokens. Towers
+with nothing to train keep nothing for backward; with ``gradient_checkpointing`` the meta run
+checkpoints too. bitsandbytes layers allocate as they do (plan_meter.emulate_bitsandbytes: a
+dequantised weight in each call on CPU and for nf4; on CUDA int8, int8 rows of the input and an
+int32 product). On cuda, bf16 autocast (``mixed_precision: auto``) is imitated and the feature
+cache is not counted: it lives in host memory (features.py).
 
-Allocators hold more than their live tensors: 10% is added (CUDA's caching allocator rounds and
-fragments; malloc keeps freed blocks and loading leaves copies: bench/plan_check.py measured 13%
-over the tensors on easy-vqa-fusion-only). ``cuda`` adds a CUDA context (~0.5 GiB), ``cpu`` the
-process baseline (Python, libraries, data: this process's resident memory, having loaded the
-same). Not simulated: captioning's generation in evaluation, buffers inside kernels.
+On cpu the phases run in the trainer's order through a model of glibc malloc (plan_meter.Heap):
+the caches of train and val filled batch by batch, training steps until the heap stops growing,
+validation, a checkpoint (clones of the trainable state and its serialised bytes), the test split
+cached and evaluated. Freed heap blocks stay with the process, so the heap training cut is still
+held when a later phase maps its large blocks; the estimate is that replay's most resident
+moment: what is alive then plus the freed chunks malloc holds (plan_meter's docstring has the
+measurement).
+
+Allocators hold more still: 10% is added (CUDA's caching allocator rounds and fragments; glibc
+fragments more than the replay's best fit, and loading leaves copies). ``cuda`` adds a CUDA
+context (~0.5 GiB), ``cpu`` the process baseline (Python, libraries, data: this process's
+resident memory, having loaded the same). Not simulated: captioning's generation in evaluation,
+buffers inside kernels (oneDNN, cuBLAS), the shard buffers of ``train.feature_cache_dir``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import weakref
 from collections import namedtuple
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache, partial
+from pathlib import Path
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map_only
 
-from .backbones import QUANTIZATION_SKIP, TOWERS, BackboneInfo, Tower, blueprint
-from .batching import Batcher
+from .backbones import TOWERS, BackboneInfo, Tower, blueprint
 from .errors import DataError, PeftmmError
 from .io import format_size
+from .plan_meter import (Meter, ShapeBatcher, ShapeCache, autocast, checkpoint_trace,  # noqa: F401
+                         emulate_bitsandbytes, file_itemsize, most_per_batch, quantised_source_bytes, replay_run,
+                         weight_bytes)
 
 GiB = 2**30
 CARDS = (8, 12, 16, 24)      # GiB: common consumer and workstation cards
@@ -96,70 +110,17 @@ class Estimate:
 Suggestion = namedtuple("Suggestion", "knob overrides estimate")   # a knob, its --set values, the estimate after
 
 
-class Meter(TorchDispatchMode):
-    """Follows every tensor that ops create while active, by storage, until it is freed: ``peak``
-    is the most bytes alive at once, parameter gradients left out (``watch_gradients``: they are
-    counted on their own). On the meta device tensors have shapes but no data, so a run costs
-    nothing; ``.item()`` there has no value, and is answered True (a full mask) or 1."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.grads = {}, set()   # storage -> (bytes, weakref); the storages of gradients
-        self.now = self.grad_bytes = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
-            return True if args[0].dtype == torch.bool else 1
-        out = func(*args, **(kwargs or {}))
-        for storage in (t.untyped_storage() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)):
-            if (key := storage._cdata) not in self.live:
-                self.live[key] = (storage.nbytes(), weakref.ref(storage, lambda _, key=key: self._free(key)))
-                self.now += storage.nbytes()
-                self.peak = max(self.peak, self.now - self.grad_bytes)
-        return out
-
-    def _free(self, key: int) -> None:
-        size, _ = self.live.pop(key, (0, None))
-        self.now -= size
-        if key in self.grads:
-            self.grads.discard(key)
-            self.grad_bytes -= size
-
-    def watch_gradients(self, parameters) -> list:
-        def hook(param):
-            key = param.grad.untyped_storage()._cdata
-            if key in self.live and key not in self.grads:
-                self.grads.add(key)
-                self.grad_bytes += self.live[key][0]
-        return [p.register_post_accumulate_grad_hook(hook) for p in parameters]
-
-
-@contextmanager
-def autocast(dtype: torch.dtype):
-    """torch.autocast's rule on a GPU, for meta tensors (which autocast leaves alone): matrix
-    products, convolutions and attention in ``dtype``; normalisation, softmax and losses in fp32.
-    The functions are swapped in torch and torch.nn.functional meanwhile, backward included, where
-    checkpointed blocks run their forward again and must cast the same way."""
-    spots = [(F, n, dtype) for n in ("linear", "conv1d", "conv2d", "scaled_dot_product_attention")]
-    spots += [(torch, n, dtype) for n in ("matmul", "bmm", "baddbmm", "einsum")]
-    spots += [(F, n, torch.float32) for n in ("layer_norm", "group_norm", "softmax", "log_softmax", "cross_entropy")]
-    originals = [getattr(module, name) for module, name, _ in spots]
-
-    def casting(fn, to):
-        cast = partial(tree_map_only, torch.Tensor, lambda t: t.to(to) if t.is_floating_point() else t)
-        return lambda *args, **kwargs: fn(*cast(args), **cast(kwargs))
-
-    for (module, name, to), fn in zip(spots, originals):
-        setattr(module, name, casting(fn, to))
-    try:
-        yield
-    finally:
-        for (module, name, _), fn in zip(spots, originals):
-            setattr(module, name, fn)
-
-
 @lru_cache(maxsize=8)
 def _blueprint(name: str, source: str, image_size: int | None, causal_lm: bool):
+    """backbones.blueprint, or for a hub id while the hub cannot be reached, peftmm/hub_configs'
+    copy of its config (``.offline`` set: the plan says so)."""
+    from . import hub_configs
+
+    folder = hub_configs.folder_for(source)
+    if folder is not None and not Path(source).expanduser().exists() and not hub_configs.hub_reachable():
+        plan = hub_configs.blueprint(name, source, folder, image_size, causal_lm)
+        plan.offline = True
+        return plan
     return blueprint(name, source, image_size=image_size, causal_lm=causal_lm)
 
 
@@ -171,64 +132,11 @@ def empty_tower(name: str, spec, causal_lm: bool = False) -> Tower:
     info = BackboneInfo(spec.backbone, plan.model_type, "", spec.precision, 0, plan.layout)
     tower = Tower(name, model, info, plan.processor)
     tower.causal_lm = causal_lm
+    tower.file_itemsize = file_itemsize(plan.folder, plan.config)   # bytes a weight in its checkpoint file
+    tower.offline = getattr(plan, "offline", False)
     with Meter(), torch.no_grad():
         info.hidden_size = tower(**tower.probe_inputs())[0].shape[-1]
     return tower
-
-
-def weight_bytes(model: nn.Module, precision: str) -> int:
-    """Bytes of a tower model's frozen parameters and buffers at ``precision``."""
-    total, seen = 0, set()
-    for module_name, module in model.named_modules():
-        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if id(tensor) in seen or tensor.requires_grad:
-                continue
-            seen.add(id(tensor))
-            quantised = (precision in ("int8", "nf4") and isinstance(module, nn.Linear) and name == "weight"
-                         and not any(skip in module_name for skip in QUANTIZATION_SKIP))
-            if not quantised:
-                total += tensor.numel() * tensor.element_size()
-            elif precision == "int8":  # int8 weights, one fp32 scale per output row (bitsandbytes' SCB)
-                total += tensor.numel() + 4 * tensor.shape[0]
-            else:                      # nf4: two weights a byte, one fp32 absmax per block of 64
-                total += tensor.numel() // 2 + 4 * math.ceil(tensor.numel() / 64)
-    return total
-
-
-class _ShapeCache:
-    """Stands in for a FeatureCache: tokens of the right shape (``lengths``: per key, or one for all)."""
-
-    def __init__(self, lengths, width: int):
-        self.length = (lambda key: lengths) if isinstance(lengths, int) else lengths.__getitem__
-        self.width, self.failed = width, {}
-
-    def lookup(self, keys: list[str], prefix: str) -> dict:
-        n = max(map(self.length, keys))
-        return {f"{prefix}_tokens": torch.zeros(len(keys), n, self.width, device="meta"),
-                f"{prefix}_mask": torch.ones(len(keys), n, dtype=torch.bool, device="meta")}
-
-    def nbytes(self, keys) -> int:
-        return sum(map(self.length, set(keys))) * self.width * 4   # fp32, padding dropped
-
-
-class _ShapeBatcher(Batcher):
-    """The trainer's batcher, with pixels as meta tensors of their real shape (no image is read)."""
-
-    def vision_inputs(self, images, pixels=None) -> dict:
-        if "vision" in self.caches:
-            return self.caches["vision"].lookup(images, "vision")
-        size = self.model.towers["vision"].processor.size
-        return {"pixel_values": torch.zeros(len(images), 3, size, size, device="meta")}
-
-    def __call__(self, examples):
-        return {k: v.to("meta") for k, v in super().__call__(examples).items()}
-
-
-def most_per_batch(examples, batches, text_of) -> dict:
-    """The most rows, distinct images and distinct texts that any one batch (index lists) holds."""
-    counts = [(len(b), len({str(examples[i]["image"]) for i in b}), len({text_of(examples[i]) for i in b}))
-              for b in batches]
-    return dict(zip(("rows", "images", "texts"), map(max, zip(*counts))))
 
 
 class Planner:
@@ -257,6 +165,8 @@ class Planner:
         if device not in ("cuda", "cpu"):
             raise PeftmmError(f"device {device!r}: plan for cuda or cpu")
         towers = {name: empty_tower(name, getattr(recipe, name), _task_needs_lm(recipe)) for name in TOWERS}
+        for name, tower in towers.items():
+            emulate_bitsandbytes(tower.model, getattr(recipe, name).precision, device)
         with Meter():   # (methods find their places with a forward pass, on meta tensors here)
             model = MultimodalModel.build(recipe, splits.labels, device="meta", towers=towers)
         task, spec = model.task, recipe.train
@@ -272,55 +182,77 @@ class Planner:
         def batch(most, pool):   # the most images and texts of one batch, the longest texts
             images = list(dict.fromkeys(str(e["image"]) for e in pool))[: most["images"]]
             texts = longest[: most["texts"]]
-            return _ShapeBatcher(model, caches)([{**pool[i % len(pool)], "image": images[i % len(images)],
+            return ShapeBatcher(model, caches)([{**pool[i % len(pool)], "image": images[i % len(images)],
                                                   "text": texts[i % len(texts)]} for i in range(most["rows"])])
 
         distinct = id if own_text else key
         train_most = most_per_batch(splits.train, self.train_batches(spec), distinct)
-        ordered, size = sorted(splits.val, key=lambda e: str(e["image"])), spec.eval_batch_size  # evaluate's order
-        eval_most = most_per_batch(ordered, [range(i, min(i + size, len(ordered)))
-                                             for i in range(0, len(ordered), size)], distinct)
+        size = spec.eval_batch_size   # validation each epoch and the test split at the end, in evaluate's order
+        ordered = [sorted(split, key=lambda e: str(e["image"])) for split in (splits.val, splits.test) if split]
+        eval_most = {k: max(most_per_batch(o, [range(i, min(i + size, len(o))) for i in range(0, len(o), size)],
+                                           distinct)[k] for o in ordered) for k in ("rows", "images", "texts")}
         mixed = {"auto": "bf16", "bf16": "bf16", "fp16": "fp16"}.get(spec.mixed_precision) if device == "cuda" else None
         casts = partial(autocast, {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed]) if mixed else nullcontext
         trainable = [p for p in model.parameters() if p.requires_grad]
-        phases = {"a training step": self._step(model, lambda: batch(train_most, splits.train), trainable, casts)}
-        phases["an evaluation batch"] = self._step(model, lambda: batch(eval_most, ordered), None, casts)
-        for name in caches:      # encoding one batch for the feature cache (no autocast: towers run bare)
-            tower, size = model.towers[name], model.towers["vision"].processor.size
-            with Meter() as meter, torch.no_grad():
-                inputs = ({"pixel_values": torch.zeros(CACHE_BATCH, 3, size, size, device="meta")} if name == "vision"
-                          else tower.tokenize(longest[:CACHE_BATCH], recipe.text.max_length))
-                tower(**{k: v.to("meta") for k, v in inputs.items()})
-            phases[f"caching {name} features"] = meter.peak
-        phase = max(phases, key=phases.get)
-
         weights = sum(p.numel() * p.element_size() for p in trainable)
+        caching = {f"caching {name} features": name for name in caches}
+        phases, traces = {}, {}
+        for phase, name in caching.items():   # encoding one batch for the feature cache (towers run bare)
+            phases[phase], traces[phase] = self._cache_batch(model.towers[name], longest, recipe.text.max_length,
+                                                             sum(lengths.values()) / max(len(lengths), 1))
+        for phase, make, train in (("a training step", lambda: batch(train_most, splits.train), trainable),
+                                   ("an evaluation batch", lambda: batch(eval_most, sum(ordered, [])), None)):
+            phases[phase], traces[phase] = self._step(model, make, train, casts)
+        held = {}
+        if device == "cpu":
+            phases["writing a checkpoint"] = 3 * 4 * weights   # (plan_meter.checkpoint_trace)
+            held = self._timeline(traces, caching, trainable, key, size)
+            phase = held["peak_phase"]
+        else:
+            phase = max(phases, key=phases.get)
+
         cached = {name: cache.nbytes(str(e["image"]) if name == "vision" else key(e) for e in everything)
                   for name, cache in caches.items()}
         parts = [Part(f"{name} weights (frozen, {getattr(recipe, name).precision})",
                       weight_bytes(model.towers[name].model, getattr(recipe, name).precision),
                       getattr(recipe, name).backbone) for name in TOWERS]
+        if device == "cpu":
+            pages = {name: quantised_source_bytes(model.towers[name].model, getattr(recipe, name).precision,
+                                                  model.towers[name].file_itemsize) for name in TOWERS}
+            parts.append(Part("weight files kept mapped", sum(pages.values()),
+                              "pages int8/nf4 was quantised from: " + ", ".join(
+                                  f"{n} {format_size(b)}" for n, b in pages.items() if b) if any(pages.values())
+                              else "none: no tower quantised"))
+        cache_note = ", ".join(f"{n} {format_size(b)}" for n, b in cached.items()) or "no tower cached"
         parts += [Part("trainable weights", weights, f"{sum(p.numel() for p in trainable):,} parameters"),
                   Part("gradients", weights, "one per trainable weight"),
                   Part("AdamW states", 2 * weights, "two moments per trainable weight"),
                   Part("fp32 master copies", 0, "none: AdamW updates the trainable weights in place, in their dtype"),
-                  Part("feature cache", sum(cached.values()),
-                       ", ".join(f"{n} {format_size(b)}" for n, b in cached.items()) or "no tower cached"),
-                  Part("activations", phases[phase], f"peak of {phase}")]
+                  Part("best epoch's weights", weights, "the trainable weights of the best epoch so far, a copy"),
+                  Part("feature cache", sum(cached.values()), cache_note) if device == "cpu" else
+                  Part("feature cache", 0, "in host memory, not on the card" + (f": {cache_note}" if cached else "")),
+                  Part("activations", held["own"] if held else phases[phase],
+                       f"alive at the peak, in {phase}" if held else f"peak of {phase}")]
+        if device == "cpu":
+            parts.append(Part("freed memory malloc keeps", held["free_at_peak"],
+                              f"freed heap chunks glibc malloc holds at the peak (replayed: {held['steps']} steps)"))
         parts.append(Part("allocator overhead", int(ALLOCATOR_SLACK * sum(p.bytes for p in parts)),
                           "10%: " + ("the caching allocator's rounding and fragmentation" if device == "cuda"
-                                     else "freed blocks malloc keeps, copies made while loading")))
+                                     else "malloc's fragmentation, copies made while loading")))
         parts.append(Part("CUDA context", CUDA_CONTEXT, "runtime and library workspaces") if device == "cuda" else
                      Part("process baseline", process_baseline() if baseline is None else baseline,
                           "Python, torch, transformers and the data"))
         return Estimate(recipe.name, device, parts, {
-            "train_batch": train_most, "eval_batch": eval_most, "phases": phases, "cached": sorted(caches),
-            "longest_text_tokens": lengths[longest[0]] if longest else 0, "mixed_precision": mixed or "no",
-            "checkpointed": [n for n, t in model.towers.items() if t.checkpointed]})
+            "train_batch": train_most, "eval_batch": eval_most, "trainable_params": sum(p.numel() for p in trainable),
+            "phases": phases, "peak_phase": phase, **held,
+            "cached": sorted(caches), "longest_text_tokens": lengths[longest[0]] if longest else 0,
+            "mixed_precision": mixed or "no", "checkpointed": [n for n, t in model.towers.items() if t.checkpointed],
+            "offline": {n: getattr(recipe, n).backbone for n, t in towers.items() if t.offline}})
 
     @staticmethod
-    def _step(model, make_batch, trainable, casts) -> int:
-        """Peak bytes of one batch: forward (and backward, given ``trainable``) on the meta device."""
+    def _step(model, make_batch, trainable, casts) -> tuple[int, list]:
+        """Peak bytes of one batch, and its trace (plan_meter.Meter): forward (and backward, given
+        ``trainable``) on the meta device."""
         model.train(trainable is not None)
         with Meter() as meter, torch.set_grad_enabled(trainable is not None), casts():
             hooks = meter.watch_gradients(trainable or [])
@@ -331,7 +263,50 @@ class Planner:
             del batch, outputs
         for hook in hooks:
             hook.remove()
-        return meter.peak
+        for p in trainable or []:
+            p.grad = None
+        return meter.peak, meter.trace()
+
+    @staticmethod
+    def _cache_batch(tower, longest, max_length, mean_tokens) -> tuple[int, list]:
+        """One batch of FeatureCache.fill: inputs, the tower, one entry per input (kept: never
+        freed in the trace), without padding (texts: ``mean_tokens`` each)."""
+        with Meter() as meter, torch.no_grad():
+            if tower.name == "vision":
+                size = tower.processor.size
+                inputs = {"pixel_values": torch.stack([torch.zeros(3, size, size, device="meta")
+                                                       for _ in range(CACHE_BATCH)])}
+            else:
+                inputs = {k: v.to("meta") for k, v in tower.tokenize(longest[:CACHE_BATCH], max_length).items()}
+            tokens, mask = tower(**inputs)
+            n = tokens.shape[1] if tower.name == "vision" else max(1, round(mean_tokens))
+            entries = [t[:n].clone() for t in tokens]
+            del inputs, tokens, mask
+        del entries
+        return meter.peak, meter.trace()
+
+    def _timeline(self, traces, caching, trainable, key, eval_size) -> dict:
+        """CPU: the phases in the trainer's order through plan_meter's malloc model: the caches of
+        train and val filled batch by batch, training steps, validation, a checkpoint, the test
+        split cached and evaluated."""
+        traces["writing a checkpoint"] = checkpoint_trace([p.numel() * p.element_size() for p in trainable] * 4)
+
+        def fill(examples):   # whole batches, then the last one keeping only its own entries
+            out = []
+            for phase, name in caching.items():
+                n, trace = len({str(e["image"]) if name == "vision" else key(e) for e in examples}), traces[phase]
+                kept = sorted({s for s, size in trace if size is not None} - {s for s, size in trace if size is None})
+                out.append((phase, n // CACHE_BATCH, trace))
+                if n % CACHE_BATCH:
+                    dropped = set(kept[n % CACHE_BATCH - CACHE_BATCH:])
+                    out.append((phase, 1, [e for e in trace if e[0] not in dropped]))
+            return out
+
+        splits, evaluation = self.splits, traces["an evaluation batch"]
+        return replay_run([*fill(splits.train + splits.val), ("a training step", None, traces["a training step"]),
+                           ("an evaluation batch", -(-len(splits.val) // eval_size), evaluation),
+                           ("writing a checkpoint", 1, traces["writing a checkpoint"]),
+                           *fill(splits.test), ("an evaluation batch", -(-len(splits.test) // eval_size), evaluation)])
 
     @staticmethod
     def _caches(model, recipe, lengths) -> dict:
@@ -339,12 +314,12 @@ class Planner:
         out = {name: model.towers[name] for name in TOWERS if not model.has_trainable(name)
                and getattr(recipe, name).cache_features and name in getattr(model.task, "cached_towers", TOWERS)}
         if "text" in out:
-            out["text"] = _ShapeCache(lengths, out["text"].info.hidden_size)
+            out["text"] = ShapeCache(lengths, out["text"].info.hidden_size)
         if "vision" in out:
             with Meter(), torch.no_grad():
                 size = out["vision"].processor.size
                 tokens = out["vision"](pixel_values=torch.zeros(1, 3, size, size, device="meta"))[0]
-            out["vision"] = _ShapeCache(tokens.shape[1], tokens.shape[2])
+            out["vision"] = ShapeCache(tokens.shape[1], tokens.shape[2])
         return out
 
     def suggestions(self, estimate: Estimate, budget: int, baseline: int | None = None) -> list[Suggestion]:

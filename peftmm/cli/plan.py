@@ -74,6 +74,9 @@ def render(estimate, budget: int, suggestions) -> str:
                   f"{d['train_batch']['images']} distinct images and {d['train_batch']['texts']} distinct texts "
                   f"(longest {d['longest_text_tokens']} tokens); cached: {', '.join(d['cached']) or 'nothing'}; "
                   f"checkpointed: {', '.join(d['checkpointed']) or 'nothing'}"]
+    if d.get("offline"):
+        lines += [f"planned without the hub: configs from peftmm/hub_configs for "
+                  f"{', '.join(sorted(set(d['offline'].values())))}; token counts approximated (they err long)"]
     if spare < 0:
         lines += ["", "What to turn (each alone, with the estimate after turning it):" if suggestions else
                   "No knob lowers this estimate; a larger card is needed."]
