@@ -184,6 +184,28 @@ def plan() -> str:
     return "\n".join(lines)
 
 
+def hub() -> str:
+    """``peftmm plan`` (cuda) for the recipes on real hub backbones, recipes/hub/ (bench/hub_plans.py)."""
+    data = json.loads((RESULTS / "hub_plans.json").read_text())
+    cards = list(next(iter(data.values()))["cards"])
+
+    def tower(r, name):
+        b = r["backbones"][name]
+        return f"{b['source']} ({b['precision']}, {' + '.join(b['methods']) or 'frozen'})"
+
+    lines = ["| recipe | vision | text | trainable | estimate | peak of | " + " | ".join(cards) + " |",
+             "|---|---|---|---:|---:|---|" + "---|" * len(cards)]
+    for r in sorted(data.values(), key=lambda r: r["file"]):
+        lines.append(f"| `{r['file']}` | {tower(r, 'vision')} | {tower(r, 'text')} | {r['trainable_params']:,} | "
+                     f"{r['total'] / 2**30:.2f} GiB | {r['peak_phase']} | " +
+                     " | ".join("yes" if fits else "no" for fits in r["cards"].values()) + " |")
+    offline = sorted({source for r in data.values() for source in r["offline_configs"].values()})
+    if offline:
+        lines += ["", f"Planned without the hub: the configs of {', '.join(offline)} came from `peftmm/hub_configs`, "
+                      "and token counts from its approximate tokenizer (they err long)."]
+    return "\n".join(lines)
+
+
 def _times(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}x"
 
@@ -247,9 +269,10 @@ def cache(data: dict | None = None) -> str:
 
 
 TABLES = {"methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime, "emoji": emoji,
-          "plan": plan, "peft": peft, "cache": cache}
+          "plan": plan, "peft": peft, "cache": cache, "hub": hub}
 FILES = {"methods": "methods.md", "walltime": "main_walltime.json", "emoji": "emoji_baselines.json",
-         "plan": "plan_check.json", "peft": "compare_peft.json", "cache": "cache_bench.json"}
+         "plan": "plan_check.json", "peft": "compare_peft.json", "cache": "cache_bench.json",
+         "hub": "hub_plans.json"}
 
 
 def render(text: str) -> str:
