@@ -268,8 +268,28 @@ def cache(data: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def distributed(data: dict | None = None) -> str:
+    """1 process against N: same recipe, seed and global batch (bench/distributed_check.py)."""
+    data = data or json.loads((RESULTS / "distributed.json").read_text())
+    lines = ["| recipe (overrides) | processes | wall | train loop | steps | test metric | largest weight "
+             "difference from 1 process | largest step-loss difference |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for check in data["checks"]:
+        label = f"{Path(check['recipe']).stem} (`{' '.join(check['overrides'])}`)"
+        for r in check["runs"]:
+            metric = next(k for k in ("test_accuracy", "test_mean_recall", "test_unigram_f1") if k in r["metrics"])
+            against = r.get("against_1")
+            weights = (f"{against['max_weight_diff']:.2g} (`{against['max_weight_diff_tensor']}`, of weights up to "
+                       f"{against['max_weight']:.2f})" if against else "")
+            losses = f"{against['max_step_loss_diff']:.2g}" if against else ""
+            lines.append(f"| {label} | {r['processes']} | {r['wall_seconds']:.0f} s | {r['train_seconds']:.1f} s | "
+                         f"{r['steps']} | {metric[5:].replace('_', ' ')} {100 * r['metrics'][metric]:.2f}% | "
+                         f"{weights} | {losses} |")
+            label = ""
+    return "\n".join(lines)
+
+
 TABLES = {"methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime, "emoji": emoji,
-          "plan": plan, "peft": peft, "cache": cache, "hub": hub}
+          "plan": plan, "peft": peft, "cache": cache, "distributed": distributed, "hub": hub}
 FILES = {"methods": "methods.md", "walltime": "main_walltime.json", "emoji": "emoji_baselines.json",
          "plan": "plan_check.json", "peft": "compare_peft.json", "cache": "cache_bench.json",
          "hub": "hub_plans.json"}
