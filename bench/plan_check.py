@@ -11,7 +11,7 @@ Per recipe, one process after another (so they do not share memory or cores):
    process baseline that the estimating process measured on itself.
 2. `peftmm train RECIPE --set train.max_steps=3` runs in a child process (the real CLI, with two
    memory probes added): everything a run does, feature caching, 3 training steps, validation,
-   test caching and evaluation, and the bundle. Measured:
+   a checkpoint, test caching and evaluation, and the bundle. Measured:
    - raw: the child's maximum resident set size, from the kernel when it exits (what
      /usr/bin/time reports as "Maximum resident set size");
    - baseline: its resident size once the libraries are imported and the data is loaded (sampled
@@ -20,7 +20,8 @@ Per recipe, one process after another (so they do not share memory or cores):
 3. raw is compared with the estimate's total, above-baseline with the estimate less its baseline;
    the issue asks for both to be within 25%.
 
-Results are merged by recipe into bench/results/plan_check.json.
+Results are merged by recipe into bench/results/plan_check.json. The recipes in recipes/hub/
+need the Hugging Face Hub to train and are not run (bench/hub_plans.py estimates them).
 """
 
 from __future__ import annotations

@@ -181,6 +181,12 @@ def plan() -> str:
         lines.append(f"| {name} | {_mib(r['estimate_total'])} | {_mib(r['raw_max_rss'])} | "
                      f"{100 * r['error_raw']:+.1f}% | {_mib(r['estimate_above_baseline'])} | "
                      f"{_mib(r['above_baseline'])} | {100 * r['error_above_baseline']:+.1f}% |")
+    worst = {k: max(data.values(), key=lambda r: abs(r[f"error_{k}"])) for k in ("raw", "above_baseline")}
+    inside = sum(r["within_25pct_raw"] and r["within_25pct_above_baseline"] for r in data.values())
+    lines += ["", f"{inside} of {len(data)} recipes within 25% both ways; the largest errors: "
+                  f"{100 * worst['raw']['error_raw']:+.1f}% of the max RSS ({worst['raw']['recipe']}), "
+                  f"{100 * worst['above_baseline']['error_above_baseline']:+.1f}% above baseline "
+                  f"({worst['above_baseline']['recipe']})."]
     return "\n".join(lines)
 
 

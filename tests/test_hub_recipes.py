@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from peftmm import hub_configs, plan
+from peftmm import hub_configs, plan, recipe_from_dict
 from peftmm.backbones import blueprint
 from peftmm.cli import main
 from peftmm.plan import Planner
@@ -35,6 +35,7 @@ def test_each_hub_recipe_says_it_needs_the_hub_and_has_its_configs():
         header = path.read_text().split("\nname:")[0]
         assert "Needs Hugging Face Hub access" in header, path.name
         recipe = load(path)
+        assert recipe_from_dict(recipe.to_dict()).to_dict() == recipe.to_dict()
         for name in ("vision", "text"):
             assert hub_configs.folder_for(getattr(recipe, name).backbone) is not None, (path.name, name)
 
