@@ -54,7 +54,7 @@ class ResumableBatches(torch.utils.data.Sampler):
     def __init__(self, batches, generator: torch.Generator):
         self.batches, self.generator, self.skip = batches, generator, 0
         self.batch_size = getattr(batches, "batch_size", None)
-        self.sampler = getattr(batches, "sampler", None)   # what accelerate looks for under several processes
+        self.sampler = getattr(batches, "sampler", None)   # accelerate's loader wrapper looks for it (get_sampler)
 
     def __iter__(self):
         skip, self.skip = self.skip, 0

@@ -28,7 +28,8 @@ def train(recipe, overrides, output, resume, num_processes, no_progress):
     checkpoint and ends as it would have without the interruption.
 
     Several processes: --num-processes N, or `accelerate launch [--config_file F] -m peftmm train
-    RECIPE` (DDP, FSDP, DeepSpeed: see the README). The global batch stays train.batch_size."""
+    RECIPE` (DDP; FSDP and DeepSpeed configs are refused: see the README). The global batch
+    stays train.batch_size."""
     from ..distributed import launched, relaunch
     from ..recipe import load
     from ..trainer import default_run_dir, train as run_training
