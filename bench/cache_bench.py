@@ -10,6 +10,9 @@ train, so peftmm runs it once per distinct image and caches its tokens. Two runs
 train``, each in its own process (bench/compare_peft.py's probed child), one after the other:
 
 - ``cache``: the recipe as it is;
+- ``disk-cold`` then ``disk-warm``: the recipe with ``train.feature_cache_dir`` (a fresh folder):
+  the first run encodes and writes the features, the second reads them back instead of
+  encoding (its "cache fill" is the reading); its numbers must equal the first's;
 - ``no-cache``: ``--set vision.cache_features=false --set text.cache_features=false``, so the
   frozen towers run on every batch, as they would without peftmm's cache.
 
@@ -37,7 +40,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_peft import ROOT, spawn  # noqa: E402  (the probed child and its runner)
 
-RUNS = {"cache": [], "no-cache": ["vision.cache_features=false", "text.cache_features=false"]}
+RUNS = {"cache": [], "disk-cold": ["train.feature_cache_dir={scratch}/features"],
+        "disk-warm": ["train.feature_cache_dir={scratch}/features"],
+        "no-cache": ["vision.cache_features=false", "text.cache_features=false"]}
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -84,7 +89,8 @@ def compare(a: dict, b: dict) -> dict:
 
 def run(name: str, recipe: Path, overrides: list[str], scratch: Path, out: Path) -> dict:
     run_dir = scratch / name
-    payload = {"name": name, "kind": "peftmm", "recipe": str(recipe), "overrides": overrides + RUNS[name],
+    payload = {"name": name, "kind": "peftmm", "recipe": str(recipe),
+               "overrides": overrides + [o.format(scratch=scratch) for o in RUNS[name]],
                "run_dir": str(run_dir)}
     report = spawn(payload, out / "runs" / "cache_bench" / f"{name}.log")
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -111,7 +117,15 @@ def summary(runs: dict) -> dict:
     return {"per_epoch": per_epoch, "cache_first_epoch_with_fill_seconds": round(first, 3) if first else None,
             "first_epoch_no_cache_over_cache_with_fill": per_epoch[0]["no_cache_seconds"] / first if first else None,
             "whole_run_no_cache_over_cache": plain["wall_seconds"] / cached["wall_seconds"],
-            "metrics": compare(cached["numbers"], plain["numbers"])}
+            "metrics": compare(cached["numbers"], plain["numbers"])} | (_disk(runs) if "disk-warm" in runs else {})
+
+
+def _disk(runs: dict) -> dict:
+    cold, warm = runs["disk-cold"], runs["disk-warm"]
+    return {"disk_fill_cold_over_warm": cold["cache_fill_seconds"] / max(warm["cache_fill_seconds"], 1e-9),
+            "disk_whole_run_cold_over_warm": cold["wall_seconds"] / warm["wall_seconds"],
+            "disk_warm_vs_cold_metrics": compare(cold["numbers"], warm["numbers"]),
+            "disk_warm_vs_memory_metrics": compare(runs["cache"]["numbers"], warm["numbers"])}
 
 
 def main() -> None:

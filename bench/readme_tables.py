@@ -253,11 +253,16 @@ def cache(data: dict | None = None) -> str:
     metric = next((k for k in runs["cache"]["primary"] if k != "test_loss"), "test_loss")
     lines = [f"| {data['recipe']} | cache fill (train + val) | " + " | ".join(f"epoch {e}" for e in epochs) +
              f" | whole run | test {metric[5:].replace('_', ' ')} |", "|---|" + "---:|" * (len(epochs) + 3)]
-    for name, label, key in (("cache", "with the cache (default)", "cache_seconds"),
-                             ("no-cache", "`cache_features: false`", "no_cache_seconds")):
+    for name, label in (("cache", "with the cache (default, in memory)"),
+                        ("disk-cold", "`train.feature_cache_dir`, first run (writes)"),
+                        ("disk-warm", "`train.feature_cache_dir`, second run (reads)"),
+                        ("no-cache", "`cache_features: false`")):
+        if name not in runs:
+            continue
         r = runs[name]
         fill = f"{r['cache_fill_seconds']:.1f} s" if r["cache_fill_seconds"] else "–"
-        lines.append(f"| {label} | {fill} | " + " | ".join(f"{e[key]:.1f} s" for e in summary["per_epoch"]) +
+        lines.append(f"| {label} | {fill} | " + " | ".join(f"{e['loop_seconds'] + (e['val_seconds'] or 0):.1f} s"
+                                                         for e in r["epochs"]) +
                      f" | {r['wall_seconds']:.0f} s | {100 * r['primary'][metric]:.2f}% |")
     lines.append("| no cache / cache | | " + " | ".join(_times(e["no_cache_over_cache"]) for e in summary["per_epoch"])
                  + f" | {_times(summary['whole_run_no_cache_over_cache'])} | |")
@@ -271,6 +276,15 @@ def cache(data: dict | None = None) -> str:
               f"with the cache, fill included, took {summary['cache_first_epoch_with_fill_seconds']:.1f} s "
               f"(no cache / cache: {_times(summary['first_epoch_no_cache_over_cache_with_fill'])}). "
               f"Final metrics: {same}."]
+    if "disk_warm_vs_cold_metrics" in summary:
+        warm = summary["disk_warm_vs_cold_metrics"]
+        lines[-1] += (f" On disk: the second run read the features in "
+                      f"{runs['disk-warm']['cache_fill_seconds']:.1f} s instead of encoding them in "
+                      f"{runs['disk-cold']['cache_fill_seconds']:.1f} s "
+                      f"({_times(summary['disk_fill_cold_over_warm'])}; whole run "
+                      f"{_times(summary['disk_whole_run_cold_over_warm'])}), and its numbers are "
+                      + ("identical to the first's." if warm["identical"] else
+                         f"not identical to the first's (largest difference {warm['max_abs_diff']:.2g})."))
     return "\n".join(lines)
 
 
