@@ -285,7 +285,32 @@ def cache(data: dict | None = None) -> str:
                       f"{_times(summary['disk_whole_run_cold_over_warm'])}), and its numbers are "
                       + ("identical to the first's." if warm["identical"] else
                          f"not identical to the first's (largest difference {warm['max_abs_diff']:.2g})."))
+        lines[-1] += " " + _reproducibility(runs)
     return "\n".join(lines)
+
+
+def _first_step_apart(a: dict, b: dict) -> tuple[int, float] | None:
+    """The first step whose logged loss differs between two runs' numbers, and by how much."""
+    steps = sorted(int(k.split()[1]) for k in a if k.startswith("step ") and k in b)
+    return next(((s, abs(a[f"step {s} loss"] - b[f"step {s} loss"])) for s in steps
+                 if a[f"step {s} loss"] != b[f"step {s} loss"]), None)
+
+
+def _reproducibility(runs: dict) -> str:
+    """Whether the runs' differences come from the cache: the in-memory and the first disk run
+    compute the same features the same way, so anything between them is the training itself."""
+    same = _first_step_apart(runs["cache"]["numbers"], runs["disk-cold"]["numbers"])
+    if same is None:
+        return "The in-memory run and the first disk run (the same features, computed the same way) are identical."
+    names = list(runs)
+    pairs = [_first_step_apart(runs[x]["numbers"], runs[y]["numbers"]) for i, x in enumerate(names)
+             for y in names[i + 1:]]
+    agree = min(p[0] for p in pairs if p) - 1
+    accuracy = [r["primary"]["test_accuracy"] for r in runs.values() if "test_accuracy" in r["primary"]]
+    return (f"The in-memory run and the first disk run compute the same features the same way, yet their step "
+            f"losses part at step {same[0]} (by {same[1]:.1g}); every pair of runs agrees for the first {agree} "
+            f"steps, then drifts at float precision (test accuracy within {100 * (max(accuracy) - min(accuracy)):.1f} "
+            "points): the training itself is not bit-reproducible run to run here, cache or not.")
 
 
 def distributed(data: dict | None = None) -> str:
