@@ -65,8 +65,6 @@ def gather_rows(tensor: torch.Tensor, accelerator, grad: bool = False) -> torch.
     every process computed for them)."""
     if accelerator.num_processes == 1:
         return tensor
-    import torch.distributed as dist
-
     tensor = tensor.to(accelerator.device)      # NCCL gathers on the GPU only
     shape = torch.zeros(MAX_DIMS + 1, dtype=torch.long, device=tensor.device)
     shape[0], shape[1: tensor.dim() + 1] = tensor.dim(), torch.tensor(tensor.shape)
@@ -76,13 +74,34 @@ def gather_rows(tensor: torch.Tensor, accelerator, grad: bool = False) -> torch.
     if not tensor.numel():
         tensor = tensor.reshape(0, *row)
     padded = torch.cat([tensor, tensor.new_zeros((max(sizes) - tensor.shape[0], *row))])
-    if grad:
-        from torch.distributed.nn.functional import all_gather
-        parts = all_gather(padded)
-    else:
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded.contiguous())
+    parts = _GatherWithGrad.apply(padded) if grad else _all_gather(padded)
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's ``tensor`` (same shape everywhere), stacked in process order."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each process the gradient of its own rows, summed over
+    the processes (each computed the whole loss from everyone's rows)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return _all_gather(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
 
 
 def batch_loss(task, outputs: torch.Tensor, targets: torch.Tensor, accelerator) -> tuple[torch.Tensor, float]:

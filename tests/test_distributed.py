@@ -99,6 +99,7 @@ def _gradient_worker(rank: int, world: int, port: int, out: str) -> None:
         results[kind] = {"logged": logged, "grads": [p.grad.tolist() for p in layer.parameters()]}
     if rank == 0:
         Path(out).write_text(json.dumps(results))
+    torch.distributed.barrier()     # neither process tears the group down while the other still uses it
     torch.distributed.destroy_process_group()
 
 
