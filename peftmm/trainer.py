@@ -334,14 +334,16 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     fill_caches(caches, core, splits.test, accelerator.device, progress and main, on_bad)
     test = evaluate(core, splits.test, Batcher(core, caches, skips["test"]), spec.eval_batch_size,
                     accelerator.device, progress=progress and main, desc="test", accelerator=accelerator)
-    if skips["test"].merged(accelerator).line("test"):
-        log(skips["test"].merged(accelerator).line("test"))
+    # what every process left out, together (one gather per split: see SplitLog.merged)
+    merged = {name: skips[name].merged(accelerator) for name in ("train", "val", "test")}
+    if merged["test"].line("test"):
+        log(merged["test"].line("test"))
     metrics = {f"test_{k}": v for k, v in test.items()} | {
         f"val_{core.task.primary_metric}": best["score"], "best_epoch": best["epoch"],
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "train_seconds": round(train_seconds, 1), "steps": run.step,
         # distinct examples left out over the whole run, and texts cut at text.max_length, per split
-        **{f"skipped_{name}": len(skips[name].merged(accelerator).ever) for name in ("train", "val", "test")},
+        **{f"skipped_{name}": len(log_.ever) for name, log_ in merged.items()},
         **{f"truncated_{name}": n for name, n in truncated.items()},
     } | ({"init_from": initialised["bundle"]} if initialised else {})
     record({"final": metrics})
