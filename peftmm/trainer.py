@@ -75,7 +75,6 @@ def _prepare(accelerator, model, optimizer, loader, scheduler):
                                                       device_placement=[False, True, True])
     loader = prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
                                  put_on_device=True, rng_types=None)
-    accelerator._dataloaders.append(loader)
     return model, optimizer, loader, scheduler
 
 
