@@ -52,6 +52,32 @@ def test_infonce_trains_and_reloads_exactly(tiny_models, tmp_path):
     assert torch.equal(logits(predictor.model, batch_of(predictor.model, examples)), logits(model, batch))
 
 
+def test_locked_text_side_keeps_the_text_towers_space(tiny_models, tmp_path):
+    """text_projection: false: texts embed as the frozen text tower's own pooled output; only the
+    image side (and the temperature) trains, into that space."""
+    torch.manual_seed(0)
+    data = _retrieval(tiny_models)
+    data["fusion"]["text_projection"] = False
+    recipe, model, splits = build(data)
+    assert not any(name.startswith("fusion.text_proj") for name, p in model.named_parameters() if p.requires_grad)
+    examples = []
+    for e in splits.train:
+        if all(e["image"] != x["image"] and e["text"] != x["text"] for x in examples):
+            examples.append(e)
+    batch = batch_of(model, examples[:8])
+    images_before, texts_before = split_embeddings(logits(model, batch))
+    assert images_before.shape[-1] == model.towers["text"].info.hidden_size   # images land in the text space
+    losses = overfit(model, batch, steps=30)
+    assert losses[-1] < 0.7 * losses[0], losses
+    images_after, texts_after = split_embeddings(logits(model, batch))
+    normalised = torch.nn.functional.normalize
+    assert torch.allclose(normalised(texts_after, dim=-1), normalised(texts_before, dim=-1), atol=1e-6)
+    assert not torch.allclose(normalised(images_after, dim=-1), normalised(images_before, dim=-1), atol=1e-3)
+    save_bundle(model, recipe, tmp_path / "bundle")
+    predictor = Predictor.load(tmp_path / "bundle", device="cpu")
+    assert torch.equal(logits(predictor.model, batch_of(predictor.model, examples[:8])), logits(model, batch))
+
+
 def test_retrieval_needs_dual_projection(tiny_models):
     data = _retrieval(tiny_models)
     data["fusion"] = {"type": "gated-cross-attention", "dim": 32, "heads": 2}

@@ -4,6 +4,13 @@ The fusion for contrastive tasks (retrieval, zero-shot classification): the imag
 of an example are embedded independently, so a text can be scored against any image. Output is
 ``[image embedding, text embedding]`` side by side, each L2-normalised; the task head scales
 them (see tasks/retrieval.py).
+
+``text_projection: false`` keeps the text side locked: a text's embedding is the text tower's
+own mean-pooled output, and only the image side learns to map into that space (LiT's locked
+tower, on the text side). Trained on a few thousand pairs, a text projection bends the sentence
+space around the training captions; without one, a caption never seen in training keeps the
+place the text model gives it, next to the captions it resembles. Measured on the emoji family
+split (bench/emoji_tasks.py): see the README's retrieval table.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ class DualProjection(nn.Module):
     class Config:
         dim: int = field(default=256, metadata={"min": 8})
         projection: Literal["linear", "mlp"] = "linear"  # linear heads were 3 points better (NOTES)
+        text_projection: bool = True   # false: texts stay in the text tower's space (dim = its width)
 
     def __init__(self, config, vision_dim: int, text_dim: int):
         super().__init__()
-        self.vision_proj = _projection(vision_dim, config.dim, config.projection)
-        self.text_proj = _projection(text_dim, config.dim, config.projection)
-        self.out_dim = 2 * config.dim
+        dim = config.dim if config.text_projection else text_dim
+        self.vision_proj = _projection(vision_dim, dim, config.projection)
+        self.text_proj = _projection(text_dim, dim, config.projection) if config.text_projection else nn.Identity()
+        self.out_dim = 2 * dim
 
     def embed_images(self, vision, vision_mask) -> torch.Tensor:
         return F.normalize(self.vision_proj(masked_mean(vision, vision_mask)), dim=-1)
