@@ -234,17 +234,18 @@ def bundle_summary(path: str | Path) -> dict:
     config = read_config(path)
     header = read_header(path)
     _check_checksum(path, header)
-    groups = {"vision": 0, "text": 0, "fusion": 0, "head": 0}
+    groups = {"vision": 0, "text": 0, "fusion": 0, "head": 0, "memory": 0}
     total = tensors = 0
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         count = math.prod(entry["shape"])
         tensors += 1
-        total += count
         prefix = name.split(".", 1)[0]
         if prefix in groups:
             groups[prefix] += count
+        if prefix != "memory":   # built from the training data, not trained
+            total += count
     recipe = config["recipe"]
     towers = {}
     for tower in TOWERS:
@@ -262,7 +263,7 @@ def bundle_summary(path: str | Path) -> dict:
         "towers": towers,
         "fusion": {**fusion, "trainable_params": groups["fusion"]},
         "head": {**{k: v for k, v in task.items() if k != "type"}, "trainable_params": groups["head"]},
-        "trainable_params": total, "tensors": tensors,
+        "trainable_params": total, "tensors": tensors, "memory_values": groups["memory"],
         "files": files, "total_bytes": sum(files.values()),
         "metrics": config.get("metrics", {}),
     }
@@ -294,12 +295,28 @@ def load_bundle(path: str | Path, device="cpu", backbones: dict[str, str] | None
     try:
         for name, tower in model.towers.items():
             check_fingerprint(config, name, tower, path)
+        _load_memory(model, tensors, config, path)
         model.load_trainable_state_dict(tensors, where=str(path / WEIGHTS))
     except BaseException:
         model.remove_methods()
         raise
     model.eval()
     return model, recipe, config
+
+
+def _load_memory(model, tensors: dict[str, torch.Tensor], config: dict, path: Path) -> None:
+    """Hand the ``memory.*`` tensors to the task (and out of ``tensors``)."""
+    from .model import MEMORY
+
+    memory = {k.split(".", 1)[1]: tensors.pop(k) for k in [k for k in tensors if k.split(".", 1)[0] == MEMORY]}
+    try:
+        model.task.load_memory(memory)
+    except KeyError as e:
+        raise BundleError(f"the {config['task']} task needs tensor {e.args[0]}, which this bundle lacks",
+                          str(path / WEIGHTS)) from None
+    if memory and not model.task.memory_tensors():
+        raise BundleError(f"unexpected memory tensors {sorted(memory)[:3]} for a model that keeps none",
+                          str(path / WEIGHTS))
 
 
 def check_fingerprint(config: dict, name: str, tower, path: Path) -> None:

@@ -47,12 +47,16 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
         methods = ", ".join(m["type"] for m in recipe[name]["methods"]) or "frozen"
         lines.append(f"| {name} | `{tower['backbone']}` | {tower['model_type']} | {tower['precision']} | "
                      f"{methods} | `{tower['fingerprint'][:16]}` |")
-    n = sum(t.numel() for t in tensors.values())
+    trained = {k: t for k, t in tensors.items() if not k.startswith("memory.")}
+    n = sum(t.numel() for t in trained.values())
     lines += ["", "## Training", "", f"- fusion: `{recipe['fusion']['type']}`",
               f"- data: {_DATASETS.get(recipe['data']['source'], recipe['data']['source'])}",
-              f"- trainable tensors saved: {len(tensors)} ({n:,} parameters)",
+              f"- trainable tensors saved: {len(trained)} ({n:,} parameters)",
               f"- epochs {recipe['train']['epochs']}, batch size {recipe['train']['batch_size']}, "
               f"lr {recipe['train']['lr']}, seed {recipe['train']['seed']}", ""]
+    if "memory.ids" in tensors:   # captioning's caption memory (tasks/caption_memory.py)
+        lines[-1:] = [f"- caption memory: {len(tensors['memory.ids']):,} training captions with their image "
+                      f"features, {recipe['task'].get('retrieved_captions')} retrieved per image", ""]
     if training and training.get("epochs"):
         metric = training["metric"]
         curve = ", ".join(f"{v:.4f}" for v in training["values"])

@@ -131,6 +131,7 @@ class Recipe:
         if allowed and self.fusion.type not in allowed:
             raise RecipeError(f"fusion.type = {self.fusion.type!r} cannot serve task {self.task.type!r}; "
                               f"use {' or '.join(allowed)}", self.source)
+        TASKS.get(self.task.type).check_recipe(self)
         if self.text.augment.active:
             raise RecipeError("text.augment: augmentation applies to images; set it under vision", self.source)
         for tower_name in ("vision", "text"):

@@ -239,6 +239,9 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     caches = build_caches(model, recipe, log, write=main)
     on_bad = cache_on_bad(recipe.data.on_bad_sample)
     fill_caches(caches, model, splits.train + splits.val, accelerator.device, progress and main, on_bad)
+    # After caching (captioning's memory reads the cached vision features); again on resume, from
+    # the same frozen features, so it comes out the same.
+    model.task.prepare(model, splits.train, Batcher(model, caches), accelerator.device, progress and main)
     tracker = SkipTracker(Batcher(model, caches, skips["train"]))
     loader, batches = train_loader(splits.train, spec, tracker, accelerator.num_processes,
                                    accelerator.process_index)

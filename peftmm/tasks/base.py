@@ -27,6 +27,21 @@ class Task:
     def build_head(self, in_dim: int) -> torch.nn.Module:
         raise NotImplementedError
 
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        """Refuse task settings that do not fit the rest of the recipe (RecipeError)."""
+
+    def prepare(self, model, examples: list[dict], batcher, device, progress: bool = False) -> None:
+        """Once before training, with the train examples (after feature caching): a task that
+        keeps state built from the data (captioning's caption memory) builds it here."""
+
+    def memory_tensors(self) -> dict[str, torch.Tensor]:
+        """Non-trainable tensors the task built in ``prepare``; bundles store them as ``memory.*``."""
+        return {}
+
+    def load_memory(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back what ``memory_tensors`` gave (from a bundle)."""
+
     def forward(self, model, batch: dict) -> torch.Tensor:
         # The batcher encodes each distinct image and text once; *_index maps examples to them.
         vision, vision_mask = model.encode("vision", batch)

@@ -19,6 +19,14 @@ A split is evaluated by generating one caption per distinct image and scoring it
 of that image's captions (exact match, BLEU-4, CIDEr-D, unigram F1: caption_metrics.py), plus
 the teacher-forced loss. Empty captions are skipped (no loss, no reference) and counted;
 captions longer than ``text.max_length`` allows are cut there and counted.
+
+With ``retrieved_captions: K`` the LM also reads the captions of the K training images most
+like this one (caption_memory.py), between the vision tokens and the prompt:
+
+    [vision tokens] [retrieved_prefix c1; c2; ...; cK] [prompt] [caption tokens] [EOS]
+
+The retrieved part differs in length per image; it is left-padded, and the teacher-forced pass
+then takes its positions from the attention mask (as generation does), so padding never shifts them.
 """
 
 from __future__ import annotations
@@ -32,9 +40,11 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..errors import DataError, PeftmmError
+from ..errors import DataError, PeftmmError, RecipeError
+from ..fusion import masked_mean
 from . import TASKS
 from .base import Task
+from .caption_memory import CaptionMemory, caption_hash
 from .caption_metrics import caption_metrics
 
 IGNORE = -100
@@ -52,12 +62,25 @@ class CaptioningTask(Task):
         prompt: str = "Describe the emoji:"
         max_new_tokens: int = field(default=24, metadata={"min": 1, "max": 1024})
         num_beams: int = field(default=1, metadata={"min": 1, "max": 32})   # 1: greedy decoding
+        # Retrieval augmentation (caption_memory.py): how many training captions of similar
+        # images the LM reads before the prompt (0: none), each cut to retrieved_max_tokens.
+        retrieved_captions: int = field(default=0, metadata={"min": 0, "max": 16})
+        retrieved_prefix: str = "Similar:"
+        retrieved_max_tokens: int = field(default=16, metadata={"min": 1, "max": 128})
 
     def __init__(self, config, labels: list[str]):
         super().__init__(config, labels)
         self.counts: Counter = Counter()   # "empty" and "truncated" captions seen since the last reset
         self._warned: set[str] = set()
         self.tokenizer = None              # the LM's, set on first use (decode needs it)
+        self.memory: CaptionMemory | None = None   # built by prepare or read from a bundle
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        if recipe.task.retrieved_captions and recipe.vision.methods:
+            raise RecipeError("task.retrieved_captions needs a frozen vision tower (its features key the caption "
+                              "memory, built once before training); remove vision.methods or set "
+                              "task.retrieved_captions: 0", recipe.source)
 
     def build_head(self, in_dim: int) -> nn.Module:
         return nn.Identity()  # the LM's own output layer is the head
@@ -91,7 +114,9 @@ class CaptioningTask(Task):
             ids[row, : len(prompt) + len(target)] = torch.tensor(prompt + target)
             mask[row, : len(prompt) + len(target)] = 1
             labels[row, : len(target)] = torch.tensor(target, dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        # An example never retrieves its own caption from the memory (see caption_memory.py).
+        hashes = torch.tensor([caption_hash(str(c or "")) for c in captions], dtype=torch.int64)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "caption_hash": hashes}
 
     def _prompt_ids(self, tok) -> list[int]:
         return tok(self.config.prompt, add_special_tokens=False)["input_ids"]
@@ -134,9 +159,71 @@ class CaptioningTask(Task):
         vision, vision_mask = model.encode("vision", batch)
         prefix, prefix_mask = model.fusion(vision, vision_mask)
         index = batch["image_index"]
-        text = lm.get_input_embeddings()(input_ids)
-        embeds = torch.cat([prefix[index].to(text.dtype), text], dim=1)
-        return embeds, torch.cat([prefix_mask[index].to(attention_mask.dtype), attention_mask], dim=1)
+        embed = lm.get_input_embeddings()
+        text = embed(input_ids)
+        parts, masks = [prefix[index].to(text.dtype)], [prefix_mask[index].to(attention_mask.dtype)]
+        if self.config.retrieved_captions:
+            ids, mask = self._retrieved(masked_mean(vision, vision_mask)[index], batch.get("caption_hash"))
+            parts.append(embed(ids.to(input_ids.device)))
+            masks.append(mask.to(attention_mask.device, attention_mask.dtype))
+        return torch.cat(parts + [text], dim=1), torch.cat(masks + [attention_mask], dim=1)
+
+    def _retrieved(self, pooled: torch.Tensor, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids ``[B, W]`` (left-padded) and mask of each row's retrieved captions."""
+        if self.memory is None:
+            raise PeftmmError("task.retrieved_captions: this model has no caption memory (it is built from the "
+                              "training split when training starts, and saved in the bundle)")
+        tok = self.tokenizer
+        head = tok(self.config.retrieved_prefix, add_special_tokens=False)["input_ids"]
+        separator = tok(";", add_special_tokens=False)["input_ids"]
+        rows = []
+        for nearest in self.memory.nearest(pooled, self.config.retrieved_captions, exclude).tolist():
+            row = list(head)
+            for position, entry in enumerate(nearest):
+                row += (separator if position else []) + self.memory.captions_ids(entry)
+            rows.append(row)
+        width = max(map(len, rows))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else _eos(tok)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        return ids, mask
+
+    # -- the caption memory --------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, model, examples: list[dict], batcher, device, progress: bool = False) -> None:
+        """Build the caption memory from the training examples (retrieved_captions > 0 only):
+        each captioned example's image, pooled as the frozen vision tower gives it."""
+        if not self.config.retrieved_captions:
+            return
+        self._lm(model)   # sets the tokenizer
+        failed = getattr(batcher.caches.get("vision"), "failed", {})
+        pairs = [(str(e["image"]), " ".join(str(e.get("text") or "").split())) for e in examples]
+        pairs = list(dict.fromkeys((image, text) for image, text in pairs if text and image not in failed))
+        if not pairs:
+            raise DataError("task.retrieved_captions: the train split has no captioned image to remember")
+        images = list(dict.fromkeys(image for image, _ in pairs))
+        was_training = model.training
+        model.eval()
+        pooled = {}
+        for start in tqdm(range(0, len(images), 64), desc="caption memory", disable=not progress, leave=False):
+            chunk = images[start: start + 64]
+            batch = {k: v.to(device) for k, v in batcher.vision_inputs(chunk).items()}
+            tokens, mask = model.encode("vision", batch)
+            pooled.update(zip(chunk, masked_mean(tokens, mask).float().cpu()))
+        model.train(was_training)
+        features = torch.stack([pooled[image] for image, _ in pairs])
+        self.memory = CaptionMemory.build(features, [text for _, text in pairs], self.tokenizer,
+                                          self.config.retrieved_max_tokens)
+
+    def memory_tensors(self) -> dict[str, torch.Tensor]:
+        return self.memory.tensors() if self.memory is not None else {}
+
+    def load_memory(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.config.retrieved_captions:
+            self.memory = CaptionMemory.from_tensors(tensors)
 
     def forward(self, model, batch: dict) -> torch.Tensor:
         if "labels" not in batch:
@@ -146,7 +233,10 @@ class CaptioningTask(Task):
         # Position t predicts token t+1: the caption's logits come from the positions one before
         # it, i.e. the last (caption width + 1) positions but the very last.
         keep = batch["labels"].shape[1] + 1
-        logits = lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
+        # Left-padded retrieved captions: positions from the mask, as generation takes them.
+        positions = _positions(mask) if self.config.retrieved_captions else None
+        logits = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
+                    use_cache=False).logits
         return logits[:, :-1]
 
     @torch.no_grad()
@@ -215,6 +305,11 @@ class CaptioningTask(Task):
             hypotheses += [d["caption"] for d in self.decode(model(batch))]
         return {"loss": total / max(tokens, 1), **self.metrics(hypotheses, [references[i] for i in images]),
                 "images": len(images), "skipped_empty": self.counts["empty"], "truncated": self.counts["truncated"]}
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over the attended tokens only, exactly as generation derives them."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def _eos(tok) -> int:
