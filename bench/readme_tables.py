@@ -75,7 +75,9 @@ def walltime() -> str:
 
 
 # -- emoji tasks (issue 5): bench/emoji_tasks.py runs + bench/emoji_baselines.py reference points
-EMOJI_ORDER = ["emoji-retrieval-projection", "emoji-retrieval", "emoji-caption", "emoji-group"]
+EMOJI_ORDER = ["emoji-retrieval-projection", "emoji-retrieval-locked-text", "emoji-retrieval",
+               "emoji-retrieval-adapters", "emoji-caption", "emoji-group"]
+RETRIEVAL_BASELINE = "emoji-retrieval-projection"   # issue 5: the adapter recipes are compared with it
 
 
 def _pct(m: dict | None, key: str, scale: float = 100, digits: int = 1) -> str:
@@ -112,6 +114,13 @@ def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
     if "retrieval_chance" in b:
         c = b["retrieval_chance"]
         lines.append(f"| chance (K/N, N = {c['n']}) | " + " | ".join(f"{100 * c[r]:.1f}" for r in recalls) + " | – |")
+    base = next((a for a in runs if a["recipe"] == RETRIEVAL_BASELINE and not a.get("chain_from")), None)
+    others = [a for a in runs if a["task"] == "retrieval" and a is not base]
+    if base is not None and others:
+        gain = lambda a, k: 100 * (a["metrics"][k]["mean"] - base["metrics"][k]["mean"])  # noqa: E731
+        lines += ["", f"Difference from `{RETRIEVAL_BASELINE}` in points of the seed means (t2i R@1 / i2t R@1): "
+                  + "; ".join(f"{_label(a)} {gain(a, 'test_t2i_r1'):+.1f} / {gain(a, 'test_i2t_r1'):+.1f}"
+                              for a in others) + "."]
     lines += ["", "| captioning, test split | exact match (%) | BLEU-4 (0-1) | CIDEr-D (0-10) | unigram F1 (%) "
               "| seeds |", "|---|---|---|---|---|---|"]
     for a in (a for a in runs if a["task"] == "captioning"):
@@ -138,7 +147,13 @@ def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
         lines += [f"| majority class of train ({mc['label']}) | {100 * mc['accuracy']:.1f} | "
                   f"{100 * mc['macro_f1']:.1f} | – |",
                   f"| logistic-regression probe on frozen pooled image features (L2 {probe['l2']:g}, chosen on val) | "
-                  f"{100 * probe['accuracy']:.1f} | {100 * probe['macro_f1']:.1f} | – |", "",
+                  f"{100 * probe['accuracy']:.1f} | {100 * probe['macro_f1']:.1f} | – |"]
+        if "subgroup_probe" in b:
+            sub = b["subgroup_probe"]
+            lines.append(f"| the same probe fitted on the {sub['classes']} subgroups, answering the group whose "
+                         f"subgroups sum highest (L2 {sub['l2']:g}) | {100 * sub['accuracy']:.1f} | "
+                         f"{100 * sub['macro_f1']:.1f} | – |")
+        lines += ["",
                   f"The family split gives test other group shares than train: {mc['label']} is "
                   f"{100 * mc['train_share']:.1f}% of train but {100 * mc['accuracy']:.1f}% of test, whose largest "
                   f"group is {mc['test_majority_label']} ({100 * mc['test_majority_share']:.1f}%)."]

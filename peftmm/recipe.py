@@ -45,7 +45,9 @@ class DataSpec:
     # Share held out as test by sources without a fixed test split (emoji, files).
     test_fraction: float = field(default=0.1, metadata={"gt": 0.0, "max": 0.5})
     path: str | None = None    # files: the .jsonl/.csv file, relative to the recipe file
-    label: Literal["group", "subgroup"] = "group"   # emoji: which Unicode category is the label
+    # emoji: which Unicode category is the label; "group > subgroup": subgroups as paths under their
+    # group, for task.parent_labels (train on subgroups, answer groups)
+    label: Literal["group", "subgroup", "group > subgroup"] = "group"
     # An example whose image is missing or unreadable, or whose needed text is empty: "skip"
     # leaves it out and counts it (one warning per epoch and split), "stop" ends the run there.
     on_bad_sample: Literal["skip", "stop"] = "skip"

@@ -1,6 +1,7 @@
 """Emoji as image-caption data: OpenMoji pictures, English names, Unicode groups.
 
-Recipe: ``data: {source: emoji, label: group}`` (``label: subgroup`` for the 98 subgroups;
+Recipe: ``data: {source: emoji, label: group}`` (``label: subgroup`` for the 98 subgroups,
+``label: group > subgroup`` for subgroups as paths under their groups, see task.parent_labels;
 ``test_fraction`` and ``val_fraction`` as below). An example is ``{"image": png path, "text":
 caption, "label": group or subgroup, "group", "subgroup", "family", "emoji"}``; ``Splits.labels``
 are the sorted label names and ``Splits.metadata`` carries the attribution and counts.
@@ -321,12 +322,12 @@ def concepts(skin_tones: bool = False) -> tuple[list[dict], dict]:
 def emoji_splits(label: str = "group", val_fraction: float = 0.1, test_fraction: float = 0.1,
                  render_now: bool = True, skin_tones: bool = False, progress: bool = True) -> Splits:
     """The emoji data set split by family. ``render_now=False`` leaves drawing to the first read."""
-    if label not in ("group", "subgroup"):
-        raise DataError(f"data.label = {label!r}: choose group or subgroup", "emoji")
+    if label not in ("group", "subgroup", "group > subgroup"):
+        raise DataError(f"data.label = {label!r}: choose group, subgroup or 'group > subgroup'", "emoji")
     rows, counts = concepts(skin_tones)
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for row in rows:
-        row["label"] = row[label]
+        row["label"] = f"{row['group']} > {row['subgroup']}" if label == "group > subgroup" else row[label]
         u = stable_fraction(f"emoji/{row['family']}")
         name = "test" if u < test_fraction else \
             "val" if (u - test_fraction) / (1 - test_fraction) < val_fraction else "train"
@@ -335,7 +336,7 @@ def emoji_splits(label: str = "group", val_fraction: float = 0.1, test_fraction:
         examples.sort(key=lambda r: stable_fraction(f"emoji/order/{codepoints(r['emoji'])}"))
     if render_now:
         ensure_rendered(rows, progress)
-    return Splits(**splits, labels=sorted({row[label] for row in rows}),
+    return Splits(**splits, labels=sorted({row["label"] for row in rows}),
                   metadata={"attribution": ATTRIBUTION, "license": f"images CC BY-SA 4.0 ({LICENSE_URL})",
                             "openmoji": OPENMOJI_VERSION, "unicode_emoji": UNICODE_EMOJI_VERSION,
                             "concepts": len(rows), "families": len({r["family"] for r in rows}),

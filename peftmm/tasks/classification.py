@@ -3,14 +3,26 @@
 The same head, loss and metrics (accuracy, macro-F1) as VQA's answer classification. With a
 ``prompt``, every example's text is that fixed prompt, so the label is read from the image
 alone (the setup of a linear probe on image features); without one, from image and text.
+
+``parent_labels: true`` reads labels as ``"parent > child"`` paths (emoji: ``data.label:
+group > subgroup``): the head is trained on the children, the finer task, and answers, metrics
+and early stopping are on the parents, each parent's probability the sum of its children's. The
+finer labels give the few training images of a parent more to tell apart: on the emoji groups
+even a logistic probe on frozen image features gains from them (bench/emoji_baselines.py,
+README "Results on emoji").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from ..errors import DataError
 from . import TASKS
-from .vqa import VQATask
+from .vqa import VQATask, macro_f1
+
+SEPARATOR = " > "
 
 
 @TASKS.register("classification")
@@ -18,6 +30,44 @@ class ClassificationTask(VQATask):
     @dataclass
     class Config(VQATask.Config):
         prompt: str | None = None  # a fixed text for every example: classify the image alone
+        parent_labels: bool = False  # labels are "parent > child": train on children, answer parents
+
+    def __init__(self, config, labels: list[str]):
+        super().__init__(config, labels)
+        if config.parent_labels:
+            flat = [label for label in self.labels if SEPARATOR not in label]
+            if flat:
+                raise DataError(f"task.parent_labels: label {flat[0]!r} is not a 'parent{SEPARATOR}child' path "
+                                f"({len(flat)} of {len(self.labels)} labels are not)")
+            parents = [label.split(SEPARATOR, 1)[0] for label in self.labels]
+            self.parents = sorted(set(parents))
+            self.parent_of = torch.tensor([self.parents.index(p) for p in parents])
 
     def text_of(self, example: dict) -> str:
         return self.config.prompt if self.config.prompt is not None else example["text"]
+
+    def _parent_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = logits.float().softmax(-1)
+        index = self.parent_of.to(probs.device)
+        return probs.new_zeros(len(probs), len(self.parents)).index_add_(1, index, probs)
+
+    def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        if not self.config.parent_labels:
+            return super().metrics(logits, targets)
+        predicted = self._parent_probabilities(logits).argmax(-1)
+        truth = self.parent_of.to(targets.device)[targets]
+        fine = super().metrics(logits, targets)
+        return {"accuracy": (predicted == truth).float().mean().item(),
+                "macro_f1": macro_f1(predicted, truth, len(self.parents)),
+                "child_accuracy": fine["accuracy"], "child_macro_f1": fine["macro_f1"]}
+
+    def decode(self, logits: torch.Tensor) -> list[dict]:
+        """Per example: the parent answer and the top-k parents, plus the most likely child."""
+        if not self.config.parent_labels:
+            return super().decode(logits)
+        probs = self._parent_probabilities(logits)
+        top = probs.topk(min(self.config.top_k, probs.shape[-1]), dim=-1)
+        children = logits.argmax(-1).tolist()
+        return [{"answer": self.parents[idx[0]], "child": self.labels[child].split(SEPARATOR, 1)[1],
+                 "scores": [{"answer": self.parents[i], "score": round(p, 6)} for p, i in zip(ps, idx)]}
+                for ps, idx, child in zip(top.values.tolist(), top.indices.tolist(), children)]
