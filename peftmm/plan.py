@@ -170,6 +170,7 @@ class Planner:
         with Meter():   # (methods find their places with a forward pass, on meta tensors here)
             model = MultimodalModel.build(recipe, splits.labels, device="meta", towers=towers)
         task, spec = model.task, recipe.train
+        task.prepare_shapes(model, splits.train)   # captioning: the retrieved captions' memory
         own_text = getattr(task, "text_inputs", None) is not None   # captioning: one LM row per caption
         key = (lambda e: e.get("text") or "") if own_text else task.text_of
         everything = splits.train + splits.val + splits.test

@@ -152,3 +152,15 @@ def test_train_and_predict_from_the_cli(tiny_models, tmp_path):
     predicted = runner.invoke(main, ["predict", str(tmp_path / "run"), "--image", image])
     assert predicted.exit_code == 0, predicted.output
     assert predicted.output.startswith(f"image: {image}\ncaption: ")
+
+
+def test_plan_counts_the_retrieved_context(tiny_models):
+    """peftmm plan builds no memory from data: a shape-only one of the longest context stands in,
+    so a training step with retrieved captions is planned larger than without."""
+    from peftmm.plan import Planner
+
+    steps = {}
+    for k in (0, 3):
+        estimate = Planner(recipe_from_dict(_recipe(tiny_models, retrieved_captions=k))).estimate(device="cpu")
+        steps[k] = estimate.details["phases"]["a training step"]
+    assert steps[3] > steps[0]

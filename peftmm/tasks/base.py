@@ -35,6 +35,9 @@ class Task:
         """Once before training, with the train examples (after feature caching): a task that
         keeps state built from the data (captioning's caption memory) builds it here."""
 
+    def prepare_shapes(self, model, examples: list[dict]) -> None:
+        """What ``prepare`` builds, in shape only, encoding nothing (peftmm plan's meta model)."""
+
     def memory_tensors(self) -> dict[str, torch.Tensor]:
         """Non-trainable tensors the task built in ``prepare``; bundles store them as ``memory.*``."""
         return {}

@@ -176,8 +176,13 @@ class CaptioningTask(Task):
         tok = self.tokenizer
         head = tok(self.config.retrieved_prefix, add_special_tokens=False)["input_ids"]
         separator = tok(";", add_special_tokens=False)["input_ids"]
+        k = min(self.config.retrieved_captions, len(self.memory))
+        if pooled.is_meta:   # peftmm plan: no similarity to rank by; any K entries have the shape
+            chosen = [list(range(k))] * len(pooled)
+        else:
+            chosen = self.memory.nearest(pooled, k, exclude).tolist()
         rows = []
-        for nearest in self.memory.nearest(pooled, self.config.retrieved_captions, exclude).tolist():
+        for nearest in chosen:
             row = list(head)
             for position, entry in enumerate(nearest):
                 row += (separator if position else []) + self.memory.captions_ids(entry)
@@ -217,6 +222,17 @@ class CaptioningTask(Task):
         features = torch.stack([pooled[image] for image, _ in pairs])
         self.memory = CaptionMemory.build(features, [text for _, text in pairs], self.tokenizer,
                                           self.config.retrieved_max_tokens)
+
+    def prepare_shapes(self, model, examples: list[dict]) -> None:
+        """For peftmm plan: a memory of the size prepare would build, every caption as long as
+        retrieved_max_tokens allows (the longest retrieved context), with nothing encoded."""
+        if not self.config.retrieved_captions:
+            return
+        self._lm(model)
+        entries = max(len(examples), 1)
+        ids = torch.full((entries, self.config.retrieved_max_tokens), _eos(self.tokenizer), dtype=torch.int32)
+        dim = model.towers["vision"].info.hidden_size
+        self.memory = CaptionMemory(torch.zeros(entries, dim, dtype=torch.float16), ids, torch.arange(entries))
 
     def memory_tensors(self) -> dict[str, torch.Tensor]:
         return self.memory.tensors() if self.memory is not None else {}
