@@ -12,14 +12,14 @@ import yaml
 from click.testing import CliRunner
 
 from helpers import overfit
-from peftmm import RecipeError, recipe_from_dict
+from peftmm import DataError, RecipeError, recipe_from_dict
 from peftmm.batching import Batcher
 from peftmm.bundle import BundleError, bundle_summary, load_bundle, read_tensors, save_bundle
 from peftmm.data import load_splits
 from peftmm.fusion import masked_mean
 from safetensors.torch import save as save_tensors
 from peftmm.model import MultimodalModel
-from peftmm.tasks.caption_memory import caption_hash
+from peftmm.tasks.caption_memory import key_hash
 from test_captioning import caption_recipe, tiny_models  # noqa: F401  (the module's fixture)
 
 
@@ -29,9 +29,9 @@ def _recipe(tiny_models, methods=({"type": "lora", "r": 2},), **task) -> dict:
     return data
 
 
-def _build(tiny_models, k=2):
+def _build(tiny_models, k=2, **task):
     # words of the tiny vocabulary; its tokenizer knows no ";", which reads as [UNK]
-    data = _recipe(tiny_models, retrieved_captions=k, retrieved_prefix="in the image")
+    data = _recipe(tiny_models, retrieved_captions=k, retrieved_prefix="in the image", **task)
     recipe = recipe_from_dict(data)
     splits = load_splits(recipe.data)
     model = MultimodalModel.build(recipe, [])
@@ -43,7 +43,7 @@ def _context_words(model, batch) -> list[str]:
     """What the LM reads between the vision tokens and the prompt, per example, as text."""
     task = model.task
     vision, mask = model.encode("vision", batch)
-    ids, attended = task._retrieved(masked_mean(vision, mask)[batch["image_index"]], batch.get("caption_hash"))
+    ids, attended = task._retrieved(masked_mean(vision, mask)[batch["image_index"]], batch.get("exclude_hash"))
     return [task.tokenizer.decode(row[m.bool()].tolist()) for row, m in zip(ids, attended)]
 
 
@@ -62,7 +62,7 @@ def test_memory_holds_each_training_caption_once_with_its_image_feature(tiny_mod
     vision, mask = model.encode("vision", batch)
     pooled = masked_mean(vision, mask)
     assert memory.nearest(pooled, 1).item() == 0
-    assert memory.nearest(pooled, 1, torch.tensor([caption_hash(captions[0][1])])).item() != 0
+    assert memory.nearest(pooled, 1, torch.tensor([key_hash(captions[0][1])])).item() != 0
 
 
 def test_an_example_never_reads_its_own_caption_and_prediction_reads_neighbours(tiny_models):
@@ -78,6 +78,25 @@ def test_an_example_never_reads_its_own_caption_and_prediction_reads_neighbours(
         # without a caption to exclude (prediction), an image of the training split finds its own first
         contexts = _context_words(model, Batcher(model)([{"image": examples[0]["image"], "text": None}]))
     assert examples[0]["text"] in contexts[0]
+
+
+def test_retrieved_exclude_keeps_an_examples_whole_group_out(tiny_models):
+    """retrieved_exclude: label (the shape here, as family is for emoji): a circle's context holds
+    no circle at all, while without it other circles are its nearest entries."""
+    _, model, splits = _build(tiny_models, k=3, retrieved_exclude="label")
+    model.eval()
+    examples = splits.train[:8]
+    with torch.no_grad():
+        contexts = _context_words(model, Batcher(model)(examples))
+    for example, context in zip(examples, contexts):
+        assert example["label"] not in context, (example, context)
+    _, model, _ = _build(tiny_models, k=3)
+    model.eval()
+    with torch.no_grad():
+        contexts = _context_words(model, Batcher(model)(examples))
+    assert any(e["label"] in c for e, c in zip(examples, contexts))
+    with pytest.raises(DataError, match="retrieved_exclude = 'family': the examples have no such field"):
+        _build(tiny_models, k=3, retrieved_exclude="family")
 
 
 def test_training_with_retrieved_captions_lowers_the_loss(tiny_models):

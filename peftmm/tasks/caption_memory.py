@@ -5,12 +5,15 @@ decoder and a small trained part, here the projector and the LM's LoRA).
 A captioner trained on a few thousand pairs has to name concepts it never saw; the captions of
 similar training images give it candidate words to copy, combine or leave out. The memory holds,
 per training caption, the pooled frozen-vision feature of its image (L2-normalised, float16),
-its token ids, and a hash of its text. It is built once before training (the vision tower must
+its token ids, and a hash of its exclusion key: its text, or the example field named by
+``retrieved_exclude`` (emoji: ``family``). It is built once before training (the vision tower must
 be frozen, so the features never change), saved in the bundle under ``memory.`` and read back
 with it: a bundle captions new images with the memory it was trained with.
 
-While training, an example never retrieves its own caption (same text hash): at test time the
-image's caption is not in the memory either.
+While training, an example never retrieves an entry with its own exclusion key: at test time
+the image's caption is not in the memory either, and under a split by family (emoji) nor is any
+caption of its family, so training must not lean on siblings ("man walking" for "woman
+walking") that test images never have.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from torch.nn import functional as F
 PAD = -1
 
 
-def caption_hash(caption: str) -> int:
-    return zlib.crc32(" ".join(caption.split()).encode())
+def key_hash(key: str) -> int:
+    return zlib.crc32(" ".join(str(key).split()).encode())
 
 
 class CaptionMemory:
@@ -32,14 +35,16 @@ class CaptionMemory:
         self.keys, self.ids, self.hashes = keys, ids, hashes   # [N, D] float16, [N, L] int32, [N] int64
 
     @classmethod
-    def build(cls, features: torch.Tensor, captions: list[str], tokenizer, max_tokens: int) -> "CaptionMemory":
-        """``features``: pooled vision features ``[N, D]`` of the images of ``captions``."""
+    def build(cls, features: torch.Tensor, captions: list[str], keys: list[str], tokenizer,
+              max_tokens: int) -> "CaptionMemory":
+        """``features``: pooled vision features ``[N, D]`` of the images of ``captions``;
+        ``keys``: each entry's exclusion key."""
         rows = [tokenizer(" " + " ".join(c.split()), add_special_tokens=False)["input_ids"][:max_tokens]
                 for c in captions]
         ids = torch.full((len(rows), max(map(len, rows), default=1)), PAD, dtype=torch.int32)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
-        hashes = torch.tensor([caption_hash(c) for c in captions], dtype=torch.int64)
+        hashes = torch.tensor([key_hash(k) for k in keys], dtype=torch.int64)
         return cls(F.normalize(features.float(), dim=-1).half(), ids, hashes)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -57,7 +62,7 @@ class CaptionMemory:
 
     def nearest(self, pooled: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """Indices ``[B, k]`` of the entries most cosine-similar to each pooled feature, best first;
-        entries whose caption hash equals the row's ``exclude`` hash are never chosen."""
+        entries whose exclusion-key hash equals the row's ``exclude`` hash are never chosen."""
         keys = self.keys.to(pooled.device, torch.float32)
         scores = F.normalize(pooled.float(), dim=-1) @ keys.T
         if exclude is not None:

@@ -44,7 +44,7 @@ from ..errors import DataError, PeftmmError, RecipeError
 from ..fusion import masked_mean
 from . import TASKS
 from .base import Task
-from .caption_memory import CaptionMemory, caption_hash
+from .caption_memory import CaptionMemory, key_hash
 from .caption_metrics import caption_metrics
 
 IGNORE = -100
@@ -67,6 +67,9 @@ class CaptioningTask(Task):
         retrieved_captions: int = field(default=0, metadata={"min": 0, "max": 16})
         retrieved_prefix: str = "Similar:"
         retrieved_max_tokens: int = field(default=16, metadata={"min": 1, "max": 128})
+        # While training, an example never retrieves entries that share its value of this example
+        # field (emoji: family); none: its own caption only.
+        retrieved_exclude: str | None = None
 
     def __init__(self, config, labels: list[str]):
         super().__init__(config, labels)
@@ -114,9 +117,18 @@ class CaptioningTask(Task):
             ids[row, : len(prompt) + len(target)] = torch.tensor(prompt + target)
             mask[row, : len(prompt) + len(target)] = 1
             labels[row, : len(target)] = torch.tensor(target, dtype=torch.long)
-        # An example never retrieves its own caption from the memory (see caption_memory.py).
-        hashes = torch.tensor([caption_hash(str(c or "")) for c in captions], dtype=torch.int64)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "caption_hash": hashes}
+        # An example never retrieves an entry with its own exclusion key (see caption_memory.py).
+        hashes = torch.tensor([key_hash(self._exclusion_key(e)) for e in examples], dtype=torch.int64)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "exclude_hash": hashes}
+
+    def _exclusion_key(self, example: dict) -> str:
+        field_name = self.config.retrieved_exclude
+        if field_name is None:
+            return str(example.get("text") or "")
+        if field_name not in example:
+            raise DataError(f"task.retrieved_exclude = {field_name!r}: the examples have no such field "
+                            f"(they have {', '.join(sorted(example))})")
+        return str(example[field_name])
 
     def _prompt_ids(self, tok) -> list[int]:
         return tok(self.config.prompt, add_special_tokens=False)["input_ids"]
@@ -163,7 +175,7 @@ class CaptioningTask(Task):
         text = embed(input_ids)
         parts, masks = [prefix[index].to(text.dtype)], [prefix_mask[index].to(attention_mask.dtype)]
         if self.config.retrieved_captions:
-            ids, mask = self._retrieved(masked_mean(vision, vision_mask)[index], batch.get("caption_hash"))
+            ids, mask = self._retrieved(masked_mean(vision, vision_mask)[index], batch.get("exclude_hash"))
             parts.append(embed(ids.to(input_ids.device)))
             masks.append(mask.to(attention_mask.device, attention_mask.dtype))
         return torch.cat(parts + [text], dim=1), torch.cat(masks + [attention_mask], dim=1)
@@ -205,11 +217,12 @@ class CaptioningTask(Task):
             return
         self._lm(model)   # sets the tokenizer
         failed = getattr(batcher.caches.get("vision"), "failed", {})
-        pairs = [(str(e["image"]), " ".join(str(e.get("text") or "").split())) for e in examples]
-        pairs = list(dict.fromkeys((image, text) for image, text in pairs if text and image not in failed))
-        if not pairs:
+        entries = [(str(e["image"]), " ".join(str(e.get("text") or "").split()), self._exclusion_key(e))
+                   for e in examples]
+        entries = list(dict.fromkeys(entry for entry in entries if entry[1] and entry[0] not in failed))
+        if not entries:
             raise DataError("task.retrieved_captions: the train split has no captioned image to remember")
-        images = list(dict.fromkeys(image for image, _ in pairs))
+        images = list(dict.fromkeys(image for image, _, _ in entries))
         was_training = model.training
         model.eval()
         pooled = {}
@@ -219,9 +232,9 @@ class CaptioningTask(Task):
             tokens, mask = model.encode("vision", batch)
             pooled.update(zip(chunk, masked_mean(tokens, mask).float().cpu()))
         model.train(was_training)
-        features = torch.stack([pooled[image] for image, _ in pairs])
-        self.memory = CaptionMemory.build(features, [text for _, text in pairs], self.tokenizer,
-                                          self.config.retrieved_max_tokens)
+        features = torch.stack([pooled[image] for image, _, _ in entries])
+        self.memory = CaptionMemory.build(features, [text for _, text, _ in entries], [key for _, _, key in entries],
+                                          self.tokenizer, self.config.retrieved_max_tokens)
 
     def prepare_shapes(self, model, examples: list[dict]) -> None:
         """For peftmm plan: a memory of the size prepare would build, every caption as long as
