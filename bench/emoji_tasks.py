@@ -34,8 +34,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_RECIPES = ["emoji-retrieval-projection", "emoji-retrieval", "emoji-retrieval-adapters", "emoji-caption",
-                   "emoji-group"]
+DEFAULT_RECIPES = ["emoji-retrieval-projection", "emoji-retrieval-locked-text", "emoji-retrieval",
+                   "emoji-retrieval-adapters", "emoji-caption-plain", "emoji-caption", "emoji-group",
+                   "emoji-group-subgroups"]
 # Image-text alignment first (retrieval with vision adapters), then group classification
 # starting from those vision adapters (recipes/emoji-group-chain.yaml is the same chain as a recipe).
 DEFAULT_CHAINS = ["emoji-group:emoji-retrieval-adapters"]

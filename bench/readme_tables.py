@@ -76,7 +76,8 @@ def walltime() -> str:
 
 # -- emoji tasks (issue 5): bench/emoji_tasks.py runs + bench/emoji_baselines.py reference points
 EMOJI_ORDER = ["emoji-retrieval-projection", "emoji-retrieval-locked-text", "emoji-retrieval",
-               "emoji-retrieval-adapters", "emoji-caption", "emoji-group"]
+               "emoji-retrieval-adapters", "emoji-caption-plain", "emoji-caption", "emoji-group",
+               "emoji-group-subgroups"]
 RETRIEVAL_BASELINE = "emoji-retrieval-projection"   # issue 5: the adapter recipes are compared with it
 
 

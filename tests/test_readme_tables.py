@@ -56,3 +56,16 @@ def test_emoji_block_renders_partial_data(tables):
     assert "| stage chain |" in text and "| mean_recall | 40.0 | 40.0 ± 1.0 | 1 / 3 |" in text
     assert "emoji-group" not in text and "emoji-caption" not in text   # modified and absent runs
     assert "| `emoji-retrieval` | 1,000 | 1.000% | 4,000 | 10 s | 20 s | 3 |" in text
+
+
+def test_retrieval_recipes_are_compared_with_the_projection_only_baseline(tables):
+    recall = {"test_t2i_r1": 0.2, "test_i2t_r1": 0.1}
+    aggregates = {"emoji-retrieval-projection": _aggregate("emoji-retrieval-projection", "retrieval", recall),
+                  "emoji-retrieval-adapters": _aggregate("emoji-retrieval-adapters", "retrieval",
+                                                         {"test_t2i_r1": 0.26, "test_i2t_r1": 0.08})}
+    text = tables.emoji({"aggregates": aggregates, "template": "an emoji of {}"}, {})
+    assert ("Difference from `emoji-retrieval-projection` in points of the seed means (t2i R@1 / i2t R@1): "
+            "`emoji-retrieval-adapters` +6.0 / -2.0.") in text
+    alone = tables.emoji({"aggregates": {"emoji-retrieval-adapters": aggregates["emoji-retrieval-adapters"]},
+                          "template": "an emoji of {}"}, {})
+    assert "Difference from" not in alone
