@@ -183,3 +183,32 @@ def test_plan_counts_the_retrieved_context(tiny_models):
         estimate = Planner(recipe_from_dict(_recipe(tiny_models, retrieved_captions=k))).estimate(device="cpu")
         steps[k] = estimate.details["phases"]["a training step"]
     assert steps[3] > steps[0]
+
+
+@pytest.mark.integration
+def test_retrieved_captions_on_smollm2_and_mobilenet(tmp_path):
+    """The real zoo models: the memory keys are MobileNetV2's pooled int8 features, the retrieved
+    names are read by SmolLM2; training lowers the loss and the bundle captions the same."""
+    from test_captioning import _tiny_captions
+
+    data = {"name": "zoo-caption-retrieved", "vision": {"backbone": "mobilenet-v2", "precision": "int8"},
+            "text": {"backbone": "smollm2-135m", "precision": "int8", "max_length": 16,
+                     "methods": [{"type": "lora", "r": 4, "targets": ["q_proj", "v_proj"]}]},
+            "fusion": {"type": "projector", "max_tokens": 8},
+            "task": {"type": "captioning", "prompt": "Describe the image:", "max_new_tokens": 6,
+                     "retrieved_captions": 2},
+            "data": {"source": "easy-vqa"}}
+    recipe = recipe_from_dict(data)
+    model = MultimodalModel.build(recipe, [])
+    train = _tiny_captions()[:12]
+    model.task.prepare(model, train, Batcher(model), "cpu")
+    assert len(model.task.memory) == 12
+    batch = Batcher(model)(train[:2])
+    losses = overfit(model, batch, steps=3, lr=1e-4)
+    assert losses[-1] < losses[0]
+    model.eval()
+    images = [{"image": e["image"], "text": None} for e in train[:2]]
+    captions = model.task.decode(model(Batcher(model)(images)))
+    path = save_bundle(model, recipe, tmp_path / "bundle")
+    reloaded, _, _ = load_bundle(path)
+    assert reloaded.task.decode(reloaded(Batcher(reloaded)(images))) == captions
