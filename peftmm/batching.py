@@ -63,7 +63,7 @@ class Batcher:
             if error is None:
                 path = str(e["image"])
                 if path not in errors:
-                    errors[path] = self._image_error(path, pixels)
+                    errors[path] = self.image_error(path, pixels)
                 error = errors[path]
             if error is None:
                 kept.append(e)
@@ -71,7 +71,7 @@ class Batcher:
                 self.skips.skip(e, error)
         return kept
 
-    def _image_error(self, path: str, pixels: dict | None) -> DataError | None:
+    def image_error(self, path: str, pixels: dict | None = None) -> DataError | None:
         cache = self.caches.get("vision")
         if cache is not None:            # filled before use: an unreadable image is in failed
             return cache.failed.get(path)

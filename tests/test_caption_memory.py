@@ -65,6 +65,16 @@ def test_memory_holds_each_training_caption_once_with_its_image_feature(tiny_mod
     assert memory.nearest(pooled, 1, torch.tensor([key_hash(captions[0][1])])).item() != 0
 
 
+def test_unreadable_and_uncaptioned_examples_stay_out_of_the_memory(tiny_models, tmp_path):
+    _, model, splits = _build(tiny_models)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    extra = [{"image": str(broken), "text": "a broken image", "label": "circle"},
+             {"image": splits.val[0]["image"], "text": "", "label": "circle"}]
+    model.task.prepare(model, splits.train + extra, Batcher(model), "cpu")
+    assert len(model.task.memory) == len(splits.train)
+
+
 def test_an_example_never_reads_its_own_caption_and_prediction_reads_neighbours(tiny_models):
     _, model, splits = _build(tiny_models, k=3)
     model.eval()

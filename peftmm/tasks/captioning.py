@@ -117,9 +117,10 @@ class CaptioningTask(Task):
             ids[row, : len(prompt) + len(target)] = torch.tensor(prompt + target)
             mask[row, : len(prompt) + len(target)] = 1
             labels[row, : len(target)] = torch.tensor(target, dtype=torch.long)
-        # An example never retrieves an entry with its own exclusion key (see caption_memory.py).
-        hashes = torch.tensor([key_hash(self._exclusion_key(e)) for e in examples], dtype=torch.int64)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "exclude_hash": hashes}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if self.config.retrieved_captions:   # never retrieve an entry with its own exclusion key
+            batch["exclude_hash"] = torch.tensor([key_hash(self._exclusion_key(e)) for e in examples])
+        return batch
 
     def _exclusion_key(self, example: dict) -> str:
         field_name = self.config.retrieved_exclude
@@ -216,10 +217,12 @@ class CaptioningTask(Task):
         if not self.config.retrieved_captions:
             return
         self._lm(model)   # sets the tokenizer
-        failed = getattr(batcher.caches.get("vision"), "failed", {})
         entries = [(str(e["image"]), " ".join(str(e.get("text") or "").split()), self._exclusion_key(e))
                    for e in examples]
-        entries = list(dict.fromkeys(entry for entry in entries if entry[1] and entry[0] not in failed))
+        # unreadable images were reported while caching (or are by training): left out here
+        readable = {image for image in dict.fromkeys(image for image, text, _ in entries if text)
+                    if batcher.image_error(image) is None}
+        entries = list(dict.fromkeys(entry for entry in entries if entry[1] and entry[0] in readable))
         if not entries:
             raise DataError("task.retrieved_captions: the train split has no captioned image to remember")
         images = list(dict.fromkeys(image for image, _, _ in entries))
