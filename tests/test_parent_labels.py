@@ -54,8 +54,13 @@ def test_cli_trains_on_children_and_answers_parents(tiny_models, tmp_path):
         (shape if t == "what shape is in the image?" else colour if t == "what color is the shape?" else {})[i] = a
     both = sorted(set(shape) & set(colour))[:120]
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"image": paths[i], "label": f"{shape[i]} > {colour[i]}"}) + "\n"
-                            for i in both))
+    records, seen = [], set()
+    for k, i in enumerate(both):   # every child in train at least once: the run refuses unseen labels
+        label = f"{shape[i]} > {colour[i]}"
+        split = "train" if label not in seen else ("train", "train", "val", "test")[k % 4]
+        seen.add(label)
+        records.append({"image": paths[i], "label": label, "split": split})
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
     recipe = tiny.recipe(tiny_models["vit"], tiny_models["bert"],
                          task={"type": "classification", "hidden": 32, "prompt": "what is it?",
                                "parent_labels": True},
