@@ -31,6 +31,9 @@ from .errors import BundleError
 from .io import atomic_directory
 
 FORMAT_VERSION = 1
+# Prefix of bundle tensors a task built from data rather than trained (captioning's caption
+# memory): kept apart from the trainable ones (Task.load_memory takes them, not the model).
+MEMORY = "memory"
 WEIGHTS, CONFIG, CARD = "adapter_model.safetensors", "adapter_config.json", "README.md"
 REQUIRED_KEYS = ("name", "task", "labels", "towers", "recipe")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the cap safetensors itself applies
@@ -234,7 +237,7 @@ def bundle_summary(path: str | Path) -> dict:
     config = read_config(path)
     header = read_header(path)
     _check_checksum(path, header)
-    groups = {"vision": 0, "text": 0, "fusion": 0, "head": 0, "memory": 0}
+    groups = {"vision": 0, "text": 0, "fusion": 0, "head": 0, MEMORY: 0}
     total = tensors = 0
     for name, entry in header.items():
         if name == "__metadata__":
@@ -244,7 +247,7 @@ def bundle_summary(path: str | Path) -> dict:
         prefix = name.split(".", 1)[0]
         if prefix in groups:
             groups[prefix] += count
-        if prefix != "memory":   # built from the training data, not trained
+        if prefix != MEMORY:   # built from the training data, not trained
             total += count
     recipe = config["recipe"]
     towers = {}
@@ -263,7 +266,7 @@ def bundle_summary(path: str | Path) -> dict:
         "towers": towers,
         "fusion": {**fusion, "trainable_params": groups["fusion"]},
         "head": {**{k: v for k, v in task.items() if k != "type"}, "trainable_params": groups["head"]},
-        "trainable_params": total, "tensors": tensors, "memory_values": groups["memory"],
+        "trainable_params": total, "tensors": tensors, "memory_values": groups[MEMORY],
         "files": files, "total_bytes": sum(files.values()),
         "metrics": config.get("metrics", {}),
     }
@@ -306,8 +309,6 @@ def load_bundle(path: str | Path, device="cpu", backbones: dict[str, str] | None
 
 def _load_memory(model, tensors: dict[str, torch.Tensor], config: dict, path: Path) -> None:
     """Hand the ``memory.*`` tensors to the task (and out of ``tensors``)."""
-    from .model import MEMORY
-
     memory = {k.split(".", 1)[1]: tensors.pop(k) for k in [k for k in tensors if k.split(".", 1)[0] == MEMORY]}
     try:
         model.task.load_memory(memory)

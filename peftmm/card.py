@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import yaml
 
+from .bundle import MEMORY
+
 _DATASETS = {
     "easy-vqa": "easy-vqa (PyPI easy-vqa 1.0, MIT)",
     # A bundle trained on the emoji renders carries their licence and attribution (CC BY-SA 4.0).
@@ -47,15 +49,15 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
         methods = ", ".join(m["type"] for m in recipe[name]["methods"]) or "frozen"
         lines.append(f"| {name} | `{tower['backbone']}` | {tower['model_type']} | {tower['precision']} | "
                      f"{methods} | `{tower['fingerprint'][:16]}` |")
-    trained = {k: t for k, t in tensors.items() if not k.startswith("memory.")}
+    trained = {k: t for k, t in tensors.items() if k.split(".", 1)[0] != MEMORY}
     n = sum(t.numel() for t in trained.values())
     lines += ["", "## Training", "", f"- fusion: `{recipe['fusion']['type']}`",
               f"- data: {_DATASETS.get(recipe['data']['source'], recipe['data']['source'])}",
               f"- trainable tensors saved: {len(trained)} ({n:,} parameters)",
               f"- epochs {recipe['train']['epochs']}, batch size {recipe['train']['batch_size']}, "
               f"lr {recipe['train']['lr']}, seed {recipe['train']['seed']}", ""]
-    if "memory.ids" in tensors:   # captioning's caption memory (tasks/caption_memory.py)
-        lines[-1:] = [f"- caption memory: {len(tensors['memory.ids']):,} training captions with their image "
+    if f"{MEMORY}.ids" in tensors:   # captioning's caption memory (tasks/caption_memory.py)
+        lines[-1:] = [f"- caption memory: {len(tensors[f'{MEMORY}.ids']):,} training captions with their image "
                       f"features, {recipe['task'].get('retrieved_captions')} retrieved per image", ""]
     if training and training.get("epochs"):
         metric = training["metric"]

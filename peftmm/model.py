@@ -19,10 +19,6 @@ from .methods import build_method
 from .methods.base import DEFAULT_SLOT
 from .tasks import TASKS, build_task
 
-# Bundle tensors a task built from data, not trained (captioning's caption memory): kept apart
-# from the trainable ones (load_trainable_state_dict never sees them; Task.load_memory does).
-MEMORY = "memory"
-
 
 class MultimodalModel(nn.Module):
     def __init__(self, towers: dict[str, Tower], methods: dict[str, list], fusion: nn.Module, task,
@@ -141,6 +137,8 @@ class MultimodalModel(nn.Module):
                 tensors, config = method.export(tower, mine)
                 state.update({f"{name}.{k}": v for k, v in tensors.items()})
                 data[name]["methods"][index] = {"type": method.registry_name, **schema.to_dict(config)}
+        from .bundle import MEMORY
+
         state.update({f"{MEMORY}.{k}": v for k, v in self.task.memory_tensors().items()})
         return state, data
 

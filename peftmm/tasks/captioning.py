@@ -77,6 +77,7 @@ class CaptioningTask(Task):
         self._warned: set[str] = set()
         self.tokenizer = None              # the LM's, set on first use (decode needs it)
         self.memory: CaptionMemory | None = None   # built by prepare or read from a bundle
+        self._context_ids: tuple[list[int], list[int]] | None = None   # see _retrieved
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
@@ -187,8 +188,10 @@ class CaptioningTask(Task):
             raise PeftmmError("task.retrieved_captions: this model has no caption memory (it is built from the "
                               "training split when training starts, and saved in the bundle)")
         tok = self.tokenizer
-        head = tok(self.config.retrieved_prefix, add_special_tokens=False)["input_ids"]
-        separator = tok(";", add_special_tokens=False)["input_ids"]
+        if self._context_ids is None:   # the prefix and separator, tokenised once
+            self._context_ids = tuple(tok(text, add_special_tokens=False)["input_ids"]
+                                      for text in (self.config.retrieved_prefix, ";"))
+        head, separator = self._context_ids
         k = min(self.config.retrieved_captions, len(self.memory))
         if pooled.is_meta:   # peftmm plan: no similarity to rank by; any K entries have the shape
             chosen = [list(range(k))] * len(pooled)
@@ -219,22 +222,23 @@ class CaptioningTask(Task):
         self._lm(model)   # sets the tokenizer
         entries = [(str(e["image"]), " ".join(str(e.get("text") or "").split()), self._exclusion_key(e))
                    for e in examples]
-        # unreadable images were reported while caching (or are by training): left out here
-        readable = {image for image in dict.fromkeys(image for image, text, _ in entries if text)
-                    if batcher.image_error(image) is None}
-        entries = list(dict.fromkeys(entry for entry in entries if entry[1] and entry[0] in readable))
-        if not entries:
-            raise DataError("task.retrieved_captions: the train split has no captioned image to remember")
-        images = list(dict.fromkeys(image for image, _, _ in entries))
+        images = list(dict.fromkeys(image for image, text, _ in entries if text))
         was_training = model.training
         model.eval()
         pooled = {}
         for start in tqdm(range(0, len(images), 64), desc="caption memory", disable=not progress, leave=False):
-            chunk = images[start: start + 64]
-            batch = {k: v.to(device) for k, v in batcher.vision_inputs(chunk).items()}
-            tokens, mask = model.encode("vision", batch)
-            pooled.update(zip(chunk, masked_mean(tokens, mask).float().cpu()))
+            # unreadable images were reported while caching (or are by training): left out here;
+            # the ones decoded by the check are not decoded again
+            pixels: dict = {}
+            chunk = [image for image in images[start: start + 64] if batcher.image_error(image, pixels) is None]
+            if chunk:
+                batch = {k: v.to(device) for k, v in batcher.vision_inputs(chunk, pixels).items()}
+                tokens, mask = model.encode("vision", batch)
+                pooled.update(zip(chunk, masked_mean(tokens, mask).float().cpu()))
         model.train(was_training)
+        entries = list(dict.fromkeys(entry for entry in entries if entry[1] and entry[0] in pooled))
+        if not entries:
+            raise DataError("task.retrieved_captions: the train split has no captioned image to remember")
         features = torch.stack([pooled[image] for image, _, _ in entries])
         self.memory = CaptionMemory.build(features, [text for _, text, _ in entries], [key for _, _, key in entries],
                                           self.tokenizer, self.config.retrieved_max_tokens)

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import DataError
 from . import TASKS
-from .vqa import VQATask, macro_f1
+from .vqa import VQATask, macro_f1, top_answers
 
 SEPARATOR = " > "
 
@@ -65,9 +65,7 @@ class ClassificationTask(VQATask):
         """Per example: the parent answer and the top-k parents, plus the most likely child."""
         if not self.config.parent_labels:
             return super().decode(logits)
-        probs = self._parent_probabilities(logits)
-        top = probs.topk(min(self.config.top_k, probs.shape[-1]), dim=-1)
-        children = logits.argmax(-1).tolist()
-        return [{"answer": self.parents[idx[0]], "child": self.labels[child].split(SEPARATOR, 1)[1],
-                 "scores": [{"answer": self.parents[i], "score": round(p, 6)} for p, i in zip(ps, idx)]}
-                for ps, idx, child in zip(top.values.tolist(), top.indices.tolist(), children)]
+        out = top_answers(self._parent_probabilities(logits), self.parents, self.config.top_k)
+        for row, child in zip(out, logits.argmax(-1).tolist()):
+            row["child"] = self.labels[child].split(SEPARATOR, 1)[1]
+        return out

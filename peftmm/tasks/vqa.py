@@ -47,12 +47,14 @@ class VQATask(Task):
 
     def decode(self, logits: torch.Tensor) -> list[dict]:
         """Per example: the answer and the top-k answers with probabilities."""
-        probs = logits.float().softmax(-1)
-        k = min(self.config.top_k, probs.shape[-1])
-        top = probs.topk(k, dim=-1)
-        return [{"answer": self.labels[idx[0]],
-                 "scores": [{"answer": self.labels[i], "score": round(p, 6)} for p, i in zip(ps, idx)]}
-                for ps, idx in zip(top.values.tolist(), top.indices.tolist())]
+        return top_answers(logits.float().softmax(-1), self.labels, self.config.top_k)
+
+
+def top_answers(probs: torch.Tensor, names: list[str], top_k: int) -> list[dict]:
+    """Per row of ``probs`` (one column per name): the likeliest name and the top-k with scores."""
+    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    return [{"answer": names[idx[0]], "scores": [{"answer": names[i], "score": round(p, 6)} for p, i in zip(ps, idx)]}
+            for ps, idx in zip(top.values.tolist(), top.indices.tolist())]
 
 
 def macro_f1(predicted: torch.Tensor, targets: torch.Tensor, classes: int) -> float:
