@@ -43,7 +43,7 @@ def _context_words(model, batch) -> list[str]:
     """What the LM reads between the vision tokens and the prompt, per example, as text."""
     task = model.task
     vision, mask = model.encode("vision", batch)
-    ids, attended = task._retrieved(masked_mean(vision, mask)[batch["image_index"]], batch.get("exclude_hash"))
+    ids, attended, _ = task._retrieved(masked_mean(vision, mask)[batch["image_index"]], batch.get("exclude_hash"))
     return [task.tokenizer.decode(row[m.bool()].tolist()) for row, m in zip(ids, attended)]
 
 

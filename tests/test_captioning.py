@@ -109,7 +109,7 @@ def test_labels_are_the_caption_tokens_and_eos_only(tiny_models):
     with torch.no_grad():
         scored = model(batch)
         lm = model.towers["text"].model
-        embeds, mask = model.task._inputs(model, lm, batch, batch["input_ids"], batch["attention_mask"])
+        embeds, mask, _ = model.task._inputs(model, lm, batch, batch["input_ids"], batch["attention_mask"])
         full = lm(inputs_embeds=embeds, attention_mask=mask).logits
     first = embeds.shape[1] - batch["labels"].shape[1] - 1  # the last prompt position
     assert scored.shape[:2] == batch["labels"].shape
@@ -141,7 +141,7 @@ def test_greedy_and_beam_generation_give_strings(tiny_models):
         assert len(out) == len(IMAGES) and all(isinstance(o["caption"], str) for o in out)
     lm = model.towers["text"].model  # greedy is what the LM's own argmax continues with
     with torch.no_grad():
-        embeds, mask = model.task._inputs(model, lm, batch, batch["input_ids"], batch["attention_mask"])
+        embeds, mask, _ = model.task._inputs(model, lm, batch, batch["input_ids"], batch["attention_mask"])
         first = lm(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].argmax(-1)
     model.task.config.num_beams = 1
     assert torch.equal(model(batch)[:, 0], first)

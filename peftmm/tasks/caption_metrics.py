@@ -69,11 +69,16 @@ def bleu4(hyps: list[list[str]], refs: list[list[list[str]]], n: int = 4) -> flo
 
 
 def unigram_f1(hyp: list[str], ref: list[str]) -> float:
-    common = sum((Counter(hyp) & Counter(ref)).values())
-    if not common:
-        return float(hyp == ref)  # both empty: a match
-    precision, recall = common / len(hyp), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    if not hyp and not ref:
+        return 1.0  # both empty: a match
+    return counts_f1(Counter(hyp), Counter(ref), len(hyp), len(ref))
+
+
+def counts_f1(hyp: Counter, ref: Counter, hyp_len: int, ref_len: int) -> float:
+    """Unigram F1 from word counts: 2 * common / (|hyp| + |ref|), the harmonic mean of precision
+    and recall (counts given, so a caller comparing one caption many times counts it once)."""
+    common = sum((hyp & ref).values())
+    return 2 * common / (hyp_len + ref_len) if common else 0.0
 
 
 def _ngrams(tokens: list[str], n: int = 4) -> Counter:

@@ -12,6 +12,7 @@ inside the LM as in any tower, at any precision.
 
 ``forward`` gives the teacher-forced logits of the caption positions when the batch carries
 captions (its ``labels``), and otherwise generates: greedy, or beam search with ``num_beams``,
+or a minimum-Bayes-risk choice among beam candidates with ``mbr_candidates`` (caption_mbr.py),
 returning token ids that :meth:`decode` turns into ``{"caption": ...}``. So a plain
 ``decode(model(batch))`` (the Predictor's path) captions images.
 
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, PeftmmError, RecipeError
 from ..fusion import masked_mean
-from . import TASKS
+from . import TASKS, caption_mbr
 from .base import Task
 from .caption_memory import CaptionMemory, key_hash
 from .caption_metrics import caption_metrics
@@ -70,6 +71,13 @@ class CaptioningTask(Task):
         # While training, an example never retrieves entries that share its value of this example
         # field (emoji: family); none: its own caption only.
         retrieved_exclude: str | None = None
+        # Minimum-Bayes-risk choice (caption_mbr.py) among this many beam candidates (0: off):
+        # the caption with the best expected unigram F1 against the candidates, weighted by their
+        # probability, and the retrieved captions, which share mbr_retrieved_weight of the mass.
+        # mbr_drop_words also considers captions made of some of a candidate's words.
+        mbr_candidates: int = field(default=0, metadata={"min": 0, "max": 32})
+        mbr_retrieved_weight: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+        mbr_drop_words: bool = False
 
     def __init__(self, config, labels: list[str]):
         super().__init__(config, labels)
@@ -81,6 +89,9 @@ class CaptioningTask(Task):
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
+        if recipe.task.mbr_candidates == 1:
+            raise RecipeError("task.mbr_candidates = 1: a choice needs at least 2 candidates (0 turns it off)",
+                              recipe.source)
         if recipe.task.retrieved_captions and recipe.vision.methods:
             raise RecipeError("task.retrieved_captions needs a frozen vision tower (its features key the caption "
                               "memory, built once before training); remove vision.methods or set "
@@ -170,20 +181,23 @@ class CaptioningTask(Task):
         return tower.model
 
     def _inputs(self, model, lm, batch: dict, input_ids, attention_mask):
+        """The LM's input embeddings and mask, and each row's retrieved memory entries (or None)."""
         vision, vision_mask = model.encode("vision", batch)
         prefix, prefix_mask = model.fusion(vision, vision_mask)
         index = batch["image_index"]
         embed = lm.get_input_embeddings()
         text = embed(input_ids)
         parts, masks = [prefix[index].to(text.dtype)], [prefix_mask[index].to(attention_mask.dtype)]
+        chosen = None
         if self.config.retrieved_captions:
-            ids, mask = self._retrieved(masked_mean(vision, vision_mask)[index], batch.get("exclude_hash"))
+            ids, mask, chosen = self._retrieved(masked_mean(vision, vision_mask)[index], batch.get("exclude_hash"))
             parts.append(embed(ids.to(input_ids.device)))
             masks.append(mask.to(attention_mask.device, attention_mask.dtype))
-        return torch.cat(parts + [text], dim=1), torch.cat(masks + [attention_mask], dim=1)
+        return torch.cat(parts + [text], dim=1), torch.cat(masks + [attention_mask], dim=1), chosen
 
-    def _retrieved(self, pooled: torch.Tensor, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids ``[B, W]`` (left-padded) and mask of each row's retrieved captions."""
+    def _retrieved(self, pooled: torch.Tensor, exclude: torch.Tensor | None):
+        """Token ids ``[B, W]`` (left-padded) and mask of each row's retrieved captions, and the
+        memory entries they come from (a list per row, most similar first)."""
         if self.memory is None:
             raise PeftmmError("task.retrieved_captions: this model has no caption memory (it is built from the "
                               "training split when training starts, and saved in the bundle)")
@@ -210,7 +224,7 @@ class CaptioningTask(Task):
         for i, row in enumerate(rows):
             ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
             mask[i, width - len(row):] = 1
-        return ids, mask
+        return ids, mask, chosen
 
     # -- the caption memory --------------------------------------------------------------------
     @torch.no_grad()
@@ -265,7 +279,7 @@ class CaptioningTask(Task):
         if "labels" not in batch:
             return self.generate(model, batch)
         lm = self._lm(model)
-        embeds, mask = self._inputs(model, lm, batch, batch["input_ids"], batch["attention_mask"])
+        embeds, mask, _ = self._inputs(model, lm, batch, batch["input_ids"], batch["attention_mask"])
         # Position t predicts token t+1: the caption's logits come from the positions one before
         # it, i.e. the last (caption width + 1) positions but the very last.
         keep = batch["labels"].shape[1] + 1
@@ -284,11 +298,33 @@ class CaptioningTask(Task):
         tok = self.tokenizer
         length = len(self._prompt_ids(tok))
         ids = batch["input_ids"][:, :length]
-        embeds, mask = self._inputs(model, lm, batch, ids, torch.ones_like(ids))
+        embeds, mask, retrieved = self._inputs(model, lm, batch, ids, torch.ones_like(ids))
         pad = tok.pad_token_id if tok.pad_token_id is not None else _eos(tok)
-        config = GenerationConfig(max_new_tokens=self.config.max_new_tokens, num_beams=self.config.num_beams,
-                                  do_sample=False, eos_token_id=_eos(tok), pad_token_id=pad)
-        return lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        n = self.config.mbr_candidates
+        config = GenerationConfig(max_new_tokens=self.config.max_new_tokens, num_beams=max(self.config.num_beams, n),
+                                  num_return_sequences=max(n, 1), do_sample=False, eos_token_id=_eos(tok),
+                                  pad_token_id=pad, output_scores=n > 1, return_dict_in_generate=n > 1)
+        out = lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        if n <= 1:
+            return out
+        return self._minimum_bayes_risk(out, n, retrieved, pad)
+
+    def _minimum_bayes_risk(self, out, n: int, retrieved, pad: int) -> torch.Tensor:
+        """One caption per image chosen among its ``n`` beam candidates (caption_mbr.py), as
+        token ids padded after EOS like generate's own output."""
+        tok, eos = self.tokenizer, _eos(self.tokenizer)
+        captions = [d["caption"] for d in self.decode(out.sequences)]
+        scores = out.sequences_scores.view(-1, n).tolist()
+        rows = []
+        for i, log_probs in enumerate(scores):
+            read = [tok.decode(self.memory.captions_ids(e)).strip() for e in retrieved[i]] if retrieved else []
+            caption = caption_mbr.choose(captions[i * n: (i + 1) * n], log_probs, read,
+                                         self.config.mbr_retrieved_weight, self.config.mbr_drop_words)
+            rows.append(tok(" " + caption, add_special_tokens=False)["input_ids"] + [eos])
+        ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return ids.to(out.sequences.device)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
