@@ -13,7 +13,11 @@ recipes/emoji-caption.yaml and checked against the other emoji recipes):
   upper bound for any method that copies a train caption);
 - majority class: the most frequent train group predicted for every test image;
 - linear probe: multinomial logistic regression on standardised pooled features, L2 strength
-  chosen on val, accuracy and macro-F1 (the classification task's own macro_f1) on test.
+  chosen on val, accuracy and macro-F1 (the classification task's own macro_f1) on test;
+- the pair memory's bridge alone, nothing trained: retrieval scored only through the training
+  pairs (peftmm.tasks.pair_memory with recipes/emoji-retrieval-adapters.yaml's K and
+  temperature), each side in its frozen tower's own space (pooled MobileNetV2 features for
+  images, MiniLM's mean-pooled output for texts, as the locked text side embeds them).
 
 Features come from the vision tower as peftmm loads it (backbones.load_tower, the recipes'
 backbone, precision and image_size) through the trainer's FeatureCache; they are the tokens the
@@ -32,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ["emoji-caption", "emoji-retrieval-projection", "emoji-retrieval", "emoji-group"]
+BRIDGE_RECIPE = "emoji-retrieval-adapters"   # its text tower and pair-memory settings
 # Decades and half-decades: wide enough that the chosen strength is never at the edge
 # (checked: the result records the grid and the choice).
 L2_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
@@ -69,6 +74,36 @@ def pooled_features(recipe, examples_by_split: dict, precision: str) -> tuple[di
     # bitsandbytes int8 replaces nn.Linear layers only: a CNN without any keeps fp32 convolutions.
     quantised = sum(type(m).__module__.startswith("bitsandbytes") for m in tower.model.modules())
     return out, tower.info, quantised
+
+
+@torch.no_grad()
+def pooled_text_features(recipe, examples_by_split: dict) -> dict[str, torch.Tensor]:
+    """The text tower's mean-pooled output per example (the locked text side's embedding)."""
+    from peftmm.backbones import load_tower
+    from peftmm.features import FeatureCache
+
+    spec = recipe.text
+    tower = load_tower("text", spec.backbone, spec.precision)
+    cache = FeatureCache(tower, batch_size=64, max_length=spec.max_length)
+    out = {}
+    for split, examples in examples_by_split.items():
+        keys = [e["text"] for e in examples]
+        cache.fill(keys, "cpu", progress=False)
+        out[split] = torch.stack([cache.store[k].float().mean(0) for k in keys])   # padding was dropped
+    return out
+
+
+def bridge_retrieval(vision: dict, text: dict, task) -> dict:
+    """Test recall of the pair memory's bridge over frozen features: nothing trained."""
+    from peftmm.tasks.pair_memory import PairMemory
+    from peftmm.tasks.retrieval import recall_metrics
+
+    normalise = lambda x: torch.nn.functional.normalize(x.float(), dim=-1)   # noqa: E731
+    memory = PairMemory.build(vision["train"], text["train"])
+    similarity = memory.bridge(normalise(vision["test"]), normalise(text["test"]), task.memory_neighbours,
+                               task.memory_temperature)
+    return {**recall_metrics(similarity), "memory_neighbours": task.memory_neighbours,
+            "memory_temperature": task.memory_temperature, "pairs": len(memory)}
 
 
 def retrieval_chance(n: int) -> dict:
@@ -183,9 +218,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    recipe, splits = load_split(RECIPES)
+    from peftmm.recipe import load
+
+    recipe, splits = load_split(RECIPES + [BRIDGE_RECIPE])
     precision = args.precision or recipe.vision.precision
     features, info, quantised = pooled_features(recipe, {s: splits[s] for s in ("train", "val", "test")}, precision)
+    retrieval = load(ROOT / "recipes" / f"{BRIDGE_RECIPE}.yaml")
+    texts = pooled_text_features(retrieval, {s: splits[s] for s in ("train", "test")})
     feature_seconds = time.perf_counter() - started
     group_counts = {s: {label: sum(e["label"] == label for e in splits[s]) for label in splits.labels}
                     for s in ("train", "val", "test")}
@@ -218,6 +257,12 @@ def main() -> None:
         "subgroup_probe": {**linear_probe(features, splits, fine="subgroup"),
                            "how": "the same logistic regression fitted on the examples' subgroups; a test image's "
                                   "answer is the group whose subgroups' probabilities sum highest"},
+        "pair_memory_bridge": {**bridge_retrieval(features, texts, retrieval.task),
+                               "text_features": f"{retrieval.text.backbone} {retrieval.text.precision}, mean-pooled",
+                               "how": "retrieval scored through the training pairs alone (PairMemory.bridge, the "
+                                      f"settings of recipes/{BRIDGE_RECIPE}.yaml), images as pooled frozen vision "
+                                      "features, texts as the frozen text tower's mean-pooled output; nothing "
+                                      "trained; recall by peftmm.tasks.retrieval.recall_metrics"},
         "timing": {"feature_seconds": round(feature_seconds, 1),
                    "total_seconds": round(time.perf_counter() - started, 1), "threads": args.threads,
                    "machine": f"{platform.machine()}, torch {torch.__version__}"},
@@ -225,8 +270,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     short = {k: {m: v for m, v in result[k].items() if isinstance(v, float)} for k in
-             ("retrieval_chance", "nearest_neighbour_captioning", "majority_class", "linear_probe",
-              "subgroup_probe")}
+             ("retrieval_chance", "pair_memory_bridge", "nearest_neighbour_captioning", "majority_class",
+              "linear_probe", "subgroup_probe")}
     print(json.dumps({"sizes": result["split"]["sizes"], **short, "timing": result["timing"]}, indent=2))
 
 

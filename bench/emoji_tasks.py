@@ -34,9 +34,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_RECIPES = ["emoji-retrieval-projection", "emoji-retrieval-locked-text", "emoji-retrieval",
-                   "emoji-retrieval-adapters", "emoji-caption-plain", "emoji-caption", "emoji-group",
-                   "emoji-group-subgroups"]
+DEFAULT_RECIPES = ["emoji-retrieval-projection", "emoji-retrieval-locked-text", "emoji-retrieval-memory",
+                   "emoji-retrieval", "emoji-retrieval-adapters", "emoji-caption-plain",
+                   "emoji-caption-greedy", "emoji-caption", "emoji-group", "emoji-group-subgroups"]
 # Image-text alignment first (retrieval with vision adapters), then group classification
 # starting from those vision adapters (recipes/emoji-group-chain.yaml is the same chain as a recipe).
 DEFAULT_CHAINS = ["emoji-group:emoji-retrieval-adapters"]
@@ -143,7 +143,8 @@ def zero_shot(run_dir: Path, template: str, batch_images: int = 32) -> dict:
             images, texts = split_embeddings(predictor.model(batch).float())
             images = images.view(len(chunk), len(prompts), -1)[:, 0]
             texts = texts.view(len(chunk), len(prompts), -1)
-            predicted += torch.einsum("bd,bld->bl", images, texts).argmax(-1).tolist()
+            predicted += [predictor.model.task.logits(images[i: i + 1], texts[i])[0].argmax().item()
+                          for i in range(len(chunk))]
     # Guard that the batching changes nothing: the first images one by one through classify.
     for e, p in zip(test[:3], predicted):
         if predictor.classify(e["image"], groups, template)["answer"] != groups[p]:

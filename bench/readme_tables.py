@@ -75,9 +75,9 @@ def walltime() -> str:
 
 
 # -- emoji tasks (issue 5): bench/emoji_tasks.py runs + bench/emoji_baselines.py reference points
-EMOJI_ORDER = ["emoji-retrieval-projection", "emoji-retrieval-locked-text", "emoji-retrieval",
-               "emoji-retrieval-adapters", "emoji-caption-plain", "emoji-caption", "emoji-group",
-               "emoji-group-subgroups"]
+EMOJI_ORDER = ["emoji-retrieval-projection", "emoji-retrieval-locked-text", "emoji-retrieval-memory",
+               "emoji-retrieval", "emoji-retrieval-adapters", "emoji-caption-plain", "emoji-caption-greedy",
+               "emoji-caption", "emoji-group", "emoji-group-subgroups"]
 RETRIEVAL_BASELINE = "emoji-retrieval-projection"   # issue 5: the adapter recipes are compared with it
 
 
@@ -115,6 +115,10 @@ def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
     if "retrieval_chance" in b:
         c = b["retrieval_chance"]
         lines.append(f"| chance (K/N, N = {c['n']}) | " + " | ".join(f"{100 * c[r]:.1f}" for r in recalls) + " | – |")
+    if "pair_memory_bridge" in b:
+        m = b["pair_memory_bridge"]
+        lines.append(f"| the pair-memory bridge alone, nothing trained (frozen features, K = {m['memory_neighbours']}) | "
+                     + " | ".join(f"{100 * m[r]:.1f}" for r in recalls) + " | – |")
     base = next((a for a in runs if a["recipe"] == RETRIEVAL_BASELINE and not a.get("chain_from")), None)
     others = [a for a in runs if a["task"] == "retrieval" and a is not base]
     if base is not None and others:

@@ -32,7 +32,8 @@ from .io import atomic_directory
 
 FORMAT_VERSION = 1
 # Prefix of bundle tensors a task built from data rather than trained (captioning's caption
-# memory): kept apart from the trainable ones (Task.load_memory takes them, not the model).
+# memory, retrieval's pair memory): kept apart from the trainable ones (Task.load_memory takes
+# them, not the model).
 MEMORY = "memory"
 WEIGHTS, CONFIG, CARD = "adapter_model.safetensors", "adapter_config.json", "README.md"
 REQUIRED_KEYS = ("name", "task", "labels", "towers", "recipe")

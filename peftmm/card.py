@@ -59,6 +59,11 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
     if f"{MEMORY}.ids" in tensors:   # captioning's caption memory (tasks/caption_memory.py)
         lines[-1:] = [f"- caption memory: {len(tensors[f'{MEMORY}.ids']):,} training captions with their image "
                       f"features, {recipe['task'].get('retrieved_captions')} retrieved per image", ""]
+    if f"{MEMORY}.images" in tensors:   # retrieval's pair memory (tasks/pair_memory.py)
+        task = recipe["task"]
+        lines[-1:] = [f"- pair memory: {len(tensors[f'{MEMORY}.images']):,} training image-text pairs embedded after "
+                      f"training; scores mix the cosine with the bridge through the "
+                      f"{task.get('memory_neighbours')} nearest pairs (share {task.get('memory_weight')})", ""]
     if training and training.get("epochs"):
         metric = training["metric"]
         curve = ", ".join(f"{v:.4f}" for v in training["values"])

@@ -64,7 +64,7 @@ class Predictor:
             raise PeftmmError("give at least two labels, and a template containing {} for the label")
         batch = self.batcher([{"image": str(image), "text": template.format(label)} for label in labels])
         images, texts = split_embeddings(self.model({k: v.to(self.device) for k, v in batch.items()}).float())
-        probs = (images[0] @ texts.T).softmax(-1)  # both halves carry sqrt(scale): scale * cosine
+        probs = self.model.task.logits(images[:1], texts)[0].softmax(-1)
         order = probs.argsort(descending=True).tolist()
         return {"answer": labels[order[0]],
                 "scores": [{"answer": labels[i], "score": round(probs[i].item(), 6)} for i in order]}

@@ -35,11 +35,16 @@ class Task:
         """Once before training, with the train examples (after feature caching): a task that
         keeps state built from the data (captioning's caption memory) builds it here."""
 
+    def finish(self, model, examples: list[dict], batcher, device, progress: bool = False) -> None:
+        """Once after training, with the best weights loaded and the train examples, before the
+        test split is evaluated and the bundle saved (retrieval's pair memory is built here)."""
+
     def prepare_shapes(self, model, examples: list[dict]) -> None:
         """What ``prepare`` builds, in shape only, encoding nothing (peftmm plan's meta model)."""
 
     def memory_tensors(self) -> dict[str, torch.Tensor]:
-        """Non-trainable tensors the task built in ``prepare``; bundles store them as ``memory.*``."""
+        """Non-trainable tensors the task built in ``prepare`` or ``finish``; bundles store them as
+        ``memory.*``."""
         return {}
 
     def load_memory(self, tensors: dict[str, torch.Tensor]) -> None:

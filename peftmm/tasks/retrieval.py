@@ -6,6 +6,12 @@ L2-normalised. The head holds CLIP's learnable temperature: it multiplies both h
 InfoNCE logit. Within a batch each image's positive is its own example's text and every other
 text is a negative (and the other way round). Recall@K is computed over a whole split: each
 image against every text of the split, each text against every image.
+
+With ``memory_neighbours: K`` a trained model also scores an image and a text through the
+training pairs (pair_memory.py): after training, the best weights embed every training pair,
+and the similarity becomes ``(1 - memory_weight) * cosine + memory_weight * bridge``. Training and
+the validation that picks the best epoch use the plain cosine (the memory does not exist yet);
+the test split, ``eval``, ``predict`` and zero-shot labels use the mixed one.
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
+from ..data.skips import needed_text_error
+from ..errors import DataError
 from . import TASKS
 from .base import Task
+from .pair_memory import PairMemory
 
 RECALL_AT = (1, 5, 10)
 
@@ -41,6 +51,18 @@ def split_embeddings(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return outputs[..., :half], outputs[..., half:]
 
 
+def recall_metrics(similarity: torch.Tensor) -> dict[str, float]:
+    """Recall@K both ways from an ``[N, N]`` image-by-text similarity whose diagonal holds the pairs."""
+    out = {}
+    for direction, scores in (("i2t", similarity), ("t2i", similarity.T)):
+        # rank of the positive = how many candidates score strictly higher
+        rank = (scores > scores.diagonal().unsqueeze(1)).sum(1)
+        for k in RECALL_AT:
+            out[f"{direction}_r{k}"] = (rank < k).float().mean().item()
+    out["mean_recall"] = sum(out.values()) / len(out)
+    return out
+
+
 @TASKS.register("retrieval")
 class RetrievalTask(Task):
     primary_metric = "mean_recall"  # the mean of R@1/5/10 both ways: steadier than one R@1
@@ -51,6 +73,16 @@ class RetrievalTask(Task):
     class Config:
         temperature: float = field(default=0.07, metadata={"gt": 0.0, "max": 1.0})
         max_scale: float = field(default=100.0, metadata={"gt": 1.0})
+        # The training pairs as a bridge (pair_memory.py): how many nearest training texts (and
+        # images) a text (an image) is scored through, 0: none; the softmax temperature over their
+        # cosines; the bridge's share of the similarity.
+        memory_neighbours: int = field(default=0, metadata={"min": 0, "max": 1024})
+        memory_temperature: float = field(default=0.05, metadata={"gt": 0.0, "max": 10.0})
+        memory_weight: float = field(default=0.7, metadata={"min": 0.0, "max": 1.0})
+
+    def __init__(self, config, labels: list[str]):
+        super().__init__(config, labels)
+        self.memory: PairMemory | None = None   # built by finish or read from a bundle
 
     def build_head(self, in_dim: int) -> nn.Module:
         return Temperature(self.config.temperature, self.config.max_scale)
@@ -64,20 +96,56 @@ class RetrievalTask(Task):
         positives = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, positives) + F.cross_entropy(logits.T, positives)) / 2
 
+    def similarity(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """``[I, T]`` similarity of output halves: their cosine, mixed with the bridge through the
+        training pairs when the model has a pair memory."""
+        images, texts = F.normalize(images.float(), dim=-1), F.normalize(texts.float(), dim=-1)
+        cosine = images @ texts.T
+        if self.memory is None:
+            return cosine
+        share = self.config.memory_weight
+        bridge = self.memory.bridge(images, texts, self.config.memory_neighbours, self.config.memory_temperature)
+        return (1 - share) * cosine + share * bridge
+
+    def logits(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """``similarity`` times the learned scale (each half carries its square root), for a softmax."""
+        scale = images.float().norm(dim=-1, keepdim=True) * texts.float().norm(dim=-1)
+        return scale * self.similarity(images, texts)
+
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        images, texts = split_embeddings(outputs.float())
-        similarity = images @ texts.T
-        out = {}
-        for direction, scores in (("i2t", similarity), ("t2i", similarity.T)):
-            # rank of the positive = how many candidates score strictly higher
-            rank = (scores > scores.diagonal().unsqueeze(1)).sum(1)
-            for k in RECALL_AT:
-                out[f"{direction}_r{k}"] = (rank < k).float().mean().item()
-        out["mean_recall"] = sum(out.values()) / len(out)
-        return out
+        return recall_metrics(self.similarity(*split_embeddings(outputs.float())))
 
     def decode(self, outputs: torch.Tensor) -> list[dict]:
-        """Per example: the cosine similarity of its image and its text."""
-        images, texts = split_embeddings(outputs.float())
-        cosine = F.cosine_similarity(images, texts, dim=-1)
-        return [{"similarity": round(c, 6)} for c in cosine.tolist()]
+        """Per example: the similarity of its image and its text (the cosine, or mixed, see above)."""
+        similarity = self.similarity(*split_embeddings(outputs.float())).diagonal()
+        return [{"similarity": round(c, 6)} for c in similarity.tolist()]
+
+    # -- the pair memory -----------------------------------------------------------------------
+    @torch.no_grad()
+    def finish(self, model, examples: list[dict], batcher, device, progress: bool = False) -> None:
+        """Embed every usable training pair with the trained weights (memory_neighbours > 0)."""
+        if not self.config.memory_neighbours:
+            return
+        pairs = list(dict.fromkeys((str(e["image"]), self.text_of(e)) for e in examples
+                                   if needed_text_error(self, e) is None))
+        pairs = [(image, text) for image, text in pairs if batcher.image_error(image) is None]
+        if not pairs:
+            raise DataError("task.memory_neighbours: the train split has no usable image-text pair to remember")
+        was_training = model.training
+        model.eval()
+        images, texts = [], []
+        for start in tqdm(range(0, len(pairs), 256), desc="pair memory", disable=not progress, leave=False):
+            chunk = [{"image": image, "text": text} for image, text in pairs[start: start + 256]]
+            batch = {k: v.to(device) for k, v in batcher(chunk).items()}
+            image_half, text_half = split_embeddings(model(batch).float().cpu())
+            images.append(image_half)
+            texts.append(text_half)
+        model.train(was_training)
+        self.memory = PairMemory.build(torch.cat(images), torch.cat(texts))
+
+    def memory_tensors(self) -> dict[str, torch.Tensor]:
+        return self.memory.tensors() if self.memory is not None else {}
+
+    def load_memory(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.config.memory_neighbours:
+            self.memory = PairMemory.from_tensors(tensors)
