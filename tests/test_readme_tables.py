@@ -38,6 +38,7 @@ def test_emoji_block_renders_partial_data(tables):
     baselines = json.loads((ROOT / "bench/results/emoji_baselines.json").read_text())
     empty = tables.emoji({"aggregates": {}, "template": "an emoji of {}"}, baselines)
     assert "| chance (K/N, N = 183) |" in empty and "nearest neighbour" in empty and "probe" in empty
+    assert "| the pair-memory bridge alone, nothing trained (frozen features, K = 5) |" in empty
     assert "No recipe runs collected yet" in empty and "`emoji-" not in empty
 
     recall = {f"test_{d}_r{k}": 0.1 * k for d in ("t2i", "i2t") for k in (1, 5, 10)} | {"test_mean_recall": 0.4}
