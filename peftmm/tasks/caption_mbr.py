@@ -11,9 +11,9 @@ highest expected unigram F1 (caption_metrics.py) against that evidence.
 
 Hypotheses are the candidates and the retrieved captions (a neighbour's name the candidates
 agree with may be the answer) and, with ``drop_words``, every caption made of some of their
-words in their order: the decoder may then leave out a word the evidence
-disagrees on ("flag" rather than a guessed country). That raises precision, and unigram F1
-with it, at the cost of exact match: a choice for the metric, documented as such.
+words in their order: the decoder may then leave out a word the evidence disagrees on ("flag"
+rather than a guessed country). That raises precision, and unigram F1 with it, at the cost of
+exact match: a choice for the metric, documented as such.
 """
 
 from __future__ import annotations
