@@ -113,3 +113,18 @@ def test_without_memory_neighbours_nothing_is_kept(tiny_models, tmp_path):
     result = CliRunner().invoke(main, ["train", str(recipe), "--output", str(tmp_path / "run"), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert not any(k.startswith("memory.") for k in read_tensors(tmp_path / "run" / "bundle"))
+
+
+def test_unreadable_images_and_empty_texts_stay_out_of_the_memory(tiny_models, tmp_path):
+    from helpers import build
+
+    from peftmm.batching import Batcher
+
+    _, model, splits = build(_recipe(tiny_models, memory_neighbours=2))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    usable = splits.train[:6]
+    extra = [{"image": str(broken), "text": "a broken image"}, {"image": usable[0]["image"], "text": "  "}]
+    model.task.finish(model, usable + usable[:2] + extra, Batcher(model), "cpu")
+    assert len(model.task.memory) == len({(e["image"], e["text"]) for e in usable})
+    assert model.task.memory.images.shape[-1] == 16

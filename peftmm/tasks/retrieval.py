@@ -128,7 +128,8 @@ class RetrievalTask(Task):
             return
         pairs = list(dict.fromkeys((str(e["image"]), self.text_of(e)) for e in examples
                                    if needed_text_error(self, e) is None))
-        pairs = [(image, text) for image, text in pairs if batcher.image_error(image) is None]
+        readable = {image: batcher.image_error(image) is None for image in dict.fromkeys(i for i, _ in pairs)}
+        pairs = [(image, text) for image, text in pairs if readable[image]]
         if not pairs:
             raise DataError("task.memory_neighbours: the train split has no usable image-text pair to remember")
         was_training = model.training
