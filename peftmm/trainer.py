@@ -333,8 +333,9 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     best = run.best
     core.load_trainable_state_dict(best["state"])
     # with the best weights (retrieval's pair memory embeds the train split with them); again on
-    # resume, from the same weights
-    core.task.finish(core, splits.train, Batcher(core, caches), accelerator.device, progress and main)
+    # resume, from the same weights. A log of its own: training's skip counts are final.
+    core.task.finish(core, splits.train, Batcher(core, caches, SplitLog("train")), accelerator.device,
+                     progress and main)
     _count_truncated(core, splits, ("test",), truncated, log)
     fill_caches(caches, core, splits.test, accelerator.device, progress and main, on_bad)
     test = evaluate(core, splits.test, Batcher(core, caches, skips["test"]), spec.eval_batch_size,

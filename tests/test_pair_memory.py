@@ -119,12 +119,13 @@ def test_unreadable_images_and_empty_texts_stay_out_of_the_memory(tiny_models, t
     from helpers import build
 
     from peftmm.batching import Batcher
+    from peftmm.data.skips import SplitLog
 
     _, model, splits = build(_recipe(tiny_models, memory_neighbours=2))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     usable = splits.train[:6]
     extra = [{"image": str(broken), "text": "a broken image"}, {"image": usable[0]["image"], "text": "  "}]
-    model.task.finish(model, usable + usable[:2] + extra, Batcher(model), "cpu")
+    model.task.finish(model, usable + usable[:2] + extra, Batcher(model, None, SplitLog("train")), "cpu")
     assert len(model.task.memory) == len({(e["image"], e["text"]) for e in usable})
     assert model.task.memory.images.shape[-1] == 16

@@ -24,7 +24,6 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..data.skips import needed_text_error
 from ..errors import DataError
 from . import TASKS
 from .base import Task
@@ -123,25 +122,25 @@ class RetrievalTask(Task):
     # -- the pair memory -----------------------------------------------------------------------
     @torch.no_grad()
     def finish(self, model, examples: list[dict], batcher, device, progress: bool = False) -> None:
-        """Embed every usable training pair with the trained weights (memory_neighbours > 0)."""
+        """Embed every distinct training pair with the trained weights (memory_neighbours > 0).
+        ``batcher`` screens (it has a SplitLog): what training left out stays out here too."""
         if not self.config.memory_neighbours:
             return
-        pairs = list(dict.fromkeys((str(e["image"]), self.text_of(e)) for e in examples
-                                   if needed_text_error(self, e) is None))
-        readable = {image: batcher.image_error(image) is None for image in dict.fromkeys(i for i, _ in pairs)}
-        pairs = [(image, text) for image, text in pairs if readable[image]]
-        if not pairs:
-            raise DataError("task.memory_neighbours: the train split has no usable image-text pair to remember")
+        pairs = [{"image": image, "text": text}
+                 for image, text in dict.fromkeys((str(e["image"]), self.text_of(e)) for e in examples)]
         was_training = model.training
         model.eval()
         images, texts = [], []
         for start in tqdm(range(0, len(pairs), 256), desc="pair memory", disable=not progress, leave=False):
-            chunk = [{"image": image, "text": text} for image, text in pairs[start: start + 256]]
-            batch = {k: v.to(device) for k, v in batcher(chunk).items()}
-            image_half, text_half = split_embeddings(model(batch).float().cpu())
+            batch = batcher(pairs[start: start + 256])   # {} when nothing in the chunk is usable
+            if not batch:
+                continue
+            image_half, text_half = split_embeddings(model({k: v.to(device) for k, v in batch.items()}).float().cpu())
             images.append(image_half)
             texts.append(text_half)
         model.train(was_training)
+        if not images:
+            raise DataError("task.memory_neighbours: the train split has no usable image-text pair to remember")
         self.memory = PairMemory.build(torch.cat(images), torch.cat(texts))
 
     def memory_tensors(self) -> dict[str, torch.Tensor]:
