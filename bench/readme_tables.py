@@ -138,6 +138,11 @@ def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
                   f"{n['bleu4']:.3f} | {n['cider_d']:.3f} | {100 * n['unigram_f1']:.1f} | – |",
                   f"| oracle: best train caption per test image | – | – | – | "
                   f"{100 * n['oracle_best_train_caption_unigram_f1']:.1f} | – |"]
+        captioners = [a for a in runs if a["task"] == "captioning" and "test_unigram_f1" in a["metrics"]]
+        if captioners:   # issue 5 compares captioners with the nearest neighbour in unigram F1
+            lines += ["", "Difference from the nearest neighbour in points of unigram F1 (seed means): " + "; ".join(
+                f"{_label(a)} {100 * (a['metrics']['test_unigram_f1']['mean'] - n['unigram_f1']):+.1f}"
+                for a in captioners) + "."]
     groups = len(b["split"]["labels"]) if "split" in b else "the"
     lines += ["", f"| {groups} Unicode groups, test split | accuracy (%) | macro-F1 (%) | seeds |", "|---|---|---|---|"]
     for a in (a for a in runs if a["task"] == "classification"):

@@ -57,6 +57,15 @@ def test_emoji_block_renders_partial_data(tables):
     assert "| stage chain |" in text and "| mean_recall | 40.0 | 40.0 ± 1.0 | 1 / 3 |" in text
     assert "emoji-group" not in text and "emoji-caption" not in text   # modified and absent runs
     assert "| `emoji-retrieval` | 1,000 | 1.000% | 4,000 | 10 s | 20 s | 3 |" in text
+    assert "Difference from the nearest neighbour" not in text   # no captioning run collected
+
+
+def test_captioners_are_compared_with_the_nearest_neighbour(tables):
+    baselines = {"nearest_neighbour_captioning": {"exact_match": 0.0, "bleu4": 0.05, "cider_d": 0.4,
+                                                  "unigram_f1": 0.2, "oracle_best_train_caption_unigram_f1": 0.4}}
+    captioner = _aggregate("emoji-caption", "captioning", {"test_unigram_f1": 0.245, "test_cider_d": 0.5})
+    text = tables.emoji({"aggregates": {"emoji-caption": captioner}, "template": "an emoji of {}"}, baselines)
+    assert "Difference from the nearest neighbour in points of unigram F1 (seed means): `emoji-caption` +4.5." in text
 
 
 def test_retrieval_recipes_are_compared_with_the_projection_only_baseline(tables):
