@@ -14,6 +14,9 @@ recipes/emoji-caption.yaml and checked against the other emoji recipes):
 - majority class: the most frequent train group predicted for every test image;
 - linear probe: multinomial logistic regression on standardised pooled features, L2 strength
   chosen on val, accuracy and macro-F1 (the classification task's own macro_f1) on test;
+- image-text probe: the same logistic regression on each example's pooled image features
+  concatenated with its caption's frozen MiniLM embedding (recipes/emoji-group-image-text.yaml
+  reads both too), and on the caption's embedding alone;
 - the pair memory's bridge alone, nothing trained: retrieval scored only through the training
   pairs (peftmm.tasks.pair_memory with recipes/emoji-retrieval-adapters.yaml's K and
   temperature), each side in its frozen tower's own space (pooled MobileNetV2 features for
@@ -35,7 +38,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ["emoji-caption", "emoji-retrieval-projection", "emoji-retrieval", "emoji-group"]
+RECIPES = ["emoji-caption", "emoji-retrieval-projection", "emoji-retrieval", "emoji-group", "emoji-group-image-text"]
 BRIDGE_RECIPE = "emoji-retrieval-adapters"   # its text tower and pair-memory settings
 # Decades and half-decades: wide enough that the chosen strength is never at the edge
 # (checked: the result records the grid and the choice).
@@ -224,7 +227,7 @@ def main() -> None:
     precision = args.precision or recipe.vision.precision
     features, info, quantised = pooled_features(recipe, {s: splits[s] for s in ("train", "val", "test")}, precision)
     retrieval = load(ROOT / "recipes" / f"{BRIDGE_RECIPE}.yaml")
-    texts = pooled_text_features(retrieval, {s: splits[s] for s in ("train", "test")})
+    texts = pooled_text_features(retrieval, {s: splits[s] for s in ("train", "val", "test")})
     feature_seconds = time.perf_counter() - started
     group_counts = {s: {label: sum(e["label"] == label for e in splits[s]) for label in splits.labels}
                     for s in ("train", "val", "test")}
@@ -257,6 +260,14 @@ def main() -> None:
         "subgroup_probe": {**linear_probe(features, splits, fine="subgroup"),
                            "how": "the same logistic regression fitted on the examples' subgroups; a test image's "
                                   "answer is the group whose subgroups' probabilities sum highest"},
+        "image_text_probe": {**linear_probe({s: torch.cat([features[s], texts[s].to(features[s].dtype)], -1)
+                                             for s in ("train", "val", "test")}, splits),
+                             "text_features": f"{retrieval.text.backbone} {retrieval.text.precision}, mean-pooled",
+                             "how": "the same logistic regression on pooled image features concatenated with the "
+                                    "caption's frozen text embedding (the image and its name)"},
+        "text_probe": {**linear_probe(texts, splits),
+                       "text_features": f"{retrieval.text.backbone} {retrieval.text.precision}, mean-pooled",
+                       "how": "the same logistic regression on the caption's frozen text embedding alone"},
         "pair_memory_bridge": {**bridge_retrieval(features, texts, retrieval.task),
                                "text_features": f"{retrieval.text.backbone} {retrieval.text.precision}, mean-pooled",
                                "how": "retrieval scored through the training pairs alone (PairMemory.bridge, the "
@@ -271,7 +282,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     short = {k: {m: v for m, v in result[k].items() if isinstance(v, float)} for k in
              ("retrieval_chance", "pair_memory_bridge", "nearest_neighbour_captioning", "majority_class",
-              "linear_probe", "subgroup_probe")}
+              "linear_probe", "subgroup_probe", "image_text_probe", "text_probe")}
     print(json.dumps({"sizes": result["split"]["sizes"], **short, "timing": result["timing"]}, indent=2))
 
 

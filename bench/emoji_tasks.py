@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_RECIPES = ["emoji-retrieval-projection", "emoji-retrieval-locked-text", "emoji-retrieval-memory",
                    "emoji-retrieval", "emoji-retrieval-adapters", "emoji-caption-plain",
-                   "emoji-caption-greedy", "emoji-caption", "emoji-group", "emoji-group-subgroups"]
+                   "emoji-caption-greedy", "emoji-caption", "emoji-group", "emoji-group-subgroups",
+                   "emoji-group-image-text"]
 # Image-text alignment first (retrieval with vision adapters), then group classification
 # starting from those vision adapters (recipes/emoji-group-chain.yaml is the same chain as a recipe).
 DEFAULT_CHAINS = ["emoji-group:emoji-retrieval-adapters"]
@@ -181,6 +182,8 @@ def collect(run_dir: Path, recipe: Path, seed: int, chain_from: str | None, temp
         "wall_measured": wall is not None,
         "differs_from_recipe": recipe_differences(run_dir, recipe, seed),
     }
+    if row["task"] == "classification":   # a fixed prompt: the image alone decides (tasks/classification.py)
+        row["reads"] = "image" if ran["task"].get("prompt") is not None else "image and text"
     if row["task"] == "retrieval":
         row["zero_shot"] = {"template": template, **zero_shot(run_dir, template)}
     return row
@@ -206,7 +209,7 @@ def aggregate(rows: list[dict]) -> dict:
                 if isinstance(v, (int, float)):
                     values.setdefault(k, []).append(float(v))
         out[key] = {"label": runs[0]["label"], "recipe": runs[0]["recipe"], "task": runs[0]["task"],
-                    "chain_from": runs[0]["chain_from"], "as_recipe": not runs[0]["differs_from_recipe"],
+                    "chain_from": runs[0]["chain_from"], "reads": runs[0].get("reads"), "as_recipe": not runs[0]["differs_from_recipe"],
                     "seeds": sorted(r["seed"] for r in runs), "wall_measured": all(r["wall_measured"] for r in runs),
                     "metrics": {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None,
                                     "n": len(v)} for k, v in values.items()}}

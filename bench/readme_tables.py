@@ -77,7 +77,7 @@ def walltime() -> str:
 # -- emoji tasks (issue 5): bench/emoji_tasks.py runs + bench/emoji_baselines.py reference points
 EMOJI_ORDER = ["emoji-retrieval-projection", "emoji-retrieval-locked-text", "emoji-retrieval-memory",
                "emoji-retrieval", "emoji-retrieval-adapters", "emoji-caption-plain", "emoji-caption-greedy",
-               "emoji-caption", "emoji-group", "emoji-group-subgroups"]
+               "emoji-caption", "emoji-group", "emoji-group-subgroups", "emoji-group-image-text"]
 RETRIEVAL_BASELINE = "emoji-retrieval-projection"   # issue 5: the adapter recipes are compared with it
 
 
@@ -144,25 +144,35 @@ def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
                 f"{_label(a)} {100 * (a['metrics']['test_unigram_f1']['mean'] - n['unigram_f1']):+.1f}"
                 for a in captioners) + "."]
     groups = len(b["split"]["labels"]) if "split" in b else "the"
-    lines += ["", f"| {groups} Unicode groups, test split | accuracy (%) | macro-F1 (%) | seeds |", "|---|---|---|---|"]
+    lines += ["", f"| {groups} Unicode groups, test split | reads | accuracy (%) | macro-F1 (%) | seeds |",
+              "|---|---|---|---|---|"]
     for a in (a for a in runs if a["task"] == "classification"):
-        lines.append(f"| {_label(a)}, trained | {_pct(a['metrics'], 'test_accuracy')} | "
+        lines.append(f"| {_label(a)}, trained | {a.get('reads') or '–'} | {_pct(a['metrics'], 'test_accuracy')} | "
                      f"{_pct(a['metrics'], 'test_macro_f1')} | {seeds(a)} |")
     for a in (a for a in runs if "zero_shot_accuracy" in a["metrics"]):
-        lines.append(f"| {_label(a)}, zero-shot, prompt \"{tasks['template'].replace('{}', '<group>')}\" | "
+        lines.append(f"| {_label(a)}, zero-shot, prompt \"{tasks['template'].replace('{}', '<group>')}\" | image | "
                      f"{_pct(a['metrics'], 'zero_shot_accuracy')} | {_pct(a['metrics'], 'zero_shot_macro_f1')} | "
                      f"{seeds(a)} |")
     if "majority_class" in b:
         mc, probe = b["majority_class"], b["linear_probe"]
-        lines += [f"| majority class of train ({mc['label']}) | {100 * mc['accuracy']:.1f} | "
+        lines += [f"| majority class of train ({mc['label']}) | – | {100 * mc['accuracy']:.1f} | "
                   f"{100 * mc['macro_f1']:.1f} | – |",
-                  f"| logistic-regression probe on frozen pooled image features (L2 {probe['l2']:g}, chosen on val) | "
+                  f"| logistic-regression probe on frozen pooled image features (L2 {probe['l2']:g}, chosen on val) | image | "
                   f"{100 * probe['accuracy']:.1f} | {100 * probe['macro_f1']:.1f} | – |"]
         if "subgroup_probe" in b:
             sub = b["subgroup_probe"]
             lines.append(f"| the same probe fitted on the {sub['classes']} subgroups, answering the group whose "
-                         f"subgroups sum highest (L2 {sub['l2']:g}) | {100 * sub['accuracy']:.1f} | "
+                         f"subgroups sum highest (L2 {sub['l2']:g}) | image | {100 * sub['accuracy']:.1f} | "
                          f"{100 * sub['macro_f1']:.1f} | – |")
+        if "image_text_probe" in b:
+            both = b["image_text_probe"]
+            lines.append(f"| the same probe on the image features beside the caption's frozen text embedding "
+                         f"({both['text_features']}; L2 {both['l2']:g}) | image and text | {100 * both['accuracy']:.1f} | "
+                         f"{100 * both['macro_f1']:.1f} | – |")
+        if "text_probe" in b:
+            name = b["text_probe"]
+            lines.append(f"| the same probe on the caption's embedding alone (L2 {name['l2']:g}) | text | "
+                         f"{100 * name['accuracy']:.1f} | {100 * name['macro_f1']:.1f} | – |")
         lines += ["",
                   f"The family split gives test other group shares than train: {mc['label']} is "
                   f"{100 * mc['train_share']:.1f}% of train but {100 * mc['accuracy']:.1f}% of test, whose largest "

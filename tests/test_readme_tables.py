@@ -53,11 +53,22 @@ def test_emoji_block_renders_partial_data(tables):
     text = tables.emoji({"aggregates": aggregates, "template": "an emoji of {}"}, baselines)
     assert "| `emoji-retrieval` | 10.0 ± 1.0 | 50.0 ± 1.0 | 100.0 ± 1.0 |" in text
     assert "`emoji-retrieval` from `emoji-retrieval-projection` (init_from) | 10.0 | 50.0 |" in text
-    assert "zero-shot, prompt \"an emoji of <group>\" | 30.0 ± 1.0 | 20.0 ± 1.0 | 3 |" in text
+    assert "zero-shot, prompt \"an emoji of <group>\" | image | 30.0 ± 1.0 | 20.0 ± 1.0 | 3 |" in text
     assert "| stage chain |" in text and "| mean_recall | 40.0 | 40.0 ± 1.0 | 1 / 3 |" in text
     assert "emoji-group" not in text and "emoji-caption" not in text   # modified and absent runs
     assert "| `emoji-retrieval` | 1,000 | 1.000% | 4,000 | 10 s | 20 s | 3 |" in text
     assert "Difference from the nearest neighbour" not in text   # no captioning run collected
+
+
+def test_classifiers_say_what_they_read(tables):
+    """A classifier with a fixed prompt reads the image alone; without one, image and text."""
+    image = _aggregate("emoji-group", "classification", {"test_accuracy": 0.75, "test_macro_f1": 0.7}) | {"reads": "image"}
+    both = _aggregate("emoji-group-image-text", "classification", {"test_accuracy": 0.85, "test_macro_f1": 0.8}) | {
+        "reads": "image and text"}
+    text = tables.emoji({"aggregates": {"emoji-group": image, "emoji-group-image-text": both},
+                         "template": "an emoji of {}"}, {})
+    assert "| `emoji-group`, trained | image | 75.0 | 70.0 | 1 |" in text
+    assert "| `emoji-group-image-text`, trained | image and text | 85.0 | 80.0 | 1 |" in text
 
 
 def test_captioners_are_compared_with_the_nearest_neighbour(tables):

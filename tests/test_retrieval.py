@@ -110,6 +110,24 @@ def test_classification_reads_a_fixed_prompt(tiny_models):
     assert model.task.text_of(splits.train[0]) == "which shape?"
 
 
+def test_classification_without_prompt_reads_image_and_text(tiny_models):
+    """Image-text classification (recipes/emoji-group-image-text.yaml): each example's own text
+    reaches the fusion, so the same image with another text gets other logits, and it learns."""
+    torch.manual_seed(0)
+    data = tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"])
+    data["task"] = {"type": "classification", "hidden": 16}
+    _, model, splits = build(data)
+    examples = splits.train[:8]
+    assert model.task.text_of(examples[0]) == examples[0]["text"]
+    batch = batch_of(model, examples)
+    texts = {e["text"] for e in examples}
+    assert len(texts) > 1 and batch["input_ids"].shape[0] == len(texts)
+    other = [dict(e, text=e["text"] + " again") for e in examples]
+    assert not torch.allclose(logits(model, batch), logits(model, batch_of(model, other)))
+    losses = overfit(model, batch, steps=12)
+    assert losses[-1] < 0.5 * losses[0]
+
+
 def test_macro_f1_known_values():
     predicted, targets = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 2])
     # class 0: tp1 fp1 -> 2/3; class 1: tp1 fn1 -> 2/3; class 2: 1
