@@ -1,5 +1,7 @@
 """Retrieval (dual projection + InfoNCE), zero-shot labels, and classification with a fixed prompt."""
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -126,6 +128,23 @@ def test_classification_without_prompt_reads_image_and_text(tiny_models):
     assert not torch.allclose(logits(model, batch), logits(model, batch_of(model, other)))
     losses = overfit(model, batch, steps=12)
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_predict_reads_the_text_of_an_image_text_classifier(tiny_models, tmp_path):
+    data = tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"])
+    data["task"] = {"type": "classification", "hidden": 16}
+    recipe, model, splits = build(data)
+    save_bundle(model, recipe, tmp_path / "bundle")
+    example = splits.test[0]
+    expected = Predictor.load(tmp_path / "bundle", device="cpu").predict(example["image"], example["text"])
+    args = ["predict", str(tmp_path / "bundle"), "--image", example["image"]]
+    out = CliRunner().invoke(main, args + ["--text", example["text"], "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["answer"] == expected["answer"] and json.loads(out.output)["text"] == example["text"]
+    missing = CliRunner().invoke(main, args)
+    assert missing.exit_code != 0 and "needs the text read with the image (--text)" in missing.output
+    both = CliRunner().invoke(main, args + ["--text", "a", "--question", "b"])
+    assert both.exit_code == 2 and "give one" in both.output
 
 
 def test_macro_f1_known_values():

@@ -73,25 +73,32 @@ def evaluate(adapter, split, batch_size, max_samples):
 @click.argument("adapter")
 @click.option("--image", required=True, type=click.Path(), help="Image file.")
 @click.option("--question", help="Question about the image (VQA bundles).")
+@click.option("--text", help="Text read with the image (image-text classification bundles; the same input as "
+                             "--question).")
 @click.option("--labels", help="Comma-separated class names: zero-shot classification (retrieval bundles).")
 @click.option("--template", default="{}", show_default=True, help="Text made from each label ({} = the label).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @friendly
-def predict(adapter, image, question, labels, template, as_json):
-    """Predict for an IMAGE with an ADAPTER bundle: answer a --question, or pick one of --labels."""
+def predict(adapter, image, question, text, labels, template, as_json):
+    """Predict for an IMAGE with an ADAPTER bundle: answer a --question, classify it with its
+    --text, or pick one of --labels."""
     from ..predict import Predictor
 
+    if question is not None and text is not None:
+        raise click.UsageError("--question and --text are the same input: give one")
+    given = "text" if text is not None else "question"   # echoed back under the name it was given
+    question = question if question is not None else text
     predictor = Predictor.load(adapter)
     if labels is not None:
         result = predictor.classify(image, labels.split(","), template)
     else:
         result = predictor.predict(image, question)
     if as_json:
-        click.echo(json.dumps({"image": image, "question": question, **result}, indent=2))
+        click.echo(json.dumps({"image": image, given: question, **result}, indent=2))
         return
     click.echo(f"image: {image}")
     if question:
-        click.echo(f"question: {question}")
+        click.echo(f"{given}: {question}")
     for key, value in result.items():
         if key != "scores":
             click.echo(f"{key}: {value}")
