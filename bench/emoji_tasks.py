@@ -209,7 +209,8 @@ def aggregate(rows: list[dict]) -> dict:
                 if isinstance(v, (int, float)):
                     values.setdefault(k, []).append(float(v))
         out[key] = {"label": runs[0]["label"], "recipe": runs[0]["recipe"], "task": runs[0]["task"],
-                    "chain_from": runs[0]["chain_from"], "reads": runs[0].get("reads"), "as_recipe": not runs[0]["differs_from_recipe"],
+                    "chain_from": runs[0]["chain_from"], "reads": runs[0].get("reads"),
+                    "as_recipe": not runs[0]["differs_from_recipe"],
                     "seeds": sorted(r["seed"] for r in runs), "wall_measured": all(r["wall_measured"] for r in runs),
                     "metrics": {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None,
                                     "n": len(v)} for k, v in values.items()}}

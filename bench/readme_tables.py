@@ -150,15 +150,15 @@ def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
         lines.append(f"| {_label(a)}, trained | {a.get('reads') or '–'} | {_pct(a['metrics'], 'test_accuracy')} | "
                      f"{_pct(a['metrics'], 'test_macro_f1')} | {seeds(a)} |")
     for a in (a for a in runs if "zero_shot_accuracy" in a["metrics"]):
-        lines.append(f"| {_label(a)}, zero-shot, prompt \"{tasks['template'].replace('{}', '<group>')}\" | image | "
-                     f"{_pct(a['metrics'], 'zero_shot_accuracy')} | {_pct(a['metrics'], 'zero_shot_macro_f1')} | "
-                     f"{seeds(a)} |")
+        lines.append(f"| {_label(a)}, zero-shot, prompt \"{tasks['template'].replace('{}', '<group>')}\" "
+                     f"| image | {_pct(a['metrics'], 'zero_shot_accuracy')} | "
+                     f"{_pct(a['metrics'], 'zero_shot_macro_f1')} | {seeds(a)} |")
     if "majority_class" in b:
         mc, probe = b["majority_class"], b["linear_probe"]
         lines += [f"| majority class of train ({mc['label']}) | – | {100 * mc['accuracy']:.1f} | "
                   f"{100 * mc['macro_f1']:.1f} | – |",
-                  f"| logistic-regression probe on frozen pooled image features (L2 {probe['l2']:g}, chosen on val) | image | "
-                  f"{100 * probe['accuracy']:.1f} | {100 * probe['macro_f1']:.1f} | – |"]
+                  f"| logistic-regression probe on frozen pooled image features (L2 {probe['l2']:g}, chosen on val) "
+                  f"| image | {100 * probe['accuracy']:.1f} | {100 * probe['macro_f1']:.1f} | – |"]
         if "subgroup_probe" in b:
             sub = b["subgroup_probe"]
             lines.append(f"| the same probe fitted on the {sub['classes']} subgroups, answering the group whose "
@@ -167,8 +167,8 @@ def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
         if "image_text_probe" in b:
             both = b["image_text_probe"]
             lines.append(f"| the same probe on the image features beside the caption's frozen text embedding "
-                         f"({both['text_features']}; L2 {both['l2']:g}) | image and text | {100 * both['accuracy']:.1f} | "
-                         f"{100 * both['macro_f1']:.1f} | – |")
+                         f"({both['text_features']}; L2 {both['l2']:g}) | image and text | "
+                         f"{100 * both['accuracy']:.1f} | {100 * both['macro_f1']:.1f} | – |")
         if "text_probe" in b:
             name = b["text_probe"]
             lines.append(f"| the same probe on the caption's embedding alone (L2 {name['l2']:g}) | text | "

@@ -48,7 +48,8 @@ class Predictor:
     def predict(self, image: str | Path, question: str | None = None) -> dict:
         text = self.model.task.text_of({"text": question})  # some tasks fix their own text
         if not isinstance(text, str) or not text.strip():
-            flag = "a question (--question)" if self.config["task"] == "vqa" else "the text read with the image (--text)"
+            flag = ("a question (--question)" if self.config["task"] == "vqa"
+                    else "the text read with the image (--text)")
             raise PeftmmError(f"this {self.config['task']} bundle needs {flag}")
         return self.predict_batch([{"image": str(image), "text": question}])[0]
 

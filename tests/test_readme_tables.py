@@ -62,9 +62,9 @@ def test_emoji_block_renders_partial_data(tables):
 
 def test_classifiers_say_what_they_read(tables):
     """A classifier with a fixed prompt reads the image alone; without one, image and text."""
-    image = _aggregate("emoji-group", "classification", {"test_accuracy": 0.75, "test_macro_f1": 0.7}) | {"reads": "image"}
-    both = _aggregate("emoji-group-image-text", "classification", {"test_accuracy": 0.85, "test_macro_f1": 0.8}) | {
-        "reads": "image and text"}
+    image = _aggregate("emoji-group", "classification", {"test_accuracy": 0.75, "test_macro_f1": 0.7})
+    both = _aggregate("emoji-group-image-text", "classification", {"test_accuracy": 0.85, "test_macro_f1": 0.8})
+    image["reads"], both["reads"] = "image", "image and text"
     text = tables.emoji({"aggregates": {"emoji-group": image, "emoji-group-image-text": both},
                          "template": "an emoji of {}"}, {})
     assert "| `emoji-group`, trained | image | 75.0 | 70.0 | 1 |" in text
