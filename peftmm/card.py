@@ -80,6 +80,8 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
                   for k, v in metrics.items() if not isinstance(v, (dict, list))]
         lines.append("")
     arguments = PREDICT_ARGUMENTS.get(config["task"], "")
+    if config["task"] == "classification" and recipe["task"].get("prompt") is None:
+        arguments = " --text 'the text that goes with the image'"   # image-text classification
     lines += ["## Use", "", "```bash", f"peftmm predict {config['name']} --image IMAGE{arguments}", "```", ""]
     return "\n".join(lines)
 

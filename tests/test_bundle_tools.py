@@ -227,17 +227,19 @@ def test_bad_bundles_give_their_exact_error(run, tmp_path, case):
     assert [e.get("error") for e in listed] == [caught.value.message]
 
 
-@pytest.mark.parametrize("task, tag, usage", [
-    ("retrieval", "zero-shot-image-classification", "--image IMAGE --labels 'cat,dog,bird'"),
-    ("classification", "image-classification", "--image IMAGE\n"),
-    ("captioning", "image-to-text", "--image IMAGE\n"),
+@pytest.mark.parametrize("task, prompt, tag, usage", [
+    ("retrieval", None, "zero-shot-image-classification", "--image IMAGE --labels 'cat,dog,bird'"),
+    ("classification", "which group?", "image-classification", "--image IMAGE\n"),   # the image alone
+    ("classification", None, "image-classification", "--image IMAGE --text '"),     # image and text
+    ("captioning", "Describe the emoji:", "image-to-text", "--image IMAGE\n"),
 ])
-def test_card_names_the_task_and_how_to_call_it(task, tag, usage):
+def test_card_names_the_task_and_how_to_call_it(task, prompt, tag, usage):
     from peftmm.card import model_card
 
     tower = {"backbone": "b", "model_type": "bert", "precision": "int8", "fingerprint": "0" * 64}
     recipe = {t: {"methods": []} for t in ("vision", "text")} | {
-        "fusion": {"type": "f"}, "data": {"source": "emoji"}, "train": {"epochs": 1, "batch_size": 2, "lr": 0.1, "seed": 0}}
+        "task": {"type": task, "prompt": prompt}, "fusion": {"type": "f"}, "data": {"source": "emoji"},
+        "train": {"epochs": 1, "batch_size": 2, "lr": 0.1, "seed": 0}}
     card = model_card({"name": "x", "task": task, "recipe": recipe, "towers": {"vision": tower, "text": tower}}, {})
     assert yaml.safe_load(card.split("---")[1])["pipeline_tag"] == tag
     assert f"peftmm predict x {usage}" in card and "--question" not in card

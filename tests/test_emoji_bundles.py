@@ -1,7 +1,8 @@
 """The published emoji bundles on the real zoo backbones: each reproduces, on the emoji test split,
 the test metrics its card (adapter_config.json) recorded at the end of training, and answers
-through the CLI. Retrieval and classification; captioning on the real zoo models is covered by
-tests/test_captioning.py (no captioning bundle is published yet)."""
+through the CLI. Retrieval, classification from the image alone and from image and name;
+captioning on the real zoo models is covered by tests/test_captioning.py (no captioning bundle
+is published yet)."""
 
 import json
 from pathlib import Path
@@ -38,6 +39,7 @@ def _first_test_emoji(name: str) -> dict:
 @pytest.mark.parametrize("name, metrics", [
     ("emoji-retrieval-adapters", ("t2i_r1", "t2i_r10", "i2t_r1", "mean_recall")),
     ("emoji-group", ("accuracy", "macro_f1")),
+    ("emoji-group-image-text", ("accuracy", "macro_f1")),
 ])
 def test_bundle_reproduces_its_card_on_the_test_split(name, metrics):
     recorded = _card(name)["metrics"]
@@ -61,3 +63,13 @@ def test_zero_shot_labels_through_the_retrieval_bundle():
     assert out["answer"] in groups.split(",")
     assert sum(s["score"] for s in out["scores"]) == pytest.approx(1.0, abs=1e-4)
 
+
+
+def test_image_text_classifier_reads_the_name_with_the_picture():
+    """The same picture with another name can get another group: the text reaches the answer."""
+    example = _first_test_emoji("emoji-group-image-text")
+    bundle = str(ADAPTERS / "emoji-group-image-text")
+    own = _cli("predict", bundle, "--image", str(example["image"]), "--text", example["text"], "--json")
+    flag = _cli("predict", bundle, "--image", str(example["image"]), "--text", "flag Japan", "--json")
+    assert own["text"] == example["text"] and own["answer"] in Predictor.load(bundle).model.task.labels
+    assert own["scores"] != flag["scores"]
