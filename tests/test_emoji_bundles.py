@@ -73,3 +73,26 @@ def test_image_text_classifier_reads_the_name_with_the_picture():
     flag = _cli("predict", bundle, "--image", str(example["image"]), "--text", "flag Japan", "--json")
     assert own["text"] == example["text"] and own["answer"] in Predictor.load(bundle).model.task.labels
     assert own["scores"] != flag["scores"]
+
+
+def test_emoji_bundles_share_one_pair_of_backbones_in_the_runtime():
+    """The three emoji bundles on one loaded MobileNetV2 and one MiniLM; each answers as alone."""
+    from peftmm import Runtime
+
+    names = ["emoji-group", "emoji-group-image-text", "emoji-retrieval-adapters"]
+    runtime = Runtime(device="cpu", root=ADAPTERS)
+    for name in names:
+        runtime.register(name)
+    assert len(runtime.backbones()) == 2
+    example = _first_test_emoji("emoji-group-image-text")
+    requests = [{"adapter": name, "image": str(example["image"]), "text": example["text"]} for name in names]
+    for request, served in zip(requests, runtime.predict(requests)):
+        alone = Predictor.load(ADAPTERS / request["adapter"], device="cpu").predict(request["image"], request["text"])
+        assert served["adapter"] == request["adapter"]
+        if "scores" in alone:   # the classifiers
+            assert served["answer"] == alone["answer"]
+            assert [s["answer"] for s in served["scores"]] == [s["answer"] for s in alone["scores"]]
+            assert [s["score"] for s in served["scores"]] == pytest.approx([s["score"] for s in alone["scores"]],
+                                                                           abs=1e-4)
+        else:                   # retrieval: the image-text similarity
+            assert served["similarity"] == pytest.approx(alone["similarity"], abs=1e-4)
