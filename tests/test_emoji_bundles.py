@@ -64,7 +64,6 @@ def test_zero_shot_labels_through_the_retrieval_bundle():
     assert sum(s["score"] for s in out["scores"]) == pytest.approx(1.0, abs=1e-4)
 
 
-
 def test_image_text_classifier_reads_the_name_with_the_picture():
     """The same picture with another name can get another group: the text reaches the answer."""
     example = _first_test_emoji("emoji-group-image-text")

@@ -1,4 +1,5 @@
-"""Retrieval (dual projection + InfoNCE), zero-shot labels, and classification with a fixed prompt."""
+"""Retrieval (dual projection + InfoNCE), zero-shot labels, and classification with a fixed prompt
+(the image alone) or without one (image and text)."""
 
 import json
 
