@@ -1,16 +1,25 @@
-"""Print a bundle's measured numbers as a markdown table: trainable share, accuracy, and the
-adapter file's size next to the frozen backbones' weights.
+"""A bundle's measured numbers: trainable share, accuracy, and the adapter file's size next to the
+frozen backbones' weights. Writes them as JSON for the README's default-recipe table
+(bench/readme_tables.py renders it) and prints that table.
 
-    .venv/bin/python bench/bundle_report.py adapters/easy-vqa-lora [--main-log runs/main.log]
+    .venv/bin/python bench/bundle_report.py adapters/easy-vqa-lora    # -> bench/results/default_bundle.json
+    .venv/bin/python bench/bundle_report.py BUNDLE --out other.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+from readme_tables import RESULTS, bundle_table
 
 from peftmm.backbones import resolve_source
 from peftmm.bundle import WEIGHTS, read_config
+from peftmm.io import atomic_write_text
+
+KEYS = ("trainable_params", "total_params", "trainable_share", "test_accuracy", "val_accuracy", "best_epoch",
+        "train_seconds", "steps")
 
 
 def backbone_bytes(source: str) -> int:
@@ -18,28 +27,22 @@ def backbone_bytes(source: str) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+def report(bundle: Path) -> dict:
+    config = read_config(bundle)
+    return {"bundle": bundle.name, "name": config["name"], "metrics": {k: config["metrics"][k] for k in KEYS},
+            "adapter_bytes": (bundle / WEIGHTS).stat().st_size,
+            "backbones": {name: {"source": t["backbone"], "bytes": backbone_bytes(t["backbone"])}
+                          for name, t in config["towers"].items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle")
+    parser.add_argument("--out", type=Path, default=RESULTS / "default_bundle.json")
     args = parser.parse_args()
-    bundle = Path(args.bundle)
-    config = read_config(bundle)
-    m = config["metrics"]
-    adapter = (bundle / WEIGHTS).stat().st_size
-    backbones = {name: backbone_bytes(t["backbone"]) for name, t in config["towers"].items()}
-    rows = [
-        ("trainable parameters", f"{m['trainable_params']:,} of {m['total_params']:,} ({100 * m['trainable_share']:.3f}%)"),
-        ("easy-VQA test accuracy", f"{100 * m['test_accuracy']:.2f}%"),
-        ("validation accuracy (best epoch)", f"{100 * m['val_accuracy']:.2f}% (epoch {m['best_epoch']})"),
-        ("training time (train loop only)", f"{m['train_seconds']:.0f} s, {m['steps']} steps"),
-        ("adapter file", f"{adapter:,} bytes"),
-        *[(f"{name} backbone weights ({config['towers'][name]['backbone']}, fp32 safetensors)", f"{size:,} bytes")
-          for name, size in backbones.items()],
-        ("adapter / backbones", f"{100 * adapter / sum(backbones.values()):.2f}%"),
-    ]
-    print(f"| {config['name']} | measured |\n|---|---|")
-    for key, value in rows:
-        print(f"| {key} | {value} |")
+    data = report(Path(args.bundle))
+    atomic_write_text(args.out, json.dumps(data, indent=2) + "\n")
+    print(bundle_table(data))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
-"""Write the README's result tables from the benchmark JSON, so no number is typed by hand.
+"""Write the documentation's result tables from the benchmark JSON, so no number is typed by hand.
 
-    .venv/bin/python bench/readme_tables.py           # rewrite the marked blocks in README.md
-    .venv/bin/python bench/readme_tables.py --check   # exit 1 if a block differs from its JSON
+    .venv/bin/python bench/readme_tables.py           # rewrite the marked blocks in README.md and docs/*.md
+    .venv/bin/python bench/readme_tables.py --check   # exit 1 (naming the files) if a block differs from its JSON
 
-Each table sits between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in README.md and is
-rendered from bench/results/ (tests/test_readme.py runs the check).
+Each table sits between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in whichever of
+README.md and docs/*.md holds it, and is rendered from bench/results/ (tests/test_readme_tables.py
+runs the check). Tables are written with links relative to the repository root; each block's
+links are rebased onto the file it lands in.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
+
+from peftmm.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -23,6 +28,25 @@ def _ms(seconds: float) -> str:
     if seconds >= 1.0:
         return f"{seconds:,.2f} s"
     return f"{seconds * 1000:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} µs"
+
+
+def bundle_table(data: dict | None = None) -> str:
+    """The default recipe's shipped bundle (bench/bundle_report.py)."""
+    data = data or json.loads((RESULTS / "default_bundle.json").read_text())
+    m, adapter = data["metrics"], data["adapter_bytes"]
+    backbones = data["backbones"]
+    rows = [
+        ("trainable parameters", f"{m['trainable_params']:,} of {m['total_params']:,} "
+                                 f"({100 * m['trainable_share']:.3f}%)"),
+        ("easy-VQA test accuracy", f"{100 * m['test_accuracy']:.2f}%"),
+        ("validation accuracy (best epoch)", f"{100 * m['val_accuracy']:.2f}% (epoch {m['best_epoch']})"),
+        ("training time (train loop only)", f"{m['train_seconds']:.0f} s, {m['steps']} steps"),
+        ("adapter file", f"{adapter:,} bytes"),
+        *[(f"{name} backbone weights ({b['source']}, fp32 safetensors)", f"{b['bytes']:,} bytes")
+          for name, b in backbones.items()],
+        ("adapter / backbones", f"{100 * adapter / sum(b['bytes'] for b in backbones.values()):.2f}%"),
+    ]
+    return "\n".join([f"| {data['name']} | measured |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
 def methods() -> str:
@@ -74,11 +98,11 @@ def walltime() -> str:
         f"| its prediction for test image 0, \"{data['prediction']['question']}\" | {data['prediction']['answer']} |"])
 
 
-# -- emoji tasks (issue 5): bench/emoji_tasks.py runs + bench/emoji_baselines.py reference points
+# -- emoji tasks: bench/emoji_tasks.py runs + bench/emoji_baselines.py reference points
 EMOJI_ORDER = ["emoji-retrieval-projection", "emoji-retrieval-locked-text", "emoji-retrieval-memory",
                "emoji-retrieval", "emoji-retrieval-adapters", "emoji-caption-plain", "emoji-caption-greedy",
                "emoji-caption", "emoji-group", "emoji-group-subgroups", "emoji-group-image-text"]
-RETRIEVAL_BASELINE = "emoji-retrieval-projection"   # issue 5: the adapter recipes are compared with it
+RETRIEVAL_BASELINE = "emoji-retrieval-projection"   # the adapter recipes are compared with it
 
 
 def _pct(m: dict | None, key: str, scale: float = 100, digits: int = 1) -> str:
@@ -139,7 +163,7 @@ def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
                   f"| oracle: best train caption per test image | – | – | – | "
                   f"{100 * n['oracle_best_train_caption_unigram_f1']:.1f} | – |"]
         captioners = [a for a in runs if a["task"] == "captioning" and "test_unigram_f1" in a["metrics"]]
-        if captioners:   # issue 5 compares captioners with the nearest neighbour in unigram F1
+        if captioners:   # captioners are compared with the nearest neighbour in unigram F1
             lines += ["", "Difference from the nearest neighbour in points of unigram F1 (seed means): " + "; ".join(
                 f"{_label(a)} {100 * (a['metrics']['test_unigram_f1']['mean'] - n['unigram_f1']):+.1f}"
                 for a in captioners) + "."]
@@ -368,31 +392,73 @@ def distributed(data: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime, "emoji": emoji,
-          "plan": plan, "peft": peft, "cache": cache, "distributed": distributed, "hub": hub}
-FILES = {"methods": "methods.md", "walltime": "main_walltime.json", "emoji": "emoji_baselines.json",
-         "plan": "plan_check.json", "peft": "compare_peft.json", "cache": "cache_bench.json",
-         "hub": "hub_plans.json"}
+TABLES = {"bundle": bundle_table, "methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime,
+          "emoji": emoji, "plan": plan, "peft": peft, "cache": cache, "distributed": distributed, "hub": hub}
+FILES = {"bundle": "default_bundle.json", "methods": "methods.md", "walltime": "main_walltime.json",
+         "emoji": "emoji_baselines.json", "plan": "plan_check.json", "peft": "compare_peft.json",
+         "cache": "cache_bench.json", "hub": "hub_plans.json"}
+MARKER = re.compile(r"^<!-- (/?)bench:([\w-]+) -->$", re.M)   # a marker is a line of its own
+# A markdown link or image target that is a path in this repository: no scheme, no anchor-only.
+LINK = re.compile(r"(\]\()(?![a-z][a-z0-9+.-]*:|#|/)([^)\s]+)(\))")
 
 
-def render(text: str) -> str:
+def documents() -> list[Path]:
+    """The files that may hold table blocks: the README and every page under docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _rebase(block: str, where: Path) -> str:
+    """Links in a rendered block are relative to the repository root; make them relative to ``where``."""
+    prefix = os.path.relpath(ROOT, where.parent)
+    if prefix == ".":
+        return block
+    return LINK.sub(lambda m: m.group(1) + Path(os.path.relpath(ROOT / m.group(2), where.parent)).as_posix()
+                    + m.group(3), block)
+
+
+def render(text: str, where: Path | None = None) -> str:
+    """``text`` with every table block whose JSON exists rendered afresh; ``where`` is the file the
+    text belongs to (default README.md), for the blocks' relative links."""
+    where = where or ROOT / "README.md"
+    unknown = {m.group(2) for m in MARKER.finditer(text)} - set(TABLES)
+    if unknown:
+        raise ValueError(f"{where}: unknown table block(s) {sorted(unknown)}; known: {sorted(TABLES)}")
     for name, make in TABLES.items():
-        pattern = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
+        pattern = re.compile(rf"(^<!-- bench:{name} -->\n)(?:.*?\n)?(^<!-- /bench:{name} -->$)", re.S | re.M)
         if pattern.search(text) and (RESULTS / FILES.get(name, f"{name}.json")).exists():
-            text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
+            block = _rebase(make(), where)
+            text = pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text)
     return text
+
+
+def stale() -> list[Path]:
+    """The documents whose table blocks differ from what the JSON renders."""
+    return [path for path in documents() if render(path.read_text(), path) != path.read_text()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    rendered = render(text)
-    if args.check:
-        sys.exit(0 if rendered == text else 1)
-    readme.write_text(rendered)
+    try:
+        _run(args.check)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
+
+def _run(check: bool) -> None:
+    if check:
+        behind = stale()
+        for path in behind:
+            print(f"stale tables: {path.relative_to(ROOT)}", file=sys.stderr)
+        sys.exit(1 if behind else 0)
+    # every page is rendered before any is written: an error leaves them all as they were
+    pages = {path: path.read_text() for path in documents()}
+    rendered = {path: render(text, path) for path, text in pages.items()}
+    for path, text in rendered.items():
+        if text != pages[path]:   # untouched pages keep their modification time
+            atomic_write_text(path, text)
+            print(f"rendered {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
