@@ -1,7 +1,9 @@
-"""The README's result tables are the benchmark JSON rendered (bench/readme_tables.py), not typed."""
+"""The documentation's result tables are the benchmark JSON rendered (bench/readme_tables.py), not
+typed; they may sit in the README or any page under docs/, and every relative link there resolves."""
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,80 @@ def tables():
     return module
 
 
-def test_readme_tables_match_the_benchmark_results(tables):
-    text = (ROOT / "README.md").read_text()
-    for name in ("methods", "emoji", "plan", "peft", "cache"):
-        assert f"<!-- bench:{name} -->" in text and f"<!-- /bench:{name} -->" in text
-    assert tables.render(text) == text, "README tables are stale: run .venv/bin/python bench/readme_tables.py"
+def test_every_page_with_tables_matches_the_benchmark_results(tables):
+    pages = tables.documents()
+    assert ROOT / "README.md" in pages and ROOT / "docs" / "results.md" in pages
+    shown = {}
+    for page in pages:
+        text = page.read_text()
+        for name in re.findall(r"^<!-- bench:([\w-]+) -->$", text, re.M):
+            assert f"<!-- /bench:{name} -->" in text, f"{page.name}: block {name} is never closed"
+            shown.setdefault(name, []).append(page.relative_to(ROOT).as_posix())
+        assert tables.render(text, page) == text, (
+            f"{page.relative_to(ROOT)}: tables are stale: run .venv/bin/python bench/readme_tables.py")
+    assert set(shown) == set(tables.TABLES), f"tables shown nowhere: {sorted(set(tables.TABLES) - set(shown))}"
+    assert tables.stale() == []
+
+
+def test_a_stale_table_is_caught_and_rendering_twice_changes_nothing(tables, tmp_path):
+    page = ROOT / "docs" / "results.md"
+    text = page.read_text()
+    block = text[text.index("<!-- bench:methods -->"):text.index("<!-- /bench:methods -->")]
+    assert "| easy-vqa-lora |" in block
+    edited = text.replace(block, block.replace("| easy-vqa-lora |", "| easy-vqa-lora-typed-by-hand |"))
+    assert tables.render(edited, page) == text
+    assert tables.render(tables.render(edited, page), page) == text
+    with pytest.raises(ValueError, match="unknown table block"):
+        tables.render("<!-- bench:nonsense -->\n<!-- /bench:nonsense -->\n", page)
+
+
+def test_chart_links_are_rebased_onto_the_page(tables):
+    """A block's chart is written relative to the repository root; on a page under docs/ it points
+    one folder up, and it exists."""
+    block = tables.peft()
+    assert "](bench/results/compare_peft.png)" in block
+    page = ROOT / "docs" / "results.md"
+    rebased = tables.render("<!-- bench:peft -->\n<!-- /bench:peft -->\n", page)
+    assert "](../bench/results/compare_peft.png)" in rebased
+    assert (page.parent / "../bench/results/compare_peft.png").resolve().is_file()
+    assert "](bench/results/compare_peft.png)" in tables.render("<!-- bench:peft -->\n<!-- /bench:peft -->\n")
+
+
+def test_the_default_recipes_table_is_the_shipped_bundle(tables):
+    """bench/results/default_bundle.json (bench/bundle_report.py) holds the numbers of the bundle
+    that ships: republishing it without rerunning the report fails here."""
+    data = json.loads((ROOT / "bench/results/default_bundle.json").read_text())
+    bundle = ROOT / "adapters" / data["bundle"]
+    config = json.loads((bundle / "adapter_config.json").read_text())
+    assert data["metrics"] == {k: config["metrics"][k] for k in data["metrics"]}
+    assert data["adapter_bytes"] == (bundle / "adapter_model.safetensors").stat().st_size
+    assert {name: b["source"] for name, b in data["backbones"].items()} == \
+        {name: t["backbone"] for name, t in config["towers"].items()}
+    assert f"| adapter file | {data['adapter_bytes']:,} bytes |" in tables.bundle_table(data)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_relative_links_in_the_docs_resolve(tables):
+    """Every link between the README and docs/ (and to files of the repository) points at a file,
+    and at a heading of it where it names one."""
+    broken = []
+    for page in tables.documents():
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):
+                continue   # a URL
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
+            if not resolved.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
 
 
 def _aggregate(label, task, metrics, chain_from=None, as_recipe=True, seeds=(0,)):
