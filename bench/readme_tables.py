@@ -53,6 +53,11 @@ def methods() -> str:
     return (RESULTS / "methods.md").read_text().strip()
 
 
+def _median_of(rows: list[dict], key: str):
+    """The upper median, an actual row's value (so byte counts stay integers)."""
+    return sorted(r[key] for r in rows)[len(rows) // 2]
+
+
 def runtime() -> str:
     data = json.loads((RESULTS / "runtime.json").read_text())
     swap, memory = data["swap"], data["memory"]
@@ -68,9 +73,9 @@ def runtime() -> str:
               "|---|---|---|---|",
               f"| total | {memory['total_file_bytes']:,} | {memory['total_rss_growth_bytes']:,} | "
               f"{memory['total_tensor_growth_bytes']:,} |",
-              f"| median per adapter | {sorted(r['file_bytes'] for r in memory['per_adapter'])[len(memory['per_adapter']) // 2]:,} | "
+              f"| median per adapter | {_median_of(memory['per_adapter'], 'file_bytes'):,} | "
               f"{memory['median_rss_growth_bytes']:,.0f} | "
-              f"{sorted(r['tensor_growth_bytes'] for r in memory['per_adapter'])[len(memory['per_adapter']) // 2]:,} |",
+              f"{_median_of(memory['per_adapter'], 'tensor_growth_bytes'):,} |",
               "", "| LoRA, fp32 backbones | unmerged (median) | merged (median) | unmerged / merged | max logit diff |",
               "|---|---|---|---|---|"]
     for row in data["merge"]:
@@ -93,7 +98,8 @@ def walltime() -> str:
     data = json.loads((RESULTS / "main_walltime.json").read_text())
     return "\n".join([
         "| what | measured |", "|---|---|",
-        f"| `make main` from a fresh clone, set-up included | {data['wall_seconds']:.0f} s ({data['wall_seconds'] / 60:.1f} min) |",
+        f"| `make main` from a fresh clone, set-up included | {data['wall_seconds']:.0f} s "
+        f"({data['wall_seconds'] / 60:.1f} min) |",
         f"| `peftmm eval` test accuracy of the bundle it trained | {100 * data['eval_test_accuracy']:.2f}% |",
         f"| its prediction for test image 0, \"{data['prediction']['question']}\" | {data['prediction']['answer']} |"])
 
@@ -141,7 +147,8 @@ def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
         lines.append(f"| chance (K/N, N = {c['n']}) | " + " | ".join(f"{100 * c[r]:.1f}" for r in recalls) + " | – |")
     if "pair_memory_bridge" in b:
         m = b["pair_memory_bridge"]
-        lines.append(f"| the pair-memory bridge alone, nothing trained (frozen features, K = {m['memory_neighbours']}) | "
+        lines.append("| the pair-memory bridge alone, nothing trained (frozen features, "
+                     f"K = {m['memory_neighbours']}) | "
                      + " | ".join(f"{100 * m[r]:.1f}" for r in recalls) + " | – |")
     base = next((a for a in runs if a["recipe"] == RETRIEVAL_BASELINE and not a.get("chain_from")), None)
     others = [a for a in runs if a["task"] == "retrieval" and a is not base]
@@ -427,7 +434,7 @@ def render(text: str, where: Path | None = None) -> str:
         pattern = re.compile(rf"(^<!-- bench:{name} -->\n)(?:.*?\n)?(^<!-- /bench:{name} -->$)", re.S | re.M)
         if pattern.search(text) and (RESULTS / FILES.get(name, f"{name}.json")).exists():
             block = _rebase(make(), where)
-            text = pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text)
+            text = pattern.sub(lambda m, block=block: m.group(1) + block + "\n" + m.group(2), text)
     return text
 
 

@@ -6,6 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
+from helpers import torch_rng_kept  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -13,6 +14,22 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     """Folders of every tiny backbone, built once per test session."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {kind: str(tiny.build(kind, root / kind)) for kind in tiny.VISION + tiny.TEXT}
+
+
+@pytest.fixture
+def keep_torch_rng():
+    """Each test leaves torch's global random state as it found it (for modules whose tests seed
+    torch: `pytestmark = pytest.mark.usefixtures("keep_torch_rng")`)."""
+    with torch_rng_kept():
+        yield
+
+
+@pytest.fixture(scope="module")
+def keep_torch_rng_module():
+    """The module as a whole leaves torch's global random state as it found it (its tests share
+    seeded module fixtures, so the state may run on between them)."""
+    with torch_rng_kept():
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")

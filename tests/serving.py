@@ -10,7 +10,7 @@ import time
 import torch
 
 import tiny
-from helpers import build
+from helpers import build, perturb
 from peftmm.bundle import save_bundle
 
 METHODS = {  # three bundles on the same two backbones, each with other methods, fusion and head
@@ -30,10 +30,7 @@ def make_bundle(tiny_models, root, name, seed, **methods):
     data["name"] = name
     data["fusion"] = fusion or data["fusion"]
     recipe, model, splits = build(data)
-    with torch.no_grad():  # non-trivial weights everywhere, so a wrong adapter shows in the output
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb(model)  # non-trivial weights everywhere, so a wrong adapter shows in the output
     return save_bundle(model, recipe, root / name), splits
 
 

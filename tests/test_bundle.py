@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tiny
-from helpers import batch_of, build, logits
+from helpers import batch_of, build, logits, perturb
 from peftmm import BundleError
 from peftmm.bundle import CARD, CONFIG, WEIGHTS, load_bundle, read_config, save_bundle
 
@@ -17,10 +17,7 @@ from peftmm.bundle import CARD, CONFIG, WEIGHTS, load_bundle, read_config, save_
 def saved(tiny_models, tmp_path_factory):
     recipe, model, splits = build(tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"],
                                               text_methods=[{"type": "lora"}]))
-    with torch.no_grad():  # make every trainable tensor non-trivial so a wrong load shows
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.01)
+    perturb(model, scale=0.01)  # every trainable tensor non-trivial, so a wrong load shows
     path = save_bundle(model, recipe, tmp_path_factory.mktemp("b") / "bundle", metrics={"test_accuracy": 0.5})
     return path, model, splits
 

@@ -6,6 +6,7 @@ words) and is what predict, eval and the bundle give."""
 import pytest
 import torch
 
+from helpers import perturb
 from peftmm import RecipeError, recipe_from_dict
 from peftmm.batching import Batcher
 from peftmm.bundle import load_bundle, save_bundle
@@ -47,10 +48,7 @@ def test_generation_chooses_among_the_beam_candidates(tiny_models, monkeypatch):
 
     torch.manual_seed(0)
     _, model, splits = _build(tiny_models, k=2, mbr_candidates=3, mbr_retrieved_weight=0.3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb(model)
     model.eval()
     seen = []
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from helpers import overfit
+from helpers import overfit, perturb
 from peftmm import DataError, RecipeError, recipe_from_dict
 from peftmm.batching import Batcher
 from peftmm.bundle import BundleError, bundle_summary, load_bundle, read_tensors, save_bundle
@@ -119,10 +119,7 @@ def test_training_with_retrieved_captions_lowers_the_loss(tiny_models):
 
 def test_bundle_carries_the_memory_and_captions_identically(tiny_models, tmp_path):
     recipe, model, splits = _build(tiny_models)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb(model)
     model.eval()
     path = save_bundle(model, recipe, tmp_path / "bundle")
     tensors = read_tensors(path)

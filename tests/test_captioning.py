@@ -10,7 +10,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from helpers import overfit
+from helpers import overfit, perturb
 from peftmm import DataError, RecipeError, recipe_from_dict
 from peftmm.batching import Batcher
 from peftmm.bundle import load_bundle, save_bundle
@@ -45,13 +45,9 @@ if "tiny-captions" not in DATASETS.names():
         return Splits(train=data[:32], val=data[32:40], test=data[40:], labels=[])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _same_random_state_after():
-    """Leave torch's global random state as this module found it: later modules' seeded
-    expectations should not depend on whether these tests ran."""
-    state = torch.get_rng_state()
-    yield
-    torch.set_rng_state(state)
+# leave torch's global random state as this module found it: later modules' seeded
+# expectations should not depend on whether these tests ran
+pytestmark = pytest.mark.usefixtures("keep_torch_rng_module")
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +76,6 @@ def build(data: dict):
     return recipe, MultimodalModel.build(recipe, [])
 
 
-def _perturb(model):
-    with torch.no_grad():  # LoRA's B starts at zero: make every trainable tensor matter
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-
-
 EXAMPLES = _tiny_captions()[:4]
 IMAGES = [{"image": e["image"], "text": None} for e in EXAMPLES]
 
@@ -104,7 +93,7 @@ def test_labels_are_the_caption_tokens_and_eos_only(tiny_models):
     assert batch["attention_mask"][0].tolist() == [1] * (len(prompt) + 4) + [0, 0]
     # The returned logits are exactly the full LM's at the positions just before each caption token:
     # nothing of the vision prefix or the prompt is scored.
-    _perturb(model)
+    perturb(model)
     model.eval()
     with torch.no_grad():
         scored = model(batch)
@@ -131,7 +120,7 @@ def test_overfitting_one_batch_lowers_the_loss(tiny_models, methods):
 
 def test_greedy_and_beam_generation_give_strings(tiny_models):
     _, model = build(caption_recipe(tiny_models, [{"type": "lora", "r": 2}]))
-    _perturb(model)
+    perturb(model)
     model.eval()
     batch = Batcher(model)(IMAGES)
     greedy = model.task.decode(model(batch))
@@ -151,7 +140,7 @@ def test_greedy_and_beam_generation_give_strings(tiny_models):
                          ids=["lora", "prefix"])
 def test_bundle_reload_gives_identical_captions(tiny_models, tmp_path, methods):
     recipe, model = build(caption_recipe(tiny_models, methods, num_beams=2))
-    _perturb(model)
+    perturb(model)
     model.eval()
     path = save_bundle(model, recipe, tmp_path / "bundle")
     reloaded, _, config = load_bundle(path)

@@ -43,7 +43,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import tiny
-from helpers import build
+from helpers import build, perturb
 from peftmm.bundle import CONFIG, WEIGHTS, bundle_summary, load_bundle, read_header, read_tensors, save_bundle
 from peftmm.errors import BundleError, PeftmmError, RecipeError
 from peftmm.fusion import FUSIONS
@@ -261,10 +261,7 @@ def good_bundle(tiny_models, tmp_path_factory):
     recipe, model, _ = build(tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"],
                                          vision_methods=[{"type": "adapter", "reduction_factor": 4}],
                                          text_methods=[{"type": "lora", "r": 2}]))
-    with torch.no_grad():  # every trainable tensor non-trivial, so a wrong load shows
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.01)
+    perturb(model, scale=0.01)  # every trainable tensor non-trivial, so a wrong load shows
     path = save_bundle(model, recipe, tmp_path_factory.mktemp("fuzz-bundle") / "good")
     towers = dict(model.towers.items())
     model.remove_methods()

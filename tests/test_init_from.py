@@ -6,7 +6,7 @@ import yaml
 from click.testing import CliRunner
 
 import tiny
-from helpers import build
+from helpers import build, perturb
 from peftmm import BundleError
 from peftmm.bundle import initialise_from, read_tensors, save_bundle
 from peftmm.cli import main
@@ -18,10 +18,7 @@ def stage1(tiny_models, tmp_path_factory):
     data = tiny.recipe(tiny_models["vit"], tiny_models["bert"], text_methods=[{"type": "lora", "r": 2}])
     data["task"], data["fusion"] = {"type": "retrieval"}, {"type": "dual-projection", "dim": 16}
     recipe, model, _ = build(data)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb(model)
     return save_bundle(model, recipe, tmp_path_factory.mktemp("stage1") / "bundle")
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 import tiny
-from helpers import build
+from helpers import build, perturb
 from peftmm import BundleError
 from peftmm.bundle import load_bundle, read_config, read_tensors, save_bundle
 from peftmm.cli import main
@@ -21,10 +21,7 @@ from peftmm.peft_interop import export_peft, import_peft
 
 def _noisy_bundle(recipe_dict, path):
     recipe, model, _ = build(recipe_dict)
-    with torch.no_grad():  # non-trivial weights (LoRA B starts at zero), so a wrong load shows
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb(model, scale=0.1)  # non-trivial weights (LoRA B starts at zero), so a wrong load shows
     return save_bundle(model, recipe, path, metrics={"test_accuracy": 0.5}), model
 
 

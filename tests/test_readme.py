@@ -93,6 +93,6 @@ def test_shipped_bundles_serve_from_one_runtime():
     assert len(runtime.backbones()) == 2 and len(SHIPPED) >= 3
     image = easy_vqa.get_test_image_paths()[0]
     requests = [{"adapter": name, "image": image, "text": "what shape is in the image?"} for name in SHIPPED]
-    for request, served in zip(requests, runtime.predict(requests)):
+    for request, served in zip(requests, runtime.predict(requests), strict=True):
         alone = Predictor.load(ROOT / "adapters" / request["adapter"], device="cpu").predict(image, request["text"])
         assert served["answer"] == alone["answer"]

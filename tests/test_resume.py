@@ -59,12 +59,8 @@ def models(tmp_path_factory):
     return {kind: str(tiny.build(kind, root / kind)) for kind in ("mobilenet_v2", "bert")}
 
 
-@pytest.fixture(autouse=True)
-def _same_random_state_after():
-    """These runs seed torch; later modules' seeded expectations must not depend on them."""
-    state = torch.get_rng_state()
-    yield
-    torch.set_rng_state(state)
+# these runs seed torch; later modules' seeded expectations must not depend on them
+pytestmark = pytest.mark.usefixtures("keep_torch_rng")
 
 
 def recipe_dict(models, variant: str = "shuffled", **train_settings) -> dict:

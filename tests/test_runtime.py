@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tiny
-from helpers import build
+from helpers import build, perturb
 from peftmm import BundleError
 from peftmm.bundle import CONFIG, WEIGHTS, save_bundle
 from peftmm.predict import Predictor
@@ -236,10 +236,7 @@ def test_mixed_lora_batch_on_an_int8_backbone(tiny_models, tmp_path, bundles):
         data = tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"], text_methods=[{"type": "lora", "r": 2}])
         data["text"]["precision"] = "int8"
         recipe, model, _ = build(data)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * 0.05)
+        perturb(model)
         save_bundle(model, recipe, tmp_path / name)
     runtime = Runtime(device="cpu", root=tmp_path)
     runtime.register("int8-a")

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 import tiny
-from helpers import build
+from helpers import build, perturb
 from peftmm import DataError, recipe_from_dict
 from peftmm.bundle import save_bundle
 from peftmm.cli import main
@@ -36,19 +36,8 @@ CAPTIONERS = ("caption-lora", "caption-prefix")
 OTHERS = ("vqa-llama", "retrieval-llama")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _same_random_state_after():
-    """These bundles are seeded; leave torch's global random state as this module found it."""
-    state = torch.get_rng_state()
-    yield
-    torch.set_rng_state(state)
-
-
-def _perturb(model):
-    with torch.no_grad():  # LoRA's B starts at zero: make every trainable tensor matter
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p))
+# these bundles are seeded; leave torch's global random state as this module found it
+pytestmark = pytest.mark.usefixtures("keep_torch_rng_module")
 
 
 def _lm_of_the_tokenizers_size(folder):
@@ -87,7 +76,7 @@ def setup(tiny_models, tmp_path_factory):
         torch.manual_seed(seed)  # the initial weights too, whatever ran before
         recipe = recipe_from_dict(data)
         model = MultimodalModel.build(recipe, [])
-        _perturb(model)
+        perturb(model, scale=1.0)
         save_bundle(model, recipe, root / name)
     vqa = tiny.recipe(models["vit"], models["llama_lm"], text_methods=[{"type": "lora", "r": 2}])
     retrieval = tiny.recipe(models["vit"], models["llama_lm"], text_methods=[{"type": "lora", "r": 2}])
@@ -95,7 +84,7 @@ def setup(tiny_models, tmp_path_factory):
     for seed, (name, data) in enumerate(zip(OTHERS, (vqa, retrieval)), start=2):
         torch.manual_seed(seed)
         recipe, model, splits = build(data)
-        _perturb(model)
+        perturb(model, scale=1.0)
         save_bundle(model, recipe, root / name)
     examples = [{"image": e["image"], "text": e["text"]} for e in splits.test[:4]]
     paths = easy_vqa.get_test_image_paths()  # image id -> file
