@@ -25,7 +25,7 @@ are timed by wrapping the trainer's fill_caches and evaluate. The final numbers 
 (every epoch's val_* and the final test_* in metrics.jsonl, and each step's loss) are compared:
 identical, or their largest difference.
 
-Writes OUT/cache_bench.json (OUT: --out, default bench/results); the README block is
+Writes OUT/cache_bench.json (OUT: --out, default bench/results); the docs/results.md block is
 bench/readme_tables.py's ``cache``.
 """
 

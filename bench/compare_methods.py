@@ -5,7 +5,7 @@
     .venv/bin/python bench/compare_methods.py --render             # redraw table and chart from the JSON
 
 Each recipe runs in its own process (`peftmm train`), one after another, so timings are not
-mixed. Writes bench/results/methods.json, methods.md (the README table) and methods.png.
+mixed. Writes bench/results/methods.json, methods.md (the docs/results.md table) and methods.png.
 """
 
 from __future__ import annotations

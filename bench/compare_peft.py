@@ -36,7 +36,7 @@ questions. Measured per variant, by the same probes in every child:
 
 Writes OUT/compare_peft.json and OUT/compare_peft.png (OUT: --out, default bench/results), each
 child's log in OUT/runs/compare_peft/ (ignored by git); bench/readme_tables.py's ``peft`` renders
-the README table from the JSON.
+the docs/results.md table from the JSON.
 bench/cache_bench.py and bench/gpu_bench.py reuse ``spawn`` and the child probes from here.
 """
 

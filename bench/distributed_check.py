@@ -14,8 +14,8 @@ The default recipe is run without the head's dropout (``task.dropout=0``): with 
 process draws masks for its slice of the batch, another random stream than one process's, so the
 runs would differ by chance and not only by float summation order.
 
-Merges its result by recipe into OUT/distributed.json (OUT: --out, default bench/results); the README block is
-bench/readme_tables.py's ``distributed``.
+Merges its result by recipe into OUT/distributed.json (OUT: --out, default bench/results); the docs/training.md
+block is bench/readme_tables.py's ``distributed``.
 """
 
 from __future__ import annotations

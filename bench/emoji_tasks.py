@@ -19,7 +19,7 @@ Retrieval bundles also classify the test images into their Unicode groups zero-s
 computation of ``peftmm predict --labels`` (Predictor.classify) batched over images.
 
 Writes bench/results/emoji_tasks.json (runs + mean/std over seeds per recipe) and emoji_tasks.png;
-bench/readme_tables.py renders the README block from it and emoji_baselines.json.
+bench/readme_tables.py renders the docs/results.md block from it and emoji_baselines.json.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _flatten(data, prefix="") -> dict:
 
 def recipe_differences(run_dir: Path, recipe: Path, seed: int) -> dict:
     """Values of the run's recipe.yaml that differ from RECIPE at this seed (init_from aside):
-    a run with overrides is not a run of the recipe, and the README leaves it out. Both sides go
+    a run with overrides is not a run of the recipe, and the docs leave it out. Both sides go
     through the recipe parser, so settings added later with their defaults do not count as
     differences; neither does ``name``, which only labels the run."""
     import yaml

@@ -1,4 +1,4 @@
-"""`peftmm plan` for the recipes on real hub backbones (recipes/hub/), for the README.
+"""`peftmm plan` for the recipes on real hub backbones (recipes/hub/), for docs/plan.md.
 
     .venv/bin/python bench/hub_plans.py        # every recipes/hub/*.yaml -> bench/results/hub_plans.json
 
@@ -6,7 +6,7 @@ Each recipe is estimated for a CUDA card (bf16 autocast where the recipe leaves
 ``mixed_precision: auto``), as `peftmm plan RECIPE --device cuda` prints it. Nothing is
 downloaded: with the hub out of reach the backbone configs come from peftmm/hub_configs and
 token counts from its ApproximateTokenizer, and each row says whether they did. Then
-`bench/readme_tables.py` renders the README block from the JSON.
+`bench/readme_tables.py` renders the docs/plan.md block from the JSON.
 """
 
 from __future__ import annotations

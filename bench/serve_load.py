@@ -99,7 +99,7 @@ def matches(served: dict, reference: dict) -> bool:
 
 
 def screenshot(url: str, adapter: str, image: str, question: str, path: Path) -> str:
-    """The page as a person uses it, in headless Chromium: the README's picture."""
+    """The page as a person uses it, in headless Chromium (the picture in the README and docs/serving.md)."""
     from playwright.sync_api import sync_playwright
 
     args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
