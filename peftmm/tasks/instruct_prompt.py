@@ -45,8 +45,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
+from jinja2 import TemplateError
 
 from ..data.conversations import IMAGE
 from ..errors import DataError, PeftmmError
@@ -139,7 +141,8 @@ def stop_token_ids(tokenizer, end_of_turn: str | None = None) -> list[int]:
     if end_of_turn:
         tokens = tokenizer(end_of_turn, add_special_tokens=False)["input_ids"]
         if len(tokens) != 1:
-            raise PeftmmError(f"the end-of-turn string {end_of_turn!r} is {len(tokens)} tokens, not one", "chat template")
+            raise PeftmmError(f"the end-of-turn string {end_of_turn!r} is {len(tokens)} tokens, not one",
+                              "chat template")
         ids.add(tokens[0])
     return sorted(ids)
 
@@ -185,7 +188,7 @@ def _renderer(tokenizer, template: str | None):
         try:
             return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                  add_generation_prompt=generation)
-        except Exception as e:   # jinja2's TemplateError and the template's own raise_exception
+        except (TemplateError, TypeError, ValueError) as e:   # raise_exception in a template is a TemplateError
             raise PeftmmError(f"the chat template cannot render this conversation: {type(e).__name__}: {e}",
                               "chat template") from None
     return render
@@ -215,7 +218,7 @@ def _tokenize(tokenizer, full: str, answers: list[tuple[int, int]], turn_ends: l
     slot = full.find(_SLOT)
     cuts = sorted({0, len(full), *(c for span in answers for c in span), *turn_ends,
                    *((slot, slot + 1) if slot >= 0 else ())})
-    pieces = [(a, b) for a, b in zip(cuts, cuts[1:])]
+    pieces = list(pairwise(cuts))
     texts = [full[a:b] for a, b in pieces if full[a:b] != _SLOT]
     tokenized = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     answer_starts = {a for a, _ in answers}
