@@ -62,6 +62,8 @@ class DataSpec:
         needs = {"files": "a .jsonl or .csv file", "llava": "a .json file", "messages": "a .jsonl file"}
         if self.source in needs and not self.path:
             raise ValueError(f"data.path is required when data.source is {self.source!r} ({needs[self.source]})")
+        if self.image_root is not None and not self.image_root.strip():
+            raise ValueError("data.image_root must name a folder, or be null (image paths relative to data.path)")
 
     def resolve_paths(self, where: str | None) -> None:
         """Make ``path`` and ``image_root`` absolute: relative to the recipe file, or to the working

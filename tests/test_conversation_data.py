@@ -239,6 +239,10 @@ def test_recipe_sources_paths_and_views(folder, monkeypatch):
         from_dict(BASE | {"data": {"source": "messages"}}, source="r.yaml")
     with pytest.raises(RecipeError, match=r"data.source \(with data.conversations: true\) = 'files' is not a known"):
         from_dict(BASE | {"data": {"source": "files", "path": "x.jsonl", "conversations": True}}, source="r.yaml")
+    with pytest.raises(RecipeError, match="data.image_root must name a folder"):
+        from_dict(BASE | {"data": {"source": "llava", "path": "x.json", "image_root": " "}}, source="r.yaml")
+    with pytest.raises(DataError, match="data.image_root is not a folder: /nowhere"):
+        read_conversations(folder / "data.json", "llava", image_root="/nowhere")
     with pytest.raises(DataError, match="data.path is required for data.source 'llava'"):
         load_splits(DataSpec(source="llava"))
 
