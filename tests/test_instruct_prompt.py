@@ -183,6 +183,26 @@ def test_bad_conversations_and_templates(smol, small):
         encode_conversation(small, turns("hi", "x"), 4, template=strict)
 
 
+def test_a_tokenizer_whose_pieces_do_not_join_up_is_refused():
+    """A SentencePiece-style tokenizer (a space before every text it is given) would see answers
+    in training that it never sees after "assistant :" when it generates: refused, not mis-trained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "</s>", "\u2581user", "\u2581assistant", "\u2581:", "\u2581red", "\u2581circle"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    spm_like = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    glued = ("{% for m in messages %}{{ m['role'] }} :{{ m['content'] }}</s>{% endfor %}"
+             "{% if add_generation_prompt %}assistant :{% endif %}")
+    with pytest.raises(PeftmmError, match="other tokens for a conversation cut at its turns than for the whole"):
+        encode_conversation(spm_like, turns("red circle", "red"), 2, template=glued)
+    # the space written at the start of each text instead: what such a tokenizer adds anyway
+    spaced = glued.replace(":{{ m['content'] }}", ":{{ ' ' + m['content'] }}")
+    e = encode_conversation(spm_like, turns("red circle", "red"), 2, template=spaced)
+    assert spm_like.convert_ids_to_tokens(e.input_ids[e.labels != IGNORE].tolist()) == ["\u2581red", "</s>"]
+
+
 def test_truncation_line():
     assert truncation_line(Counter(), "train", 64) is None
     line = truncation_line(Counter({"later turns": 3, "answer cut": 1, "too long": 2}), "train", 64)

@@ -25,7 +25,9 @@ template that renders the beginning of a conversation as the beginning of the wh
 SmolLM2's (and most) do not have. The rendered text is tokenized in pieces cut at the image and
 at each answer's start and end, so the ids before answer ``k`` are exactly the ids
 :func:`encode_generation_prompt` gives for the turns before it: what the model learns to
-continue is what it is asked to continue.
+continue is what it is asked to continue. A tokenizer whose pieces do not join up to the
+tokens of the whole text (SentencePiece's prefix space on every piece) is refused, checked
+once per tokenizer and template on a probe conversation.
 
 The system prompt: a conversation's own system turn is kept; otherwise ``system_prompt``, when
 given, becomes one. SmolLM2's template adds its default system prompt ("You are a helpful AI
@@ -43,6 +45,7 @@ do not hold the image (``"earlier turns"``), and is :class:`TooLong` when that i
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from itertools import pairwise
@@ -85,9 +88,9 @@ def encode_conversation(tokenizer, conversation: list[dict], image_tokens: int, 
     messages = _messages(conversation, image_tokens, system_prompt)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("no assistant turn: nothing to learn", "conversation")
-    render = _renderer(tokenizer, template)
+    render, eot = _prepare(tokenizer, template, end_of_turn)
     full = render(messages, False)
-    spans = _answer_spans(render, messages, full, end_of_turn or tokenizer.eos_token)
+    spans = _answer_spans(render, messages, full, eot)
     turn_ends = [end for _, _, end in spans]
     ids, labels, marks = _tokenize(tokenizer, full, [(a, b) for a, b, _ in spans], turn_ends, image_tokens, fill_id)
     image_start = marks["image"]
@@ -115,7 +118,7 @@ def encode_generation_prompt(tokenizer, conversation: list[dict], image_tokens: 
     messages = _messages(conversation, image_tokens, system_prompt)
     if messages[-1]["role"] != "user":
         raise DataError(f"a prompt to answer ends with a user turn, not a {messages[-1]['role']} turn", "conversation")
-    render, eot = _renderer(tokenizer, template), end_of_turn or tokenizer.eos_token
+    render, eot = _prepare(tokenizer, template, end_of_turn)
     truncated = None
     while True:
         full = render(messages, True)
@@ -177,6 +180,30 @@ def _messages(conversation: list[dict], image_tokens: int, system_prompt: str | 
     if messages[0]["role"] != "system" and system_prompt is not None:
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
+
+
+# tokenizer -> the templates whose pieces it was checked to tokenize as the whole text
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROBE = [{"role": "user", "content": "What is in the picture?"}, {"role": "assistant", "content": "A red circle."},
+          {"role": "user", "content": "And its size?"}, {"role": "assistant", "content": "Small, I think."}]
+
+
+def _prepare(tokenizer, template: str | None, end_of_turn: str | None):
+    """The renderer and the end-of-turn string, once checked on a probe conversation: the ids of
+    its pieces must be the ids of its whole text. A tokenizer that starts every piece with a space
+    (SentencePiece's dummy prefix) fails that, and would learn answers it is never shown."""
+    render, eot = _renderer(tokenizer, template), end_of_turn or tokenizer.eos_token
+    checked = _CHECKED.setdefault(tokenizer, set())
+    if template not in checked:
+        full = render(_PROBE, False)
+        spans = _answer_spans(render, _PROBE, full, eot)
+        pieces, _, _ = _tokenize(tokenizer, full, [(a, b) for a, b, _ in spans], [e for *_, e in spans], 0, None)
+        if pieces != tokenizer(full, add_special_tokens=False)["input_ids"]:
+            raise PeftmmError("this tokenizer gives other tokens for a conversation cut at its turns than for the "
+                              "whole text (a prefix space on every piece?), so the assistant's tokens cannot be cut "
+                              "out exactly; byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen) work", "chat template")
+        checked.add(template)
+    return render, eot
 
 
 def _renderer(tokenizer, template: str | None):
