@@ -9,8 +9,12 @@ train and test) and the source's own fields:
   example's ``question`` field names it): ``name`` ("What is this emoji?" -> its English name),
   and the Unicode category that ``data.label`` names: ``group`` ("Which emoji group is this
   in?"), ``subgroup`` ("Which emoji subgroup is this in?"), or both for ``group > subgroup``.
-  A split's examples stay grouped by picture, in the source's order; ``Splits.labels`` become
-  the distinct answers (each example's ``label`` is its answer).
+  A split's examples stay grouped by picture, in the source's order.
+
+Each example's ``label`` becomes its answer; ``Splits.labels`` stay the source's (easy-VQA's 13
+answers, emoji's groups or subgroups). The answers a generative model is measured against are
+the examples' ``label`` values, and its training vocabulary is that of train
+(:func:`peftmm.tasks.answer_metrics.answer_vocabulary`).
 - ``llava`` and ``messages`` are conversations already: their view changes nothing.
 """
 
@@ -44,7 +48,6 @@ def emoji_conversations(splits: Splits, spec=None) -> Splits:
     kinds = _EMOJI_KINDS[label]
     for name in ("train", "val", "test"):
         splits[name][:] = [_emoji_example(row, kind) for row in splits[name] for kind in kinds]
-    splits.labels = sorted({e["label"] for name in ("train", "val", "test") for e in splits[name]})
     splits.metadata["questions"] = {kind: EMOJI_QUESTIONS[kind] for kind in kinds}
     return splits
 
