@@ -15,7 +15,8 @@ Both accept the roles of both vocabularies (human/user, gpt/assistant, system). 
 relative to ``data.image_root`` when the recipe gives one, else to the data file's folder (or
 absolute). A record may carry ``split`` (train/val/test) as in :mod:`peftmm.data.files`; without
 one, records are split by a stable hash of their image path exactly as ``files`` splits them
-(all conversations about one image stay in one split).
+(all conversations about one image stay in one split). ``Splits.labels`` is empty: answers are
+text to generate, not classes.
 
 Every example, from these sources and from the conversation views of the built-in ones
 (:mod:`peftmm.data.conversation_views`), has this shape::
