@@ -11,7 +11,7 @@ import torch
 from peftmm import zoo
 from peftmm.errors import DataError, PeftmmError
 from peftmm.tasks.instruct_prompt import (CHATML, IGNORE, TooLong, encode_conversation, encode_generation_prompt,
-                                          stop_token_ids, truncation_line)
+                                          pad_batch, stop_token_ids, truncation_line)
 
 SIMPLE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
           "{% if add_generation_prompt %}assistant : {% endif %}")
@@ -201,6 +201,27 @@ def test_a_tokenizer_whose_pieces_do_not_join_up_is_refused():
     spaced = glued.replace(":{{ m['content'] }}", ":{{ ' ' + m['content'] }}")
     e = encode_conversation(spm_like, turns("red circle", "red"), 2, template=spaced)
     assert spm_like.convert_ids_to_tokens(e.input_ids[e.labels != IGNORE].tolist()) == ["\u2581red", "</s>"]
+
+
+def test_pad_batch_right_for_training_left_for_generation(smol):
+    short = encode_conversation(smol, turns("<image>\nShape?", "circle"), 3, template=CHATML)
+    long = encode_conversation(smol, turns("What shape is in the picture, please?", "a circle"), 3, template=CHATML)
+    batch = pad_batch([short, long], pad_id=smol.pad_token_id)
+    n = len(short.input_ids)
+    assert batch["input_ids"].shape == (2, len(long.input_ids)) and n < len(long.input_ids)
+    assert batch["input_ids"][0, :n].tolist() == short.input_ids.tolist()
+    assert (batch["labels"][0, n:] == IGNORE).all() and batch["attention_mask"][0].tolist() == [1] * n + [0] * (
+        len(long.input_ids) - n)
+    assert batch["image_positions"].tolist() == [short.image_positions.tolist(), long.image_positions.tolist()]
+    prompts = [encode_generation_prompt(smol, turns("Shape?"), 3, template=CHATML),
+               encode_generation_prompt(smol, turns("What shape is in the picture, please?"), 3, template=CHATML)]
+    left = pad_batch(prompts, pad_id=smol.pad_token_id, left=True)
+    shift = len(prompts[1].input_ids) - len(prompts[0].input_ids)
+    assert left["input_ids"][0, shift:].tolist() == prompts[0].input_ids.tolist()
+    assert left["attention_mask"][0, :shift].sum() == 0 and left["attention_mask"][1].all()
+    assert left["image_positions"][0].tolist() == (prompts[0].image_positions + shift).tolist()
+    with pytest.raises(ValueError, match=r"different numbers of image tokens in one batch: \[0, 3\]"):
+        pad_batch([short, encode_conversation(smol, turns("Shape?", "circle"), 0)], pad_id=0)
 
 
 def test_truncation_line():

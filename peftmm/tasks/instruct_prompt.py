@@ -138,6 +138,29 @@ def encode_generation_prompt(tokenizer, conversation: list[dict], image_tokens: 
                    marks["image"], image_tokens, truncated)
 
 
+def pad_batch(encoded: list[Encoded], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """``encoded`` as one batch: ``input_ids``, ``labels`` (-100 on padding), ``attention_mask`` and
+    ``image_positions`` (B, image_tokens; every example needs the same number of image slots).
+    Training pads on the right; generation on the left (``left=True``), so every prompt ends where
+    the first new token goes, and the image positions move with the padding."""
+    if not encoded:
+        raise ValueError("an empty batch")
+    counts = {e.image_tokens for e in encoded}
+    if len(counts) > 1:
+        raise ValueError(f"examples with different numbers of image tokens in one batch: {sorted(counts)}")
+    width = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    positions = torch.zeros((len(encoded), counts.pop()), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        start = width - len(e.input_ids) if left else 0
+        span = slice(start, start + len(e.input_ids))
+        ids[row, span], labels[row, span], mask[row, span] = e.input_ids, e.labels, 1
+        positions[row] = e.image_positions + start
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "image_positions": positions}
+
+
 def stop_token_ids(tokenizer, end_of_turn: str | None = None) -> list[int]:
     """The ids that end an answer: the end-of-turn token and EOS (generation stops at either)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
