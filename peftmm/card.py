@@ -13,6 +13,8 @@ _DATASETS = {
               "OpenMoji – the open-source emoji and icon project. License: CC BY-SA 4.0 "
               "(https://creativecommons.org/licenses/by-sa/4.0/)"),
     "files": "the user's own image/text files",
+    "llava": "the user's own conversations about images (LLaVA JSON)",
+    "messages": "the user's own conversations about images (chat messages JSONL)",
 }
 # Hugging Face pipeline tags of the tasks peftmm trains; a task missing here gets no pipeline_tag.
 PIPELINE_TAGS = {"vqa": "visual-question-answering", "captioning": "image-to-text",

@@ -44,7 +44,13 @@ class DataSpec:
     max_eval_samples: int | None = field(default=None, metadata={"min": 1})
     # Share held out as test by sources without a fixed test split (emoji, files).
     test_fraction: float = field(default=0.1, metadata={"gt": 0.0, "max": 0.5})
-    path: str | None = None    # files: the .jsonl/.csv file, relative to the recipe file
+    path: str | None = None    # files / llava / messages: the data file, relative to the recipe file
+    # llava / messages: the folder the records' image paths are relative to (default: the data
+    # file's folder); relative to the recipe file
+    image_root: str | None = None
+    # The generative view of a built-in source (easy-vqa, emoji): each example a conversation of
+    # questions and answer words (data/conversation_views.py); llava and messages are conversations already
+    conversations: bool = False
     # emoji: which Unicode category is the label; "group > subgroup": subgroups as paths under their
     # group, for task.parent_labels (train on subgroups, answer groups)
     label: Literal["group", "subgroup", "group > subgroup"] = "group"
@@ -53,14 +59,20 @@ class DataSpec:
     on_bad_sample: Literal["skip", "stop"] = "skip"
 
     def validate(self):
-        if self.source == "files" and not self.path:
-            raise ValueError("data.path is required when data.source is 'files' (a .jsonl or .csv file)")
+        needs = {"files": "a .jsonl or .csv file", "llava": "a .json file", "messages": "a .jsonl file"}
+        if self.source in needs and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r} ({needs[self.source]})")
+        if self.image_root is not None and not self.image_root.strip():
+            raise ValueError("data.image_root must name a folder, or be null (image paths relative to data.path)")
 
     def resolve_paths(self, where: str | None) -> None:
-        """Make ``path`` absolute: relative to the recipe file, or to the working folder without one."""
+        """Make ``path`` and ``image_root`` absolute: relative to the recipe file, or to the working
+        folder without one."""
+        base = Path(where).parent if where else Path()
         if self.path and not Path(self.path).is_absolute():
-            base = Path(where).parent if where else Path()
             self.path = os.path.normpath(base.absolute() / self.path)
+        if self.image_root and not Path(self.image_root).is_absolute():
+            self.image_root = os.path.normpath(base.absolute() / self.image_root)
 
 
 @dataclass
@@ -121,12 +133,14 @@ class Recipe:
     def resolve_parts(self):
         # Part-specific sections are validated by their registries (imported late: parts
         # import recipe types, not the other way round).
-        from .data import DATASETS
+        from .data import CONVERSATION_VIEWS, DATASETS
         from .fusion import FUSIONS
         from .methods import METHODS, check_method_combination
         from .tasks import TASKS
 
         DATASETS.get(self.data.source, "data.source", self.source)
+        if self.data.conversations:
+            CONVERSATION_VIEWS.get(self.data.source, "data.source (with data.conversations: true)", self.source)
         self.task = TASKS.config(self.task, "task", self.source)
         self.fusion = FUSIONS.config(self.fusion, "fusion", self.source)
         allowed = TASKS.get(self.task.type).fusions

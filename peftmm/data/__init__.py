@@ -2,7 +2,9 @@
 
 A source returns :class:`Splits`: lists of examples (``{"image": path, "text": ..., "label": ...}``)
 for train / val / test, plus the label set. Validation always comes out of train, so the test
-split is only ever used for the reported test numbers.
+split is only ever used for the reported test numbers. Conversation sources (``llava``,
+``messages``) and the conversation views of the built-in ones (``data.conversations: true``) add
+a ``conversation`` to each example (shape in :mod:`peftmm.data.conversations`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 from ..registry import Registry
 
 DATASETS = Registry("data source")
+# data.conversations: a source's examples as conversations (data/conversation_views.py), by source name
+CONVERSATION_VIEWS = Registry("conversation view")
 
 
 @dataclass
@@ -34,6 +38,8 @@ def stable_fraction(key: str) -> float:
 
 def load_splits(spec) -> Splits:
     splits = DATASETS.get(spec.source, "data.source")(spec)
+    if getattr(spec, "conversations", False):
+        splits = CONVERSATION_VIEWS.get(spec.source, "data.source (with data.conversations: true)")(splits, spec)
     if spec.max_train_samples:
         splits.train = splits.train[: spec.max_train_samples]
     if spec.max_eval_samples:
@@ -43,3 +49,4 @@ def load_splits(spec) -> Splits:
 
 
 from . import easy_vqa, emoji, files  # noqa: E402,F401  (each registers itself)
+from . import conversation_views, conversations  # noqa: E402,F401
