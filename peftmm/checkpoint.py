@@ -45,7 +45,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from .errors import PeftmmError, RecipeError
-from .io import atomic_directory, atomic_write_text
+from .io import atomic_directory, atomic_write_text, fsync_dir
 from .run_state import capture_rng, flatten_optimizer, log_state, restore_log, restore_rng, unflatten_optimizer
 
 FORMAT, VERSION = "peftmm-checkpoint", 1
@@ -176,10 +176,10 @@ class Checkpointer:
         with atomic_directory(self.folder / name, overwrite=True) as tmp:
             _write_synced(tmp / TENSORS, blob)
             _write_synced(tmp / STATE, state_bytes)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         atomic_write_text(self.folder / POINTER, json.dumps({"checkpoint": name, "step": run.step,
                                                              "state_sha256": _sha256(state_bytes)}) + "\n")
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         self.latest = name
         prune(self.folder, self.spec.keep_checkpoints)
 
@@ -359,11 +359,3 @@ def _fsync_file(path: Path) -> None:
     if path.exists():
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
