@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .backbones import QUANTIZATION_SKIP
 from .batching import Batcher
+from .tensors import to_device
 
 MMAP_THRESHOLD = 32 * 2**20   # glibc malloc: blocks this large are mapped alone (module docstring)
 
@@ -204,7 +205,7 @@ class ShapeBatcher(Batcher):
         return {"pixel_values": torch.stack([torch.zeros(3, size, size, device="meta") for _ in images])}
 
     def __call__(self, examples):
-        return {k: v.to("meta") for k, v in super().__call__(examples).items()}
+        return to_device(super().__call__(examples), "meta")
 
 
 def most_per_batch(examples, batches, text_of) -> dict:

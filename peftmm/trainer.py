@@ -40,6 +40,7 @@ from .features import FeatureCache
 from .model import MultimodalModel
 from .plots import plot_curves
 from .sampling import train_loader
+from .tensors import to_device
 
 
 @dataclass
@@ -138,7 +139,7 @@ def evaluate(model, examples, batcher, batch_size: int, device, progress=False, 
         batch = batcher(examples[start: start + batch_size])
         if not batch:  # every example of this batch was skipped
             continue
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         logits.append(model(batch).float().cpu())
         targets.append(batch["labels"].cpu())
     if several:   # every process gets every output, in the order of the sorted examples
