@@ -51,7 +51,7 @@ _CONFIG_NOISE = ("_name_or_path", "transformers_version", "dtype", "torch_dtype"
 
 
 
-def cache_root(path: str | None, where: str | None = None, create: bool = True) -> Path | None:
+def feature_cache_dir(path: str | None, where: str | None = None, create: bool = True) -> Path | None:
     """``train.feature_cache_dir`` checked before a run starts: a folder (made here when
     ``create``), never a file."""
     if not path:

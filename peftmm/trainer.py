@@ -35,7 +35,7 @@ from .data.files import check_labels_in_train
 from .data.skips import SplitLog, cache_on_bad, needed_text_error, truncated_texts
 from .distributed import batch_loss, check_engine, gather_rows, ignore_frozen, process_slice
 from .errors import DataError
-from .feature_store import cache_root
+from .feature_store import feature_cache_dir
 from .features import FeatureCache
 from .model import MultimodalModel
 from .plots import plot_curves
@@ -94,7 +94,7 @@ def build_caches(model, recipe, log=None, write: bool = True) -> dict[str, Featu
     cache is reported."""
     names = [name for name in TOWERS if not model.has_trainable(name) and getattr(recipe, name).cache_features
              and name in getattr(model.task, "cached_towers", TOWERS)]
-    folder = cache_root(recipe.train.feature_cache_dir, recipe.source, create=bool(names) and write)
+    folder = feature_cache_dir(recipe.train.feature_cache_dir, recipe.source, create=bool(names) and write)
     return {name: FeatureCache(model.towers[name], model.max_length, folder=folder, write=write, log=log)
             for name in names}
 
