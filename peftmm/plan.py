@@ -27,8 +27,8 @@ the caches of train and val filled batch by batch, training steps until the heap
 validation, a checkpoint (clones of the trainable state and its serialised bytes), the test split
 cached and evaluated. Freed heap blocks stay with the process, so the heap training cut is still
 held when a later phase maps its large blocks; the estimate is that replay's most resident
-moment: what is alive then plus the freed chunks malloc holds (plan_meter's docstring has the
-measurement).
+moment: what is alive then plus the freed chunks malloc holds (bench/results/plan_check.json
+compares it with real runs).
 
 Allocators hold more still: 10% is added (CUDA's caching allocator rounds and fragments; glibc
 fragments more than the replay's best fit, and loading leaves copies). ``cuda`` adds a CUDA
