@@ -151,10 +151,11 @@ def test_checkpoint_round_trip_is_exact(models, tmp_path):
 
     def save(self, run, elapsed):
         original(self, run, elapsed)
-        held[self.latest] = {"optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                             "scheduler": copy.deepcopy(self.scheduler.state_dict()),
-                             "model": {k: v.detach().clone() for k, v in self.core.trainable_state_dict().items()},
-                             "rng": torch.get_rng_state(), "step": self.accelerator.step, "run": copy.deepcopy(run)}
+        parts = self.parts
+        held[self.latest] = {"optimizer": copy.deepcopy(parts.optimizer.state_dict()),
+                             "scheduler": copy.deepcopy(parts.scheduler.state_dict()),
+                             "model": {k: v.detach().clone() for k, v in parts.core.trainable_state_dict().items()},
+                             "rng": torch.get_rng_state(), "step": parts.accelerator.step, "run": copy.deepcopy(run)}
 
     recipe = recipe_from_dict(recipe_dict(models, epochs=1, keep_checkpoints=5))
     with pytest.MonkeyPatch.context() as patch:
