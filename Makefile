@@ -1,4 +1,4 @@
-.PHONY: setup main test bench
+.PHONY: setup main test
 setup:
 	scripts/setup.sh
 main:

@@ -129,6 +129,7 @@ def zero_shot(run_dir: Path, template: str, batch_images: int = 32) -> dict:
     from peftmm.predict import Predictor
     from peftmm.tasks.retrieval import split_embeddings
     from peftmm.tasks.vqa import macro_f1
+    from peftmm.tensors import to_device
 
     predictor = Predictor.load(run_dir, device="cpu")
     splits = load_splits(predictor.recipe.data)
@@ -140,7 +141,7 @@ def zero_shot(run_dir: Path, template: str, batch_images: int = 32) -> dict:
         for start in range(0, len(test), batch_images):
             chunk = test[start: start + batch_images]
             pairs = [{"image": str(e["image"]), "text": p} for e in chunk for p in prompts]
-            batch = {k: v.to(predictor.device) for k, v in predictor.batcher(pairs).items()}
+            batch = to_device(predictor.batcher(pairs), predictor.device)
             images, texts = split_embeddings(predictor.model(batch).float())
             images = images.view(len(chunk), len(prompts), -1)[:, 0]
             texts = texts.view(len(chunk), len(prompts), -1)

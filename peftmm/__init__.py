@@ -13,7 +13,7 @@ The public API::
     runtime.predict([{"adapter": "easy-vqa-lora", "image": "shape.png", "text": "what shape is it?"}])
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"   # the one place it is written: pyproject.toml reads it, bundles record it
 
 import logging  # noqa: E402
 

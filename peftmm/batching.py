@@ -20,6 +20,7 @@ from .data.images import load_image
 from .data.skips import SplitLog, needed_text_error
 from .errors import DataError
 from .features import FeatureCache
+from .tensors import to_device  # noqa: F401  (batching.to_device: the name kept where it was)
 
 
 def _distinct(values: list) -> tuple[list, torch.Tensor]:
@@ -95,6 +96,3 @@ class Batcher:
             return self.caches["text"].lookup(texts, "text")
         return self.model.towers["text"].tokenize(texts, self.model.max_length)
 
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -293,12 +293,10 @@ def load_bundle(path: str | Path, device="cpu", backbones: dict[str, str] | None
     for tower, source in (backbones or {}).items():
         data[tower]["backbone"] = source
     recipe = recipes.from_dict(data, source=str(path / CONFIG))
-    for name, tower in (towers or {}).items():
-        check_fingerprint(config, name, tower, path)
+    check_fingerprints(config, towers or {}, path)
     model = MultimodalModel.build(recipe, config["labels"], device=device, towers=towers, slot=slot or DEFAULT_SLOT)
     try:
-        for name, tower in model.towers.items():
-            check_fingerprint(config, name, tower, path)
+        check_fingerprints(config, model.towers, path)
         _load_memory(model, tensors, config, path)
         model.load_trainable_state_dict(tensors, where=str(path / WEIGHTS))
     except BaseException:
@@ -321,12 +319,15 @@ def _load_memory(model, tensors: dict[str, torch.Tensor], config: dict, path: Pa
                           str(path / WEIGHTS))
 
 
-def check_fingerprint(config: dict, name: str, tower, path: Path) -> None:
-    saved = config["towers"][name]["fingerprint"]
-    if tower.info.fingerprint != saved:
-        raise BundleError(f"the {name} backbone {tower.info.source!r} has weight fingerprint "
-                          f"{tower.info.fingerprint[:12]}, but this adapter was trained on "
-                          f"{saved[:12]}: it belongs to other weights", str(path))
+def check_fingerprints(config: dict, towers: dict, path: Path, context: str = "") -> None:
+    """BundleError when one of ``towers`` (name -> loaded tower) holds other weights than the
+    bundle at ``path`` (its ``config``) was trained on; ``context`` begins the message."""
+    for name, tower in towers.items():
+        saved = config["towers"][name]["fingerprint"]
+        if tower.info.fingerprint != saved:
+            raise BundleError(f"{context}the {name} backbone {tower.info.source!r} has weight fingerprint "
+                              f"{tower.info.fingerprint[:12]}, but this adapter was trained on "
+                              f"{saved[:12]}: it belongs to other weights", str(path))
 
 
 def initialise_from(model, path: str | Path) -> dict:
@@ -338,12 +339,7 @@ def initialise_from(model, path: str | Path) -> dict:
     path = Path(path)
     config = read_config(path)
     tensors = read_tensors(path)
-    for name, tower in model.towers.items():
-        saved = config["towers"][name]["fingerprint"]
-        if tower.info.fingerprint != saved:
-            raise BundleError(f"init_from: this bundle's {name} tower was trained on other weights "
-                              f"(fingerprint {saved[:12]}, the recipe's {tower.info.source!r} has "
-                              f"{tower.info.fingerprint[:12]})", str(path))
+    check_fingerprints(config, model.towers, path, context="init_from: ")
     # A fusion or head is reused only when it is the same kind (same answers, for a head): equal
     # names and shapes across different kinds would be a coincidence, not a trained part.
     reusable = {"vision", "text"}

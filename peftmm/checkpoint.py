@@ -37,6 +37,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -45,7 +46,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from .errors import PeftmmError, RecipeError
-from .io import atomic_directory, atomic_write_text
+from .io import atomic_directory, atomic_write_text, fsync_dir
 from .run_state import capture_rng, flatten_optimizer, log_state, restore_log, restore_rng, unflatten_optimizer
 
 FORMAT, VERSION = "peftmm-checkpoint", 1
@@ -86,27 +87,41 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@dataclass
+class RunParts:
+    """What a :class:`Checkpointer` writes into a run's checkpoints and puts back, by name."""
+    run_dir: Path
+    recipe: Any                     # the validated recipe (its train section: how often, how many)
+    accelerator: Any                # accelerate's: processes, and the accumulation counter
+    core: Any                       # the model, unwrapped: its trainable tensors
+    optimizer: torch.optim.Optimizer
+    scheduler: Any                  # the learning-rate scheduler
+    batches: Any                    # sampling.ResumableBatches: its generator orders each epoch
+    tracker: Any                    # run_state.SkipTracker: the train skip log after each batch
+    skips: dict                     # split name -> data.skips.SplitLog
+    splits: Any                     # data.Splits (skipped examples are saved as indices into them)
+    initialised: dict | None = None   # what init_from loaded (trainer._initialise), kept for a resume
+    main: bool = True               # only the main process writes
+
+
 class Checkpointer:
     """Writes a run's checkpoints, and puts a loaded one back into the objects it came from."""
 
-    def __init__(self, run_dir: Path, recipe, accelerator, core, optimizer, scheduler, batches, tracker,
-                 skips: dict, splits, initialised, main: bool):
-        self.folder = Path(run_dir) / FOLDER
-        self.metrics = Path(run_dir) / "metrics.jsonl"
-        self.recipe, self.spec = recipe, recipe.train
-        self.accelerator, self.core, self.optimizer, self.scheduler = accelerator, core, optimizer, scheduler
-        self.batches, self.tracker, self.skips, self.splits = batches, tracker, skips, splits
-        self.initialised, self.main = initialised, main
+    def __init__(self, parts: RunParts):
+        self.parts = parts
+        self.folder = Path(parts.run_dir) / FOLDER
+        self.metrics = Path(parts.run_dir) / "metrics.jsonl"
+        self.spec = parts.recipe.train
         self.order = None      # the sampler generator's state when the current epoch began
         self.latest: str | None = None
 
     def start(self) -> tuple[Progress, list[dict]]:
         """A new run: its recipe.yaml and an empty metrics.jsonl; an earlier run's checkpoints in
         the same folder are removed (they are not this run's)."""
-        if self.main:
+        if self.parts.main:
             self.folder.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.folder, ignore_errors=True)
-            recipe = yaml.safe_dump(self.recipe.to_dict(), sort_keys=False)
+            recipe = yaml.safe_dump(self.parts.recipe.to_dict(), sort_keys=False)
             atomic_write_text(self.folder.parent / "recipe.yaml", recipe)
             self.metrics.write_text("")
         return Progress(), []
@@ -123,16 +138,16 @@ class Checkpointer:
     def check_loss(self, loss: torch.Tensor, step: int, epoch: int) -> None:
         """Stop on a loss that is not finite (under several processes: on any of them)."""
         ok = torch.isfinite(loss.detach()).all().float().reshape(1)
-        if self.accelerator.num_processes > 1:
-            ok = self.accelerator.gather(ok)
+        if self.parts.accelerator.num_processes > 1:
+            ok = self.parts.accelerator.gather(ok)
         if ok.min().item() == 0:
             raise self.diverged(loss.item(), step, epoch)
 
     def epoch_start(self, done: int) -> None:
         """Called before each epoch's batches: ``done`` of them were trained on before a resume."""
-        self.order = self.batches.generator.get_state()
-        self.batches.skip = done   # global batches: every process draws them all (distributed.py)
-        self.tracker.start(done)
+        self.order = self.parts.batches.generator.get_state()
+        self.parts.batches.skip = done   # global batches: every process draws them all (distributed.py)
+        self.parts.tracker.start(done)
 
     def due(self, run: Progress, batches_per_epoch: int, total_steps: int) -> bool:
         """A mid-epoch checkpoint after this step? Not on an epoch's last one: the epoch's own follows."""
@@ -142,33 +157,33 @@ class Checkpointer:
     def save(self, run: Progress, elapsed: float) -> None:
         """Checkpoint ``run``: mid-epoch (``run.batches`` > 0) or at an epoch's end (the position
         is then the next epoch's start)."""
-        if not self.main:
+        parts = self.parts
+        if not parts.main:
             return
         middle = run.batches > 0
-        order = self.order if middle else self.batches.generator.get_state()
-        train_log = self.tracker.state_after(run.batches) if middle else \
-            (self.skips["train"].seen, dict(self.skips["train"].reasons), self.skips["train"].first,
-             self.skips["train"].ever)
-        val = self.skips["val"]
+        order = self.order if middle else parts.batches.generator.get_state()
+        train, val = parts.skips["train"], parts.skips["val"]
+        train_log = parts.tracker.state_after(run.batches) if middle else \
+            (train.seen, dict(train.reasons), train.first, train.ever)
         rng, tensors = capture_rng()
-        optimizer, optimizer_tensors = flatten_optimizer(self.optimizer.state_dict())
+        optimizer, optimizer_tensors = flatten_optimizer(parts.optimizer.state_dict())
         tensors |= {"rng.order": order, **optimizer_tensors,
-                    **{f"model.{k}": v for k, v in self.core.trainable_state_dict().items()}}
+                    **{f"model.{k}": v for k, v in parts.core.trainable_state_dict().items()}}
         if run.best["state"] is not None:
             tensors |= {f"best.{k}": v for k, v in run.best["state"].items()}
         blob = save_tensors({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
                             metadata={"format": FORMAT})
         state = {
             "format": FORMAT, "version": VERSION, "tensors_sha256": _sha256(blob),
-            "recipe_sha256": recipe_sha256(self.recipe),
+            "recipe_sha256": recipe_sha256(parts.recipe),
             "epoch": run.epoch, "batches": run.batches, "step": run.step, "stale": run.stale,
             "finished": run.finished, "seconds": round(elapsed, 3), "records": run.records,
             "best_score": None if run.best["score"] == -math.inf else run.best["score"],
-            "best_epoch": run.best["epoch"], "accumulation_step": self.accelerator.step,
-            "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng,
-            "skips": {"train": log_state(train_log, self.splits.train),
-                      "val": log_state((val.seen, dict(val.reasons), val.first, val.ever), self.splits.val)},
-            "initialised": self.initialised,
+            "best_epoch": run.best["epoch"], "accumulation_step": parts.accelerator.step,
+            "optimizer": optimizer, "scheduler": parts.scheduler.state_dict(), "rng": rng,
+            "skips": {"train": log_state(train_log, parts.splits.train),
+                      "val": log_state((val.seen, dict(val.reasons), val.first, val.ever), parts.splits.val)},
+            "initialised": parts.initialised,
         }
         state_bytes = (json.dumps(state, indent=1) + "\n").encode()
         _fsync_file(self.metrics)  # the records this checkpoint counts are on disk before it is
@@ -176,25 +191,25 @@ class Checkpointer:
         with atomic_directory(self.folder / name, overwrite=True) as tmp:
             _write_synced(tmp / TENSORS, blob)
             _write_synced(tmp / STATE, state_bytes)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         atomic_write_text(self.folder / POINTER, json.dumps({"checkpoint": name, "step": run.step,
                                                              "state_sha256": _sha256(state_bytes)}) + "\n")
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         self.latest = name
         prune(self.folder, self.spec.keep_checkpoints)
 
     def restore(self, saved: Saved) -> Progress:
         """Load ``saved`` into the model, optimizer, scheduler, sampler and skip logs; the global
         random generators are the caller's to restore (restore_rng), at the right moment."""
-        state = saved.state
-        self.core.load_trainable_state_dict(saved.part("model."), str(saved.path))
-        self.optimizer.load_state_dict(unflatten_optimizer(state["optimizer"], saved.part("optimizer."),
-                                                           self.optimizer.param_groups))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.accelerator.step = state["accumulation_step"]
-        self.batches.generator.set_state(saved.tensors["rng.order"])
-        restore_log(self.skips["train"], state["skips"]["train"], self.splits.train)
-        restore_log(self.skips["val"], state["skips"]["val"], self.splits.val)
+        state, parts = saved.state, self.parts
+        parts.core.load_trainable_state_dict(saved.part("model."), str(saved.path))
+        parts.optimizer.load_state_dict(unflatten_optimizer(state["optimizer"], saved.part("optimizer."),
+                                                            parts.optimizer.param_groups))
+        parts.scheduler.load_state_dict(state["scheduler"])
+        parts.accelerator.step = state["accumulation_step"]
+        parts.batches.generator.set_state(saved.tensors["rng.order"])
+        restore_log(parts.skips["train"], state["skips"]["train"], parts.splits.train)
+        restore_log(parts.skips["val"], state["skips"]["val"], parts.splits.val)
         best = saved.part("best.")
         score = -math.inf if state["best_score"] is None else state["best_score"]
         self.latest = saved.path.name
@@ -359,11 +374,3 @@ def _fsync_file(path: Path) -> None:
     if path.exists():
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -143,6 +143,45 @@ def check_engine(accelerator) -> None:
                           "`peftmm train --num-processes N`)")
 
 
+def make_accelerator(spec):
+    """accelerate's Accelerator for the recipe's train section (``spec``): its precision
+    (``auto``: bf16 where CUDA has it) and accumulation, processes sharing each batch."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    mixed = spec.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # split_batches: processes share each batch (ProcessSlices), so the scheduler steps once per step
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=spec.grad_accum,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+def prepare_for_training(accelerator, model, optimizer, loader, scheduler):
+    """DDP (or what accelerate's config says) around the model; the loader is only wrapped for
+    device placement and accumulation bookkeeping: it already yields this process's slices."""
+    from accelerate.data_loader import prepare_data_loader
+
+    check_engine(accelerator)
+    if accelerator.num_processes > 1:
+        ignore_frozen(model)
+    # Backbones were loaded on the right device already (bitsandbytes weights must not be moved).
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler,
+                                                      device_placement=[False, True, True])
+    loader = prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
+                                 put_on_device=True, rng_types=None)
+    return model, optimizer, loader, scheduler
+
+
+def all_have_examples(batch: dict, accelerator) -> bool:
+    """Whether to step on this batch. Under several processes they must agree, or the ones that
+    step would wait for the others' gradients forever: a batch left empty on one skips all."""
+    if accelerator.num_processes == 1:
+        return bool(batch)
+    flag = torch.tensor([1.0 if batch else 0.0], device=accelerator.device)
+    return accelerator.gather(flag).min().item() > 0
+
+
 def hand_error_to_launcher(message: str) -> bool:
     """In a process started by :func:`relaunch`: leave ``message`` for it to print (once, however
     many processes hit the same error). False elsewhere: the caller prints it."""

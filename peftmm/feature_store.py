@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from .errors import RecipeError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, fsync_dir
 
 FORMAT_VERSION = 1   # of the folder layout and of what an entry holds; a change starts new folders
 SHARD_BYTES = 256 * 2**20   # a shard is written once this much is pending (and at the end of a fill)
@@ -51,7 +51,7 @@ _CONFIG_NOISE = ("_name_or_path", "transformers_version", "dtype", "torch_dtype"
 
 
 
-def cache_root(path: str | None, where: str | None = None, create: bool = True) -> Path | None:
+def feature_cache_dir(path: str | None, where: str | None = None, create: bool = True) -> Path | None:
     """``train.feature_cache_dir`` checked before a run starts: a folder (made here when
     ``create``), never a file."""
     if not path:
@@ -322,7 +322,7 @@ class DiskCache:
     def _write_manifest(self, shards: dict) -> None:
         manifest = {"format": FORMAT_VERSION, "digest": self.digest, "shards": shards}
         atomic_write_bytes(self.folder / "manifest.json", json.dumps(manifest).encode())
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def _tidy(self, shards: dict) -> None:
         """Under the writers' lock: files no manifest names (a writer stopped between its shard
@@ -382,15 +382,6 @@ def _checked_manifest(data, digest: str) -> dict[str, dict]:
                     and all(isinstance(x, int) for x in stamp)):
                 raise TypeError(f"an entry of shard {name} is not key, tensor and stamp")
     return shards
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError, AttributeError):   # not every system can open a folder
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def stderr(message: str) -> None:

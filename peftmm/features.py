@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .data.images import load_image
 from .errors import DataError
 from .feature_store import DiskCache, cache_key, file_stamp, stderr
+from .tensors import to_device
 
 
 class FeatureCache:
@@ -63,8 +64,7 @@ class FeatureCache:
                             continue
                         tokens, mask = self.tower(pixel_values=torch.stack(list(pixels.values())).to(device))
                     else:
-                        tokens, mask = self.tower(**{k: v.to(device) for k, v in
-                                                     self.tower.tokenize(chunk, self.max_length).items()})
+                        tokens, mask = self.tower(**to_device(self.tower.tokenize(chunk, self.max_length), device))
                     for key, t, m in zip(chunk, tokens, mask):
                         self.store[key] = t[m].to("cpu", copy=True)  # drop padding
                         if self.disk is not None and (self.tower.name != "vision" or key in stamps):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -63,6 +64,26 @@ def atomic_directory(path: str | Path, overwrite: bool = False):
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the renames inside folder ``path`` durable (they survive a power cut).
+
+    Policy: where the system cannot fsync a folder at all (Windows cannot open one; some network
+    and FUSE file systems answer EINVAL or ENOTSUP) this does nothing, since the rename itself is
+    atomic either way and only its durability is not promised there. Any other failure (EIO: the
+    disk) is raised, since then what was written may not be on disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (PermissionError, IsADirectoryError):
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def format_size(n: float) -> str:

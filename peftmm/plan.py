@@ -27,8 +27,8 @@ the caches of train and val filled batch by batch, training steps until the heap
 validation, a checkpoint (clones of the trainable state and its serialised bytes), the test split
 cached and evaluated. Freed heap blocks stay with the process, so the heap training cut is still
 held when a later phase maps its large blocks; the estimate is that replay's most resident
-moment: what is alive then plus the freed chunks malloc holds (plan_meter's docstring has the
-measurement).
+moment: what is alive then plus the freed chunks malloc holds (bench/results/plan_check.json
+compares it with real runs).
 
 Allocators hold more still: 10% is added (CUDA's caching allocator rounds and fragments; glibc
 fragments more than the replay's best fit, and loading leaves copies). ``cuda`` adds a CUDA
@@ -55,6 +55,7 @@ from .io import format_size
 from .plan_meter import (Meter, ShapeBatcher, ShapeCache, autocast, checkpoint_trace,  # noqa: F401
                          emulate_bitsandbytes, file_itemsize, most_per_batch, quantised_source_bytes, replay_run,
                          weight_bytes)
+from .tensors import to_device
 
 GiB = 2**30
 CARDS = (8, 12, 16, 24)      # GiB: common consumer and workstation cards
@@ -278,7 +279,7 @@ class Planner:
                 inputs = {"pixel_values": torch.stack([torch.zeros(3, size, size, device="meta")
                                                        for _ in range(CACHE_BATCH)])}
             else:
-                inputs = {k: v.to("meta") for k, v in tower.tokenize(longest[:CACHE_BATCH], max_length).items()}
+                inputs = to_device(tower.tokenize(longest[:CACHE_BATCH], max_length), "meta")
             tokens, mask = tower(**inputs)
             n = tokens.shape[1] if tower.name == "vision" else max(1, round(mean_tokens))
             entries = [t[:n].clone() for t in tokens]

@@ -3,17 +3,18 @@ where they cost nothing), the stand-ins for batches and feature caches it feeds 
 allocator model that turns them into resident memory on CPU, bf16 autocast for meta tensors,
 bitsandbytes' allocations, and the bytes frozen weights take.
 
-The allocator model (:class:`Meter`, ``held``): CPU tensors come from glibc malloc. Blocks under
-its mmap threshold are cut from the heap, and when they are freed the heap keeps them for later
-blocks: the process does not get smaller. Blocks at or over the threshold are mapped on their
-own and returned when freed. glibc raises the threshold to the size of each mapped block it
-frees, up to 32 MiB (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit), and a training run frees such
-blocks in its first step, so 32 MiB is the threshold used. So a run's resident memory is not its
-largest phase alone: the activations a training step cut from the heap stay held while a later
-phase (evaluation, the test split's feature caching) maps its large blocks on top. Measured on
-this repo's recipes (bench/plan_check.py probes, 2 cores, glibc 2.36): after three steps of
-recipes/emoji-group.yaml malloc held 1,106 MiB free, where the simulation's step cut 1,102 MiB
-from the heap; the test evaluation's 858 MiB of large blocks came on top.
+The allocator model (:class:`Heap`, replaying the traces :class:`Meter` records; :func:`replay_run`
+runs a whole training through it and reports, besides the most resident, the freed bytes malloc
+still holds then, ``free_at_peak``): CPU tensors come from glibc malloc. Blocks under its mmap
+threshold are cut from the heap, and when they are freed the heap keeps them for later blocks:
+the process does not get smaller. Blocks at or over the threshold are mapped on their own and
+returned when freed. glibc raises the threshold to the size of each mapped block it frees, up to
+32 MiB (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit), and a training run frees such blocks in its
+first step, so 32 MiB is the threshold used. So a run's resident memory is not its largest phase
+alone: the activations a training step cut from the heap stay held while a later phase
+(evaluation, the test split's feature caching) maps its large blocks on top. How close the model
+comes to real runs of this repo's recipes is measured by bench/plan_check.py, into
+bench/results/plan_check.json (per recipe: the estimate's parts and phases, the measured peak).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .backbones import QUANTIZATION_SKIP
 from .batching import Batcher
+from .tensors import to_device
 
 MMAP_THRESHOLD = 32 * 2**20   # glibc malloc: blocks this large are mapped alone (module docstring)
 
@@ -204,7 +206,7 @@ class ShapeBatcher(Batcher):
         return {"pixel_values": torch.stack([torch.zeros(3, size, size, device="meta") for _ in images])}
 
     def __call__(self, examples):
-        return {k: v.to("meta") for k, v in super().__call__(examples).items()}
+        return to_device(super().__call__(examples), "meta")
 
 
 def most_per_batch(examples, batches, text_of) -> dict:

@@ -10,6 +10,7 @@ from .batching import Batcher
 from .bundle import CONFIG, load_bundle
 from .data import load_splits
 from .errors import BundleError, PeftmmError
+from .tensors import to_device
 
 
 def resolve_bundle(path: str | Path) -> Path:
@@ -42,7 +43,7 @@ class Predictor:
 
     @torch.no_grad()
     def predict_batch(self, examples: list[dict]) -> list[dict]:
-        batch = {k: v.to(self.device) for k, v in self.batcher(examples).items()}
+        batch = to_device(self.batcher(examples), self.device)
         return self.model.task.decode(self.model(batch))
 
     def predict(self, image: str | Path, question: str | None = None) -> dict:
@@ -65,7 +66,7 @@ class Predictor:
         if len(labels) < 2 or "{}" not in template:
             raise PeftmmError("give at least two labels, and a template containing {} for the label")
         batch = self.batcher([{"image": str(image), "text": template.format(label)} for label in labels])
-        images, texts = split_embeddings(self.model({k: v.to(self.device) for k, v in batch.items()}).float())
+        images, texts = split_embeddings(self.model(to_device(batch, self.device)).float())
         probs = self.model.task.logits(images[:1], texts)[0].softmax(-1)
         order = probs.argsort(descending=True).tolist()
         return {"answer": labels[order[0]],

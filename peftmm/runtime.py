@@ -34,6 +34,7 @@ from .features import pad_tokens
 from .methods.base import NO_SLOT
 from .predict import default_device, resolve_bundle
 from .tasks import TASKS
+from .tensors import to_device
 
 @dataclass
 class Registered:
@@ -220,7 +221,7 @@ class Runtime:
         prompts = model.task.text_inputs(model.towers["text"], [{"text": None}] * len(first), model.max_length)
         batch = {"vision_tokens": vision, "vision_mask": vision_mask,  # model.encode uses these as given
                  "image_index": torch.arange(len(first)), **prompts}
-        ids = model.task.generate(model, {k: v.to(self.device) for k, v in batch.items()})
+        ids = model.task.generate(model, to_device(batch, self.device))
         captions = dict(zip(first, model.task.decode(ids)))
         return [captions[images[i][0]] for i in indices]
 
@@ -268,7 +269,7 @@ class Runtime:
             inputs = {"pixel_values": torch.stack([preprocess(images[users[0]][1]) for _, users in chunk])}
         else:
             inputs = _tokenize(tower, [(key[2][0], key[2][1]) for key, _ in chunk])
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs = to_device(inputs, self.device)
         if len(set(slots)) == 1:
             tower.slots.activate(None if slots[0] == NO_SLOT else slots[0])
             tokens, mask = tower(**inputs)

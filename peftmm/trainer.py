@@ -18,9 +18,11 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -28,18 +30,20 @@ from tqdm.auto import tqdm
 from .backbones import TOWERS
 from .batching import Batcher
 from .bundle import save_bundle
-from .checkpoint import Checkpointer, resume_point
+from .checkpoint import Checkpointer, RunParts, resume_point
 from .run_state import SkipTracker, restore_rng
 from .data import load_splits
 from .data.files import check_labels_in_train
 from .data.skips import SplitLog, cache_on_bad, needed_text_error, truncated_texts
-from .distributed import batch_loss, check_engine, gather_rows, ignore_frozen, process_slice
+from .distributed import (all_have_examples, batch_loss, gather_rows, make_accelerator, prepare_for_training,
+                          process_slice)
 from .errors import DataError
-from .feature_store import cache_root
+from .feature_store import feature_cache_dir
 from .features import FeatureCache
 from .model import MultimodalModel
 from .plots import plot_curves
 from .sampling import train_loader
+from .tensors import to_device
 
 
 @dataclass
@@ -50,32 +54,7 @@ class TrainResult:
     main: bool = True       # the process that wrote them (one of several: see distributed.py)
 
 
-def _accelerator(spec):
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-
-    mixed = spec.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    # split_batches: processes share each batch (distributed.py), so the scheduler steps once per step
-    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=spec.grad_accum,
-                       dataloader_config=DataLoaderConfiguration(split_batches=True))
-
-
-def _prepare(accelerator, model, optimizer, loader, scheduler):
-    """DDP (or what accelerate's config says) around the model; the loader is only wrapped for
-    device placement and accumulation bookkeeping: it already yields this process's slices."""
-    from accelerate.data_loader import prepare_data_loader
-
-    check_engine(accelerator)
-    if accelerator.num_processes > 1:
-        ignore_frozen(model)
-    # Backbones were loaded on the right device already (bitsandbytes weights must not be moved).
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler,
-                                                      device_placement=[False, True, True])
-    loader = prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
-                                 put_on_device=True, rng_types=None)
-    return model, optimizer, loader, scheduler
+SPLITS = ("train", "val", "test")
 
 
 def _scheduler(spec, optimizer, total_steps: int):
@@ -93,7 +72,7 @@ def build_caches(model, recipe, log=None, write: bool = True) -> dict[str, Featu
     cache is reported."""
     names = [name for name in TOWERS if not model.has_trainable(name) and getattr(recipe, name).cache_features
              and name in getattr(model.task, "cached_towers", TOWERS)]
-    folder = cache_root(recipe.train.feature_cache_dir, recipe.source, create=bool(names) and write)
+    folder = feature_cache_dir(recipe.train.feature_cache_dir, recipe.source, create=bool(names) and write)
     return {name: FeatureCache(model.towers[name], model.max_length, folder=folder, write=write, log=log)
             for name in names}
 
@@ -138,7 +117,7 @@ def evaluate(model, examples, batcher, batch_size: int, device, progress=False, 
         batch = batcher(examples[start: start + batch_size])
         if not batch:  # every example of this batch was skipped
             continue
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         logits.append(model(batch).float().cpu())
         targets.append(batch["labels"].cpu())
     if several:   # every process gets every output, in the order of the sorted examples
@@ -171,15 +150,6 @@ def _count_truncated(model, splits, names, counts: dict, log) -> None:
             log(f"peftmm: {name}: {warning}")
 
 
-def _all_have_examples(batch: dict, accelerator) -> bool:
-    """Whether to step on this batch. Under several processes they must agree, or the ones that
-    step would wait for the others' gradients forever: a batch left empty on one skips all."""
-    if accelerator.num_processes == 1:
-        return bool(batch)
-    flag = torch.tensor([1.0 if batch else 0.0], device=accelerator.device)
-    return accelerator.gather(flag).min().item() > 0
-
-
 def _initialise(model, recipe, log) -> dict | None:
     """``init_from``: start from an earlier stage's bundle (see bundle.initialise_from)."""
     if not recipe.init_from:
@@ -203,161 +173,273 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)  # stdout stays free for results (the CLI's JSON)
 
 
+def _silent(*args, **kwargs) -> None:
+    """The log of every process but the main one: a message is written once."""
+
+
 def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=_log,
           resume: bool = False) -> TrainResult:
     """``resume``: continue ``run_dir`` from its latest complete checkpoint; ``recipe`` must be
-    the one it was started with (checkpoint.resume_recipe reads it from the run directory)."""
+    the one it was started with (checkpoint.resume_recipe reads it from the run directory).
+
+    The steps below run in this order on purpose: each one that draws random numbers (building
+    the model, the loader, the epochs) must draw them as the run that is resumed did."""
+    ctx = _set_up(recipe, run_dir, progress, log)
+    saved = resume_point(ctx.run_dir, recipe, ctx.log) if resume else None
+    splits = _load_checked_splits(recipe)
+    model = MultimodalModel.build(recipe, splits.labels, device=ctx.device)
+    initialised = saved.state["initialised"] if saved else _initialise(model, recipe, ctx.log)
+    parameters = _report_parameters(model, recipe, ctx.log)
+    skips = {name: SplitLog(name, recipe.data.on_bad_sample) for name in SPLITS}
+    truncated: dict[str, int] = {}
+    _count_truncated(model, splits, ("train", "val"), truncated, ctx.log)
+    caches = _cache_features_and_prepare_task(ctx, model, splits)
+    loop = _prepare_loop(ctx, model, splits, caches, skips["train"])
+    saver = Checkpointer(RunParts(ctx.run_dir, recipe, ctx.accelerator, loop.core, loop.optimizer, loop.scheduler,
+                                  loop.batches, loop.tracker, skips, splits, initialised, ctx.main))
+    # resumed at an epoch's start, the random generators are restored now; mid-epoch, by the first batch
+    run, records = saver.resume(saved) if saved else saver.start()
+    epochs = _Epochs(ctx, loop, saver, run, records, Batcher(loop.core, caches, skips["val"]), splits.val, skips)
+    epochs.train(saved)
+    train_seconds = epochs.elapsed()
+    test, skipped = _test_best_epoch(ctx, loop.core, run.best, splits, caches, skips, truncated)
+    metrics = _final_metrics(loop.core, test, run, parameters, train_seconds, skipped, truncated, initialised)
+    epochs.record({"final": metrics})
+    return _publish(ctx, loop.core, metrics, epochs.records, test)
+
+
+@dataclass
+class _Context:
+    """What every step of one train() call reads: the recipe, and where and how it runs."""
+    recipe: Any
+    spec: Any                    # recipe.train
+    accelerator: Any
+    device: Any
+    main: bool                   # the process that writes (one of several: see distributed.py)
+    run_dir: Path
+    log: Callable[[str], None]   # _silent on every process but the main one
+    progress: bool               # progress bars (on the main process only)
+
+
+def _set_up(recipe, run_dir, progress: bool, log) -> _Context:
+    """accelerate, the seed, and the run directory (every process takes the main one's name:
+    clocks may tick between processes)."""
     from accelerate.utils import set_seed
 
-    spec = recipe.train
-    accelerator = _accelerator(spec)
-    set_seed(spec.seed)
+    accelerator = make_accelerator(recipe.train)
+    set_seed(recipe.train.seed)
     main = accelerator.is_main_process
-    log = log if main else (lambda *a, **k: None)
     run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
-    if accelerator.num_processes > 1:   # the main process's name: clocks may tick between processes
+    if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])
-    saved = resume_point(run_dir, recipe, log) if resume else None
+    return _Context(recipe, recipe.train, accelerator, accelerator.device, main, run_dir,
+                    log if main else _silent, progress and main)
 
+
+def _load_checked_splits(recipe):
+    """The data set's splits, refused now (not after the whole training) when one is empty or,
+    for label tasks, when val or test has a label train lacks."""
     splits = load_splits(recipe.data)
-    for name in ("train", "val", "test"):  # found now, not after the whole training
+    for name in SPLITS:
         if not splits[name]:
             raise DataError(f"the {name} split is empty (data.source {recipe.data.source}); every run trains, "
                             "picks its best epoch on val and reports test: give each split examples")
     if _classifies_into_labels(recipe):
         check_labels_in_train(splits)
-    model = MultimodalModel.build(recipe, splits.labels, device=accelerator.device)
-    initialised = saved.state["initialised"] if saved else _initialise(model, recipe, log)
+    return splits
+
+
+def _report_parameters(model, recipe, log) -> tuple[int, int]:
     trainable, total = model.parameter_counts()
     log(f"peftmm: {recipe.name}: trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.3f}%)")
-    skips = {name: SplitLog(name, recipe.data.on_bad_sample) for name in ("train", "val", "test")}
-    truncated: dict[str, int] = {}
-    _count_truncated(model, splits, ("train", "val"), truncated, log)
-    caches = build_caches(model, recipe, log, write=main)
-    on_bad = cache_on_bad(recipe.data.on_bad_sample)
-    fill_caches(caches, model, splits.train + splits.val, accelerator.device, progress and main, on_bad)
-    # After caching (captioning's memory reads the cached vision features); again on resume, from
-    # the same frozen features, so it comes out the same.
-    model.task.prepare(model, splits.train, Batcher(model, caches), accelerator.device, progress and main)
-    tracker = SkipTracker(Batcher(model, caches, skips["train"]))
+    return trainable, total
+
+
+def _cache_features_and_prepare_task(ctx: _Context, model, splits) -> dict[str, FeatureCache]:
+    """The frozen towers' features of train and val cached, then the task prepared: after
+    caching, since captioning's memory reads the cached vision features; again on resume, from
+    the same frozen features, so it comes out the same."""
+    caches = build_caches(model, ctx.recipe, ctx.log, write=ctx.main)
+    on_bad = cache_on_bad(ctx.recipe.data.on_bad_sample)
+    fill_caches(caches, model, splits.train + splits.val, ctx.device, ctx.progress, on_bad)
+    model.task.prepare(model, splits.train, Batcher(model, caches), ctx.device, ctx.progress)
+    return caches
+
+
+@dataclass
+class _Loop:
+    """A run's training objects, as accelerate prepared them (``model`` wrapped, ``core`` not)."""
+    model: Any
+    core: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any
+    batches: Any           # sampling.ResumableBatches: the loader's batch sampler
+    tracker: SkipTracker   # the loader's collate function
+    total_steps: int
+
+
+def _prepare_loop(ctx: _Context, model, splits, caches, train_skips) -> _Loop:
+    """The train loader, AdamW over the trainable parameters and the learning-rate schedule."""
+    spec, accelerator = ctx.spec, ctx.accelerator
+    tracker = SkipTracker(Batcher(model, caches, train_skips))
     loader, batches = train_loader(splits.train, spec, tracker, accelerator.num_processes,
                                    accelerator.process_index)
     optimizer = torch.optim.AdamW(model.parameter_groups(spec.lr), lr=spec.lr, weight_decay=spec.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / spec.grad_accum)
     total_steps = min(spec.max_steps or 10**12, spec.epochs * steps_per_epoch)
     scheduler = _scheduler(spec, optimizer, total_steps)
-    model, optimizer, loader, scheduler = _prepare(accelerator, model, optimizer, loader, scheduler)
-    core = accelerator.unwrap_model(model)
+    model, optimizer, loader, scheduler = prepare_for_training(accelerator, model, optimizer, loader, scheduler)
+    return _Loop(model, accelerator.unwrap_model(model), optimizer, scheduler, loader, batches, tracker, total_steps)
 
-    saver = Checkpointer(run_dir, recipe, accelerator, core, optimizer, scheduler, batches, tracker, skips,
-                         splits, initialised, main)
-    # resumed at an epoch's start, the random generators are restored now; mid-epoch, below
-    run, records = saver.resume(saved) if saved else saver.start()
-    metrics_path, started = run_dir / "metrics.jsonl", time.perf_counter()
 
-    def record(entry):
-        records.append(entry)
-        run.records = len(records)
-        if main:  # appended entry by entry: a run that stops early keeps what it logged, no file left open
-            with open(metrics_path, "a") as f:
+class _Epochs:
+    """The epochs of a run, from where ``run`` (checkpoint.Progress) stands: each trains, is
+    validated and checkpointed; ``record`` appends to ``metrics.jsonl``."""
+
+    def __init__(self, ctx: _Context, loop: _Loop, saver: Checkpointer, run, records: list[dict], val_batcher,
+                 val: list[dict], skips: dict):
+        self.ctx, self.loop, self.saver, self.run, self.records = ctx, loop, saver, run, records
+        self.val_batcher, self.val, self.skips = val_batcher, val, skips
+        self.metrics_path, self.started = ctx.run_dir / "metrics.jsonl", time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Training time, that of the run's earlier processes included."""
+        return self.run.seconds + time.perf_counter() - self.started
+
+    def record(self, entry: dict) -> None:
+        self.records.append(entry)
+        self.run.records = len(self.records)
+        if self.ctx.main:  # appended entry by entry: a run that stops early keeps what it logged, no file left open
+            with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    val_batcher = Batcher(core, caches, skips["val"])
-    for epoch in range(run.epoch, 0 if run.finished else spec.epochs + 1):
-        model.train()
+    def train(self, saved) -> None:
+        """Until the last epoch, early stopping or ``train.max_steps``; ``saved``: the checkpoint
+        resumed from (its random generators are restored at the first batch when it is mid-epoch)."""
+        run = self.run
+        for epoch in range(run.epoch, 0 if run.finished else self.ctx.spec.epochs + 1):
+            saved = self._train_epoch(epoch, saved)
+            self._validate_epoch(epoch)
+            if run.finished:
+                break
+
+    def _train_epoch(self, epoch: int, saved):
+        """One epoch's batches (the rest of it, when resumed mid-epoch); returns ``saved`` while
+        it has not been needed yet."""
+        ctx, loop, run, saver, accelerator = self.ctx, self.loop, self.run, self.saver, self.ctx.accelerator
+        loop.model.train()
         if not run.batches:
-            skips["train"].new_epoch()
+            self.skips["train"].new_epoch()
         saver.epoch_start(run.batches)
-        bar = tqdm(total=len(loader), initial=run.batches, desc=f"epoch {epoch}/{spec.epochs}", unit="batch",
-                   disable=not (progress and main), dynamic_ncols=True)
+        bar = tqdm(total=len(loop.loader), initial=run.batches, desc=f"epoch {epoch}/{ctx.spec.epochs}",
+                   unit="batch", disable=not ctx.progress, dynamic_ncols=True)
         tick, seen = time.perf_counter(), 0
-        for batch in loader:
+        for batch in loop.loader:
             if saved and run.batches:  # resumed mid-epoch: the generators as they were after this batch
                 restore_rng(saved)
             saved = None
             run.batches += 1
-            if not _all_have_examples(batch, accelerator):  # every example was skipped: no step
+            if not all_have_examples(batch, accelerator):  # every example was skipped: no step
                 bar.update(1)
                 continue
-            with accelerator.accumulate(model):
-                loss, logged = batch_loss(core.task, model(batch), batch["labels"], accelerator)
+            with accelerator.accumulate(loop.model):
+                loss, logged = batch_loss(loop.core.task, loop.model(batch), batch["labels"], accelerator)
                 saver.check_loss(loss, run.step + 1, epoch)  # not finite: stop before this step
                 accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                loop.optimizer.step()
+                loop.scheduler.step()
+                loop.optimizer.zero_grad(set_to_none=True)
             seen += len(batch["labels"])
             if accelerator.sync_gradients:
                 run.step += 1
                 rate = seen / max(time.perf_counter() - tick, 1e-9)
-                record({"step": run.step, "epoch": epoch, "loss": logged, "lr": scheduler.get_last_lr()[0],
-                        "samples_per_s": round(rate * accelerator.num_processes, 2)})
+                self.record({"step": run.step, "epoch": epoch, "loss": logged,
+                             "lr": loop.scheduler.get_last_lr()[0],
+                             "samples_per_s": round(rate * accelerator.num_processes, 2)})
                 bar.set_postfix(loss=f"{logged:.4f}", samples_s=f"{rate * accelerator.num_processes:.0f}")
-                if saver.due(run, len(loader), total_steps):
-                    saver.save(run, run.seconds + time.perf_counter() - started)
+                if saver.due(run, len(loop.loader), loop.total_steps):
+                    saver.save(run, self.elapsed())
             bar.update(1)
-            if run.step >= total_steps:
+            if run.step >= loop.total_steps:
                 break
         bar.close()
-        trained = skips["train"].merged(accelerator)
+        return saved
+
+    def _validate_epoch(self, epoch: int) -> None:
+        """The epoch's skip counts and validation, the best weights so far, early stopping, and
+        the epoch's checkpoint."""
+        ctx, run, core, accelerator = self.ctx, self.run, self.loop.core, self.ctx.accelerator
+        trained = self.skips["train"].merged(accelerator)
         if trained.seen and trained.skipped == trained.seen:
             raise trained.all_skipped_error()
         if trained.line(f"epoch {epoch}"):
-            log(trained.line(f"epoch {epoch}"))
-        val = evaluate(core, splits.val, val_batcher, spec.eval_batch_size, accelerator.device, desc="val",
+            ctx.log(trained.line(f"epoch {epoch}"))
+        val = evaluate(core, self.val, self.val_batcher, ctx.spec.eval_batch_size, ctx.device, desc="val",
                        accelerator=accelerator)
-        validated = skips["val"].merged(accelerator)
+        validated = self.skips["val"].merged(accelerator)
         if validated.line(f"epoch {epoch}"):
-            log(validated.line(f"epoch {epoch}"))
+            ctx.log(validated.line(f"epoch {epoch}"))
         score = val[core.task.primary_metric]
-        record({"epoch": epoch, "step": run.step, **{f"val_{k}": v for k, v in val.items()},
-                "skipped_train": trained.skipped, "skipped_val": validated.skipped})
-        log(f"epoch {epoch}: val {core.task.primary_metric} {score:.4f} over {val['examples']:,} examples, "
-            f"val loss {val['loss']:.4f}")
+        self.record({"epoch": epoch, "step": run.step, **{f"val_{k}": v for k, v in val.items()},
+                     "skipped_train": trained.skipped, "skipped_val": validated.skipped})
+        ctx.log(f"epoch {epoch}: val {core.task.primary_metric} {score:.4f} over {val['examples']:,} examples, "
+                f"val loss {val['loss']:.4f}")
         if score > run.best["score"]:
             run.best = {"score": score, "epoch": epoch,
                         "state": {k: v.detach().clone() for k, v in core.trainable_state_dict().items()}}
             run.stale = 0
         else:
             run.stale += 1
-        run.finished = run.stale >= spec.patience or run.step >= total_steps
+        run.finished = run.stale >= ctx.spec.patience or run.step >= self.loop.total_steps
         run.epoch, run.batches = epoch + 1, 0
-        saver.save(run, run.seconds + time.perf_counter() - started)
-        if run.finished:
-            break
+        self.saver.save(run, self.elapsed())
 
-    train_seconds = run.seconds + time.perf_counter() - started
-    best = run.best
+
+def _test_best_epoch(ctx: _Context, core, best: dict, splits, caches, skips: dict,
+                     truncated: dict) -> tuple[dict, dict]:
+    """The best epoch's weights back, the task finished with them, and the test split evaluated.
+    Returns the test metrics and every split's skip log as all processes saw it together."""
     core.load_trainable_state_dict(best["state"])
     # with the best weights (retrieval's pair memory embeds the train split with them); again on
     # resume, from the same weights. A log of its own: training's skip counts are final.
-    core.task.finish(core, splits.train, Batcher(core, caches, SplitLog("train")), accelerator.device,
-                     progress and main)
-    _count_truncated(core, splits, ("test",), truncated, log)
-    fill_caches(caches, core, splits.test, accelerator.device, progress and main, on_bad)
-    test = evaluate(core, splits.test, Batcher(core, caches, skips["test"]), spec.eval_batch_size,
-                    accelerator.device, progress=progress and main, desc="test", accelerator=accelerator)
+    core.task.finish(core, splits.train, Batcher(core, caches, SplitLog("train")), ctx.device, ctx.progress)
+    _count_truncated(core, splits, ("test",), truncated, ctx.log)
+    fill_caches(caches, core, splits.test, ctx.device, ctx.progress, cache_on_bad(ctx.recipe.data.on_bad_sample))
+    test = evaluate(core, splits.test, Batcher(core, caches, skips["test"]), ctx.spec.eval_batch_size,
+                    ctx.device, progress=ctx.progress, desc="test", accelerator=ctx.accelerator)
     # what every process left out, together (one gather per split: see SplitLog.merged)
-    merged = {name: skips[name].merged(accelerator) for name in ("train", "val", "test")}
+    merged = {name: skips[name].merged(ctx.accelerator) for name in SPLITS}
     if merged["test"].line("test"):
-        log(merged["test"].line("test"))
-    metrics = {f"test_{k}": v for k, v in test.items()} | {
+        ctx.log(merged["test"].line("test"))
+    return test, merged
+
+
+def _final_metrics(core, test: dict, run, parameters: tuple[int, int], train_seconds: float, skipped: dict,
+                   truncated: dict, initialised: dict | None) -> dict:
+    """What the bundle's card and the CLI report: test metrics, the best epoch, sizes, counts."""
+    trainable, total = parameters
+    best = run.best
+    return {f"test_{k}": v for k, v in test.items()} | {
         f"val_{core.task.primary_metric}": best["score"], "best_epoch": best["epoch"],
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "train_seconds": round(train_seconds, 1), "steps": run.step,
         # distinct examples left out over the whole run, and texts cut at text.max_length, per split
-        **{f"skipped_{name}": len(log_.ever) for name, log_ in merged.items()},
+        **{f"skipped_{name}": len(log_.ever) for name, log_ in skipped.items()},
         **{f"truncated_{name}": n for name, n in truncated.items()},
     } | ({"init_from": initialised["bundle"]} if initialised else {})
-    record({"final": metrics})
-    bundle_dir = run_dir / "bundle"
-    if main:
-        save_bundle(core, recipe, bundle_dir, metrics)
-        plot_curves(records, run_dir / "curves.png", title=recipe.name)
-    log(f"test {core.task.primary_metric} {test[core.task.primary_metric]:.4f} over {test['examples']:,} "
-        f"examples; bundle: {bundle_dir}")
-    accelerator.wait_for_everyone()
-    return TrainResult(run_dir, bundle_dir, metrics, main)
+
+
+def _publish(ctx: _Context, core, metrics: dict, records: list[dict], test: dict) -> TrainResult:
+    """The bundle and the training curves (main process), once every process is done."""
+    bundle_dir = ctx.run_dir / "bundle"
+    if ctx.main:
+        save_bundle(core, ctx.recipe, bundle_dir, metrics)
+        plot_curves(records, ctx.run_dir / "curves.png", title=ctx.recipe.name)
+    ctx.log(f"test {core.task.primary_metric} {test[core.task.primary_metric]:.4f} over {test['examples']:,} "
+            f"examples; bundle: {bundle_dir}")
+    ctx.accelerator.wait_for_everyone()
+    return TrainResult(ctx.run_dir, bundle_dir, metrics, ctx.main)

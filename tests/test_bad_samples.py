@@ -281,5 +281,6 @@ def test_init_from_a_bundle_on_other_backbones_is_one_clear_error(models, tmp_pa
                                        "--no-progress"])
     assert result.exit_code == 2
     errors = [x for x in result.output.splitlines() if x.startswith("error: ")]
-    assert len(errors) == 1 and "init_from: this bundle's vision tower was trained on other weights" in errors[0]
+    assert len(errors) == 1 and "init_from: the vision backbone" in errors[0]
+    assert "belongs to other weights" in errors[0]
     assert not (tmp_path / "run").exists()

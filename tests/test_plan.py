@@ -18,6 +18,7 @@ from peftmm.cli import main
 from peftmm.plan import (ALLOCATOR_SLACK, CUDA_CONTEXT, GiB, Estimate, Meter, Part, Planner, parse_size,
                          weight_bytes)
 from peftmm.plan_meter import replay_run
+from peftmm.tensors import to_device
 
 LORA = {"type": "lora", "r": 2, "targets": ["query", "value"]}
 
@@ -120,7 +121,7 @@ def test_the_meta_simulation_matches_real_tensors(tiny_models):
     towers = {name: empty_tower(name, getattr(recipe, name)) for name in ("vision", "text")}
     with Meter():
         meta = MultimodalModel.build(recipe, splits.labels, device="meta", towers=towers)
-    simulated, trace = planner._step(meta, lambda: {k: v.to("meta") for k, v in batch.items()},
+    simulated, trace = planner._step(meta, lambda: to_device(batch, "meta"),
                                      [p for p in meta.parameters() if p.requires_grad], nullcontext)
     assert simulated == pytest.approx(real, rel=0.02)
     resident = [replay_run([("a training step", None, t)])["resident"] for t in (real_trace, trace)]

@@ -9,6 +9,7 @@ damaged latest checkpoint, refusals of another recipe, and a NaN loss. Tiny Mobi
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from peftmm.checkpoint import read_checkpoint
 from peftmm.checkpoint import load_latest, prune
 from peftmm.run_state import flatten_optimizer, unflatten_optimizer
 from peftmm.cli import main
+from peftmm.io import fsync_dir
 from peftmm.tasks.vqa import VQATask
 from peftmm.trainer import train
 
@@ -145,10 +147,11 @@ def test_checkpoint_round_trip_is_exact(models, tmp_path):
 
     def save(self, run, elapsed):
         original(self, run, elapsed)
-        held[self.latest] = {"optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                             "scheduler": copy.deepcopy(self.scheduler.state_dict()),
-                             "model": {k: v.detach().clone() for k, v in self.core.trainable_state_dict().items()},
-                             "rng": torch.get_rng_state(), "step": self.accelerator.step, "run": copy.deepcopy(run)}
+        parts = self.parts
+        held[self.latest] = {"optimizer": copy.deepcopy(parts.optimizer.state_dict()),
+                             "scheduler": copy.deepcopy(parts.scheduler.state_dict()),
+                             "model": {k: v.detach().clone() for k, v in parts.core.trainable_state_dict().items()},
+                             "rng": torch.get_rng_state(), "step": parts.accelerator.step, "run": copy.deepcopy(run)}
 
     recipe = recipe_from_dict(recipe_dict(models, epochs=1, keep_checkpoints=5))
     with pytest.MonkeyPatch.context() as patch:
@@ -279,6 +282,33 @@ def test_prune_keeps_the_pointed_one_and_removes_leftovers(tmp_path):
     (tmp_path / POINTER).write_text(json.dumps({"checkpoint": "step-00000002"}))
     prune(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [POINTER, "step-00000002", "step-00000004", "step-00000005"]
+
+
+@pytest.mark.parametrize("code,raised", [(errno.EINVAL, False), (errno.ENOTSUP, False), (errno.EIO, True)])
+def test_fsync_dir_skips_only_what_the_system_cannot_do(tmp_path, monkeypatch, code, raised):
+    """Checkpoints and the feature cache make their renames durable through io.fsync_dir: a file
+    system that cannot fsync a folder is not an error, a failing disk is."""
+    fsync_dir(tmp_path)                                  # a real folder on a real file system
+    opened = []
+    real_open = os.open
+
+    def track(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    def fail(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "open", track)
+    monkeypatch.setattr(os, "fsync", fail)
+    if raised:
+        with pytest.raises(OSError) as error:
+            fsync_dir(tmp_path)
+        assert error.value.errno == code
+    else:
+        fsync_dir(tmp_path)
+    with pytest.raises(OSError):                         # the folder's descriptor was closed either way
+        os.fstat(opened[0])
 
 
 @cpu_only

@@ -10,7 +10,7 @@ own mean-pooled output, and only the image side learns to map into that space (L
 tower, on the text side). Trained on a few thousand pairs, a text projection bends the sentence
 space around the training captions; without one, a caption never seen in training keeps the
 place the text model gives it, next to the captions it resembles. Measured on the emoji family
-split (bench/emoji_tasks.py): see the README's retrieval table.
+split by bench/emoji_tasks.py, into bench/results/emoji_tasks.json.
 """
 
 from __future__ import annotations

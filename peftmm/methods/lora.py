@@ -68,7 +68,9 @@ def _follow_tower_slots(tower) -> None:
     """Make every LoRA layer of the tower read the tower's ActiveSlots.
 
     peft reads a layer's active adapters from ``_active_adapter`` each forward pass; pointing all
-    of them at the tower's one list makes switching slots O(1). Mixed batches go through peft's
+    of them at the tower's one list makes switching slots O(1). That attribute is private (peft's
+    public ``set_adapter`` also sets requires_grad), so pyproject.toml bounds peft to the minor
+    versions tested. Mixed batches go through peft's
     own ``adapter_names`` argument, passed in by a hook while ``tower.slots.rows`` is set.
     """
     for layer in _lora_layers(tower.model):

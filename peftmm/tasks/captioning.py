@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, PeftmmError, RecipeError
 from ..fusion import masked_mean
+from ..tensors import to_device
 from . import TASKS, caption_mbr
 from .base import Task
 from .caption_memory import CaptionMemory, key_hash
@@ -246,7 +247,7 @@ class CaptioningTask(Task):
             pixels: dict = {}
             chunk = [image for image in images[start: start + 64] if batcher.image_error(image, pixels) is None]
             if chunk:
-                batch = {k: v.to(device) for k, v in batcher.vision_inputs(chunk, pixels).items()}
+                batch = to_device(batcher.vision_inputs(chunk, pixels), device)
                 tokens, mask = model.encode("vision", batch)
                 pooled.update(zip(chunk, masked_mean(tokens, mask).float().cpu()))
         model.train(was_training)
@@ -359,7 +360,7 @@ class CaptioningTask(Task):
         total, tokens = 0.0, 0
         for start in tqdm(range(0, len(examples), batch_size), desc=f"{desc} loss", disable=not progress,
                           leave=False):
-            batch = {k: v.to(device) for k, v in batcher(examples[start: start + batch_size]).items()}
+            batch = to_device(batcher(examples[start: start + batch_size]), device)
             labels = batch["labels"]
             total += self.loss(model(batch), labels).item() * (labels != IGNORE).sum().item()
             tokens += (labels != IGNORE).sum().item()
@@ -373,7 +374,7 @@ class CaptioningTask(Task):
         for start in tqdm(range(0, len(images), batch_size), desc=f"{desc} captions", disable=not progress,
                           leave=False):
             chunk = [{"image": image, "text": None} for image in images[start: start + batch_size]]
-            batch = {k: v.to(device) for k, v in batcher(chunk).items()}
+            batch = to_device(batcher(chunk), device)
             hypotheses += [d["caption"] for d in self.decode(model(batch))]
         return {"loss": total / max(tokens, 1), **self.metrics(hypotheses, [references[i] for i in images]),
                 "images": len(images), "skipped_empty": self.counts["empty"], "truncated": self.counts["truncated"]}

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..tensors import to_device
 from . import TASKS
 from .base import Task
 from .pair_memory import PairMemory
@@ -135,7 +136,7 @@ class RetrievalTask(Task):
             batch = batcher(pairs[start: start + 256])   # {} when nothing in the chunk is usable
             if not batch:
                 continue
-            image_half, text_half = split_embeddings(model({k: v.to(device) for k, v in batch.items()}).float().cpu())
+            image_half, text_half = split_embeddings(model(to_device(batch, device)).float().cpu())
             images.append(image_half)
             texts.append(text_half)
         model.train(was_training)
