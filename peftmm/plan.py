@@ -52,6 +52,7 @@ import torch
 from .backbones import TOWERS, BackboneInfo, Tower, blueprint
 from .errors import DataError, PeftmmError
 from .io import format_size
+from .precision import AUTOCAST_DTYPES, mixed_precision, planned_facts
 from .plan_meter import (Meter, ShapeBatcher, ShapeCache, autocast, checkpoint_trace,  # noqa: F401
                          emulate_bitsandbytes, file_itemsize, most_per_batch, quantised_source_bytes, replay_run,
                          weight_bytes)
@@ -192,8 +193,9 @@ class Planner:
         ordered = [sorted(split, key=lambda e: str(e["image"])) for split in (splits.val, splits.test) if split]
         eval_most = {k: max(most_per_batch(o, [range(i, min(i + size, len(o))) for i in range(0, len(o), size)],
                                            distinct)[k] for o in ordered) for k in ("rows", "images", "texts")}
-        mixed = {"auto": "bf16", "bf16": "bf16", "fp16": "fp16"}.get(spec.mixed_precision) if device == "cuda" else None
-        casts = partial(autocast, {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed]) if mixed else nullcontext
+        mixed = mixed_precision(spec.mixed_precision, planned_facts(device)) if device == "cuda" else "no"
+        dtype = AUTOCAST_DTYPES.get(mixed)   # precision.py: what the trainer would pick on that card
+        casts = partial(autocast, dtype) if dtype is not None else nullcontext
         trainable = [p for p in model.parameters() if p.requires_grad]
         weights = sum(p.numel() * p.element_size() for p in trainable)
         caching = {f"caching {name} features": name for name in caches}
@@ -247,7 +249,7 @@ class Planner:
             "train_batch": train_most, "eval_batch": eval_most, "trainable_params": sum(p.numel() for p in trainable),
             "phases": phases, "peak_phase": phase, **held,
             "cached": sorted(caches), "longest_text_tokens": lengths[longest[0]] if longest else 0,
-            "mixed_precision": mixed or "no", "checkpointed": [n for n, t in model.towers.items() if t.checkpointed],
+            "mixed_precision": mixed, "checkpointed": [n for n, t in model.towers.items() if t.checkpointed],
             "offline": {n: getattr(recipe, n).backbone for n, t in towers.items() if t.offline}})
 
     @staticmethod

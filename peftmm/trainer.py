@@ -39,6 +39,7 @@ from .feature_store import cache_root
 from .features import FeatureCache
 from .model import MultimodalModel
 from .plots import plot_curves
+from .precision import device_facts, inference_context, mixed_precision, record as precision_record
 from .sampling import train_loader
 
 
@@ -54,9 +55,10 @@ def _accelerator(spec):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    mixed = spec.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    facts = device_facts()
+    mixed = mixed_precision(spec.mixed_precision, facts)   # precision.py: bf16 only where native
+    if facts.type == "cuda":
+        torch.set_float32_matmul_precision("high")   # TF32 for whatever runs in fp32
     # split_batches: processes share each batch (distributed.py), so the scheduler steps once per step
     return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=spec.grad_accum,
                        dataloader_config=DataLoaderConfiguration(split_batches=True))
@@ -86,20 +88,38 @@ def _scheduler(spec, optimizer, total_steps: int):
                          num_training_steps=total_steps)
 
 
-def build_caches(model, recipe, log=None, write: bool = True) -> dict[str, FeatureCache]:
+def build_caches(model, recipe, log=None, write: bool = True, shared: Path | None = None) -> dict[str, FeatureCache]:
     """A cache for every tower that has nothing to train (unless the recipe opts out), kept on
     disk too under ``train.feature_cache_dir`` (feature_store.py). ``write``: whether this process
     adds entries there (the main one; the others only read it); ``log``: where a damaged
-    cache is reported."""
+    cache is reported. ``shared``: the folder used when the recipe names none but several
+    processes must share one (the main process computes the features, the others read them)."""
     names = [name for name in TOWERS if not model.has_trainable(name) and getattr(recipe, name).cache_features
              and name in getattr(model.task, "cached_towers", TOWERS)]
-    folder = cache_root(recipe.train.feature_cache_dir, recipe.source, create=bool(names) and write)
+    where = recipe.train.feature_cache_dir or (str(shared) if shared is not None else None)
+    folder = cache_root(where, recipe.source, create=bool(names) and write)
     return {name: FeatureCache(model.towers[name], model.max_length, folder=folder, write=write, log=log)
             for name in names}
 
 
-def fill_caches(caches: dict[str, FeatureCache], model, examples, device, progress=True, on_bad=None) -> None:
-    """``on_bad``: see FeatureCache.fill (None: an unreadable image raises)."""
+def fill_caches(caches: dict[str, FeatureCache], model, examples, device, progress=True, on_bad=None,
+                precision: dict | None = None, accelerator=None) -> None:
+    """``on_bad``: see FeatureCache.fill (None: an unreadable image raises). ``precision``: the
+    run's (precision.record): the towers encode under the autocast training and inference use
+    on CUDA. Under several processes (``accelerator``) the main one encodes first and writes the
+    shared disk cache; the others then read it (computing only what it could not give them)."""
+    several = accelerator is not None and accelerator.num_processes > 1
+    if several and not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+    try:
+        with inference_context(precision, device):
+            _fill(caches, model, examples, device, progress, on_bad)
+    finally:
+        if several and accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+
+
+def _fill(caches, model, examples, device, progress, on_bad) -> None:
     for name, cache in caches.items():
         if name == "vision":
             keys = [str(e["image"]) for e in examples]
@@ -236,9 +256,12 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     skips = {name: SplitLog(name, recipe.data.on_bad_sample) for name in ("train", "val", "test")}
     truncated: dict[str, int] = {}
     _count_truncated(model, splits, ("train", "val"), truncated, log)
-    caches = build_caches(model, recipe, log, write=main)
+    precision = precision_record(accelerator.mixed_precision, device_facts(accelerator.device))
+    caches = build_caches(model, recipe, log, write=main,
+                          shared=run_dir / "feature-cache" if accelerator.num_processes > 1 else None)
     on_bad = cache_on_bad(recipe.data.on_bad_sample)
-    fill_caches(caches, model, splits.train + splits.val, accelerator.device, progress and main, on_bad)
+    fill_caches(caches, model, splits.train + splits.val, accelerator.device, progress and main, on_bad,
+                precision, accelerator)
     # After caching (captioning's memory reads the cached vision features); again on resume, from
     # the same frozen features, so it comes out the same.
     model.task.prepare(model, splits.train, Batcher(model, caches), accelerator.device, progress and main)
@@ -337,7 +360,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     core.task.finish(core, splits.train, Batcher(core, caches, SplitLog("train")), accelerator.device,
                      progress and main)
     _count_truncated(core, splits, ("test",), truncated, log)
-    fill_caches(caches, core, splits.test, accelerator.device, progress and main, on_bad)
+    fill_caches(caches, core, splits.test, accelerator.device, progress and main, on_bad, precision, accelerator)
     test = evaluate(core, splits.test, Batcher(core, caches, skips["test"]), spec.eval_batch_size,
                     accelerator.device, progress=progress and main, desc="test", accelerator=accelerator)
     # what every process left out, together (one gather per split: see SplitLog.merged)
@@ -355,7 +378,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     record({"final": metrics})
     bundle_dir = run_dir / "bundle"
     if main:
-        save_bundle(core, recipe, bundle_dir, metrics)
+        save_bundle(core, recipe, bundle_dir, metrics, precision=precision)
         plot_curves(records, run_dir / "curves.png", title=recipe.name)
     log(f"test {core.task.primary_metric} {test[core.task.primary_metric]:.4f} over {test['examples']:,} "
         f"examples; bundle: {bundle_dir}")
