@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import TOWERS
-from .batching import Batcher
+from .batching import Batcher, image_workers
 from .bundle import save_bundle
 from .checkpoint import Checkpointer, resume_point
 from .run_state import SkipTracker, restore_rng
@@ -265,7 +265,7 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     # After caching (captioning's memory reads the cached vision features); again on resume, from
     # the same frozen features, so it comes out the same.
     model.task.prepare(model, splits.train, Batcher(model, caches), accelerator.device, progress and main)
-    tracker = SkipTracker(Batcher(model, caches, skips["train"]))
+    tracker = SkipTracker(Batcher(model, caches, skips["train"], image_workers(spec.image_workers, caches)))
     loader, batches = train_loader(splits.train, spec, tracker, accelerator.num_processes,
                                    accelerator.process_index)
     optimizer = torch.optim.AdamW(model.parameter_groups(spec.lr), lr=spec.lr, weight_decay=spec.weight_decay)
