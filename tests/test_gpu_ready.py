@@ -70,3 +70,32 @@ def test_threaded_image_decoding_gives_the_same_batches_and_skips(tiny_models, t
     assert (plain.seen, dict(plain.reasons), len(plain.ever)) == (threaded.seen, dict(threaded.reasons), 1)
     with pytest.raises(DataError, match="broken.png"):      # prediction: the bad image raises
         Batcher(model, workers=2)(examples)
+
+
+class _Barrier:
+    """accelerate's barrier as one of two processes sees it: records when this one waits."""
+
+    def __init__(self, main: bool, events: list):
+        self.num_processes, self.is_main_process, self.events = 2, main, events
+
+    def wait_for_everyone(self):
+        self.events.append("barrier")
+
+
+def test_under_several_processes_only_the_main_one_encodes_the_cache(tiny_models, tmp_path):
+    from peftmm.trainer import build_caches, fill_caches
+
+    data = tiny.recipe(tiny_models["vit"], tiny_models["bert"], text_methods=[{"type": "lora", "r": 2}])
+    recipe, model, splits = build(data)
+    assert recipe.train.feature_cache_dir is None     # no folder named: the run's shared one is used
+    events: list = []
+    main = build_caches(model, recipe, events.append, write=True, shared=tmp_path / "shared")
+    other = build_caches(model, recipe, events.append, write=False, shared=tmp_path / "shared")
+    assert list(main) == ["vision"]
+    fill_caches(main, model, splits.train, "cpu", progress=False, accelerator=_Barrier(True, events))
+    fill_caches(other, model, splits.train, "cpu", progress=False, accelerator=_Barrier(False, events))
+    images = len({e["image"] for e in splits.train})
+    assert events[0].endswith(f"0 vision entries read, {images:,} computed and written there")
+    assert events[1:3] == ["barrier", "barrier"]      # the main one releases the others only when done
+    assert events[3].endswith(f"{images:,} vision entries read, 0 computed and kept in memory")
+    assert all(torch.equal(main["vision"].store[k], other["vision"].store[k]) for k in main["vision"].store)
