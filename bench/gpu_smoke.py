@@ -174,7 +174,8 @@ class Smoke:
         losses, grads = _steps(model, batch, self.steps)
         lora_b = {n: g for n, g in grads.items() if "lora_B" in n}
         return {"ok": _falls(losses) and bool(lora_b) and all(g > 0 for g in lora_b.values())
-                and agreement > 0.98 and _biases_fp32(model.towers["text"]) and bool(model.towers["text"].checkpointed),
+                and agreement > 0.98 and _biases_fp32(model.towers["text"])
+                and bool(model.towers["text"].checkpointed),
                 "loss_first": losses[0], "loss_last": losses[-1], "lora_B_tensors": len(lora_b),
                 "lora_B_grads_nonzero": sum(g > 0 for g in lora_b.values()),
                 "tower_vs_fp32_cosine": round(agreement, 6), "checkpointed_blocks": len(model.towers["text"].checkpointed)}
@@ -333,7 +334,7 @@ def _mid_llama(folder: Path, tokenizer_from: Path) -> Path:
 def zoo_missing() -> str | None:
     from peftmm import zoo
 
-    absent = [n for n in ("mobilenet-v2", "minilm-l6") if not (zoo.cache_root() / "zoo" / n).is_dir()]
+    absent = [n for n in ("mobilenet-v2", "minilm-l6") if not zoo.is_cached(n)]
     return f"the zoo's cache lacks {', '.join(absent)} (nothing is downloaded here)" if absent else None
 
 

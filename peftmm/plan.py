@@ -19,8 +19,9 @@ test split, whichever batch is larger), the longest texts, the cached towers' to
 with nothing to train keep nothing for backward; with ``gradient_checkpointing`` the meta run
 checkpoints too. bitsandbytes layers allocate as they do (plan_meter.emulate_bitsandbytes: a
 dequantised weight in each call on CPU and for nf4; on CUDA int8, int8 rows of the input and an
-int32 product). On cuda, bf16 autocast (``mixed_precision: auto``) is imitated and the feature
-cache is not counted: it lives in host memory (features.py).
+int32 product). On cuda, the autocast training would pick on the card is imitated (precision.py:
+this machine's card when it has one, else a current one, where ``mixed_precision: auto`` is bf16),
+and the feature cache is not counted: it lives in host memory (features.py).
 
 On cpu the phases run in the trainer's order through a model of glibc malloc (plan_meter.Heap):
 the caches of train and val filled batch by batch, training steps until the heap stops growing,

@@ -143,6 +143,6 @@ def inference_context(recorded: dict | None, device: str | torch.device):
 
 @contextmanager
 def entered(plan: InferencePlan, device_type: str):
-    with tf32_allowed() if plan.tf32 else nullcontext():
-        with torch.autocast(device_type, dtype=plan.dtype) if plan.dtype is not None else nullcontext():
-            yield
+    with (tf32_allowed() if plan.tf32 else nullcontext(),
+          torch.autocast(device_type, dtype=plan.dtype) if plan.dtype is not None else nullcontext()):
+        yield

@@ -6,6 +6,9 @@ import torch
 
 import tiny
 from helpers import batch_of, build, logits, overfit
+from peftmm.errors import PeftmmError
+from peftmm.precision import (DeviceFacts, autocast_dtype, common_record, inference_plan, int8_threshold,
+                              mixed_precision, nf4_compute_dtype, planned_facts, record)
 
 
 @pytest.mark.parametrize("precision,layer", [("int8", bnb.nn.Linear8bitLt), ("nf4", bnb.nn.Linear4bit)])
@@ -45,9 +48,6 @@ def test_bf16_backbone_runs(tiny_models):
 
 # -- the precision decisions (peftmm/precision.py), with stubbed device facts ------------------------
 
-from peftmm.precision import (DeviceFacts, autocast_dtype, common_record, inference_plan,  # noqa: E402
-                              int8_threshold, mixed_precision, nf4_compute_dtype, planned_facts, record)
-from peftmm.errors import PeftmmError  # noqa: E402
 
 CPU, T4, V100, P100 = DeviceFacts("cpu"), DeviceFacts("cuda", (7, 5)), DeviceFacts("cuda", (7, 0)), \
     DeviceFacts("cuda", (6, 0))
