@@ -50,7 +50,7 @@ def device_facts(device: str | torch.device | None = None) -> DeviceFacts:
 
 def mixed_precision(requested: str, facts: DeviceFacts) -> str:
     """``train.mixed_precision`` resolved for ``facts``: "no", "bf16" or "fp16" (accelerate's names).
-    An explicit choice is kept, except bf16 asked of a CUDA card that would only emulate it."""
+    An explicit choice is kept as it is (bf16 on a card that emulates it too: asked for by name)."""
     if requested == "auto":
         if facts.type != "cuda":
             return "no"
@@ -58,11 +58,6 @@ def mixed_precision(requested: str, facts: DeviceFacts) -> str:
         if capability >= NATIVE_BF16:
             return "bf16"
         return "fp16" if capability >= FP16_TENSOR_CORES else "no"
-    if requested == "bf16" and facts.type == "cuda" and facts.capability is not None \
-            and facts.capability < NATIVE_BF16:
-        raise PeftmmError(f"train.mixed_precision = 'bf16': this GPU (compute capability "
-                          f"{facts.capability[0]}.{facts.capability[1]}) only emulates bf16, several times slower "
-                          "than fp16; set train.mixed_precision to auto (fp16 with a gradient scaler here) or fp16")
     if requested not in ("no", *AUTOCAST_DTYPES):
         raise PeftmmError(f"train.mixed_precision = {requested!r}: choose one of auto, no, bf16, fp16")
     return requested

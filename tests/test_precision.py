@@ -61,11 +61,12 @@ def test_auto_is_bf16_only_where_native(facts, expected):
     assert nf4_compute_dtype(facts) == (expected or torch.float32)   # nf4 dequantises into what autocast uses
 
 
-def test_explicit_choices_are_kept_but_emulated_bf16_is_refused():
+def test_explicit_choices_are_kept():
     assert mixed_precision("no", H100) == "no" and mixed_precision("fp16", H100) == "fp16"
     assert mixed_precision("bf16", CPU) == "bf16"          # CPU autocast, as accelerate did before
-    with pytest.raises(PeftmmError, match="only emulates bf16"):
-        mixed_precision("bf16", T4)
+    assert mixed_precision("bf16", T4) == "bf16"           # asked for by name: emulated, but kept
+    with pytest.raises(PeftmmError, match="choose one of auto, no, bf16, fp16"):
+        mixed_precision("tf32", H100)
 
 
 def test_int8_decomposes_outliers_on_cuda_only():
