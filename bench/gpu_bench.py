@@ -7,11 +7,16 @@
 Without a CUDA device it stops at once with exit code 2 and says so.
 
 Variants, all the default recipe (recipes/easy-vqa-lora.yaml: frozen MobileNetV2, LoRA r=4 in the
-text tower, gated cross-attention, VQA on easy-VQA) with both backbones at one precision:
+text tower, gated cross-attention, VQA on easy-VQA) with the text tower at the variant's precision
+and MobileNetV2 at bf16 in every variant: it has no Linear layer (1x1 convolutions instead), so
+int8 would quantise nothing in it, and the comparison is the text tower's:
 
-- ``minilm-int8`` / ``minilm-bf16``: MobileNetV2 + MiniLM-L6 (the recipe's own towers);
+- ``minilm-int8`` / ``minilm-bf16``: MobileNetV2 + MiniLM-L6 (the recipe's own text tower);
 - ``smollm2-int8`` / ``smollm2-bf16``: MobileNetV2 + SmolLM2-135M as the text tower, LoRA on its
   q_proj/v_proj (only when the zoo has smollm2-135m).
+
+Every variant's quantised towers are checked to hold Linear layers bitsandbytes replaces
+(``quantised_layers``; recorded per variant): one that would quantise nothing is refused.
 
 Each runs in its own process through peftmm's trainer (bench/compare_peft.py's probed child),
 ``--steps`` optimizer steps of ``--batch-size`` shuffled questions from the first steps x batch
@@ -42,9 +47,9 @@ from compare_peft import ROOT, common_overrides, spawn, summarise  # noqa: E402
 RECIPE = ROOT / "recipes" / "easy-vqa-lora.yaml"
 SMOLLM = ["text.backbone=smollm2-135m", "text.methods.0.targets=[q_proj,v_proj]"]
 VARIANTS = {
-    "minilm-int8": ["vision.precision=int8", "text.precision=int8"],
+    "minilm-int8": ["vision.precision=bf16", "text.precision=int8"],
     "minilm-bf16": ["vision.precision=bf16", "text.precision=bf16"],
-    "smollm2-int8": [*SMOLLM, "vision.precision=int8", "text.precision=int8"],
+    "smollm2-int8": [*SMOLLM, "vision.precision=bf16", "text.precision=int8"],
     "smollm2-bf16": [*SMOLLM, "vision.precision=bf16", "text.precision=bf16"],
 }
 NO_CUDA = 2   # the exit code when there is no GPU to measure
@@ -57,14 +62,42 @@ def available() -> list[str]:
     return [v for v in VARIANTS if not v.startswith("smollm2") or zoo.is_zoo_name("smollm2-135m")]
 
 
+def quantised_layers(recipe) -> dict[str, int]:
+    """Per int8/nf4 tower of ``recipe``, how many Linear layers bitsandbytes would replace (the
+    models built on the meta device: no weights load)."""
+    from torch import nn
+
+    from peftmm.backbones import QUANTIZATION_SKIP, blueprint
+
+    counts = {}
+    for name in ("vision", "text"):
+        spec = getattr(recipe, name)
+        if spec.precision in ("int8", "nf4"):
+            model = blueprint(name, spec.backbone, image_size=spec.image_size).empty_model()
+            counts[name] = sum(isinstance(m, nn.Linear) and not any(s in n.split(".") for s in QUANTIZATION_SKIP)
+                               for n, m in model.named_modules())
+    return counts
+
+
+def check_quantises(variant: str, recipe) -> dict[str, int]:
+    counts = quantised_layers(recipe)
+    empty = [name for name, n in counts.items() if n == 0]
+    if empty:
+        raise SystemExit(f"gpu_bench: variant {variant}: the {' and '.join(empty)} tower "
+                         f"({', '.join(getattr(recipe, n).backbone for n in empty)}) has no Linear layer, so "
+                         f"{getattr(recipe, empty[0]).precision} would quantise nothing in it")
+    return counts
+
+
 def validate(variants: list[str], settings: dict) -> None:
-    """Build every variant's recipe with its overrides (validation only: no weights load)."""
+    """Build every variant's recipe with its overrides and check what it quantises (no weights load)."""
     import peftmm
 
     for name in variants:
         recipe = peftmm.load_recipe(RECIPE, common_overrides(settings) + VARIANTS[name])
         print(f"{name}: vision {recipe.vision.backbone} {recipe.vision.precision}, text {recipe.text.backbone} "
-              f"{recipe.text.precision}, text methods {recipe.to_dict()['text']['methods']}")
+              f"{recipe.text.precision}, text methods {recipe.to_dict()['text']['methods']}, quantised Linear "
+              f"layers {check_quantises(name, recipe)}")
 
 
 def cuda_device() -> str | None:
@@ -99,6 +132,10 @@ def main() -> None:
         print("gpu_bench: no CUDA device is present (torch.cuda.is_available() is False); this benchmark "
               "measures GPU memory and needs one. For CPU numbers run bench/compare_peft.py.", file=sys.stderr)
         sys.exit(NO_CUDA)
+    import peftmm
+
+    quantised = {name: check_quantises(name, peftmm.load_recipe(RECIPE, common_overrides(s) + VARIANTS[name]))
+                 for name in variants}
     started, rows = time.perf_counter(), []
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as scratch:
         for name in variants:
@@ -113,6 +150,7 @@ def main() -> None:
             row = summarise(name, spawn(payload, args.out / "runs" / "gpu_bench" / f"{name}.log"), s)
             row.pop("label")
             row["overrides"] = VARIANTS[name]
+            row["quantised_linear_layers"] = quantised[name]
             rows.append(row)
             print(f"  max allocated {row['cuda_max_allocated'] / 2**20:,.0f} MiB, reserved "
                   f"{row['cuda_max_reserved'] / 2**20:,.0f} MiB, median step {1000 * row['median_step_s']:.1f} ms, "

@@ -69,14 +69,19 @@ class FusionHead(nn.Module):
 def load_backbone(folder: str, precision: str, device: torch.device):
     from transformers import AutoModel, BitsAndBytesConfig
 
+    from peftmm.precision import device_facts, int8_threshold, nf4_compute_dtype
+
     kwargs = {"dtype": torch.bfloat16 if precision == "bf16" else torch.float32}
     if precision in ("int8", "nf4"):
-        # int8 as peftmm loads it (outlier threshold 0), so the two differ in wiring, not in the
-        # quantisation; prepare_model_for_kbit_training is left out, since it would turn on
-        # gradient checkpointing, which the recipe does not use.
-        kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
-                                         if precision == "int8" else
-                                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+        # quantised as peftmm loads it (precision.py: outlier threshold and 4-bit compute dtype
+        # per device), so the two differ in wiring, not in the quantisation;
+        # prepare_model_for_kbit_training is left out, since it would turn on gradient
+        # checkpointing, which the recipe does not use.
+        facts = device_facts(device)
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=int8_threshold(facts)) if precision == "int8"
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=nf4_compute_dtype(facts)))
         kwargs["device_map"] = "cpu" if device.type == "cpu" else {"": device.index or 0}
     model = AutoModel.from_pretrained(folder, **kwargs)
     if precision not in ("int8", "nf4"):
@@ -122,8 +127,12 @@ def plain_child(payload: dict, probe) -> dict:
     probe.baseline()   # libraries imported, data listed: the model is what comes next
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # on CUDA, bf16 autocast where supported: what peftmm's train.mixed_precision "auto" does
-    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # what peftmm's trainer picks for the recipe's train.mixed_precision on this device (precision.py:
+    # bf16 only where the card computes it natively, fp16 with a gradient scaler on older ones)
+    from peftmm.precision import autocast_dtype, device_facts
+
+    dtype = autocast_dtype(spec.mixed_precision, device_facts(device))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sources = {name: getattr(recipe, name).backbone for name in ("vision", "text")}
     folder = {name: str(zoo.resolve(s)) if zoo.is_zoo_name(s) else s for name, s in sources.items()}
     vision = load_backbone(folder["vision"], recipe.vision.precision, device).eval()   # eval: batch norm frozen
@@ -145,7 +154,7 @@ def plain_child(payload: dict, probe) -> dict:
         pixels = torch.stack([preprocess(e["image"]) for e in batch]).to(device, vision.dtype)
         tokens = tokenizer([e["text"] for e in batch], padding=True, truncation=True,
                            max_length=recipe.text.max_length, return_tensors="pt").to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             with torch.no_grad():   # the frozen tower needs no graph
                 features = vision(pixel_values=pixels).last_hidden_state   # [B, C, H, W]
             features = features.flatten(2).transpose(1, 2).float()
@@ -166,8 +175,9 @@ def plain_child(payload: dict, probe) -> dict:
         for batch in loader:
             targets = torch.tensor([answers[e["label"]] for e in batch], device=device)
             loss = F.cross_entropy(forward(batch).float(), targets)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss.item()   # a loop logs its loss: the same host sync peftmm's trainer has each step

@@ -24,6 +24,7 @@ from torch import nn
 from . import zoo
 from .errors import PeftmmError
 from .methods.base import ActiveSlots
+from .precision import device_facts, int8_threshold, nf4_compute_dtype
 from .preprocess import ImagePreprocessor, image_preprocessor
 from .weight_files import check_safetensors_only, pickle_refused
 
@@ -82,15 +83,17 @@ def fingerprint(folder: str) -> str:
     return _fingerprint_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime) for f in files))
 
 
-def _quantization_config(precision: str, skip: list[str]):
+def _quantization_config(precision: str, skip: list[str], device="cpu"):
+    """Threshold and compute dtype per device: see precision.py (outliers decomposed on CUDA only,
+    4-bit weights dequantised into the dtype autocast computes in there)."""
     from transformers import BitsAndBytesConfig
 
+    facts = device_facts(device)
     if precision == "int8":
-        # threshold 0 turns off outlier decomposition, so an input's output does not depend on
-        # the rest of its batch (NOTES: max diff 0.045 otherwise), and predictions are repeatable.
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=int8_threshold(facts),
+                                  llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
+                              bnb_4bit_compute_dtype=nf4_compute_dtype(facts), llm_int8_skip_modules=skip)
 
 
 def _model_class(config, tower: str, causal_lm: bool):
@@ -317,7 +320,7 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
             kwargs["device_map"] = "cpu"
         else:
             kwargs["device_map"] = {"": torch.device(device).index or 0}
-        kwargs["quantization_config"] = _quantization_config(precision, skip=list(QUANTIZATION_SKIP))
+        kwargs["quantization_config"] = _quantization_config(precision, list(QUANTIZATION_SKIP), device)
     check_safetensors_only(name, source, folder, config, tower_config)
     try:
         # use_safetensors: a folder or hub repo with only pytorch_model.bin (a pickle) is refused,
@@ -334,6 +337,8 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
     model.eval()
     if precision == "nf4":
         _keep_nf4_trainable(model)
+    if precision in ("int8", "nf4"):
+        keep_bias_dtype(model)
     for module in model.modules():  # channels-last convolutions (see Tower.forward)
         if isinstance(module, nn.Conv2d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
@@ -359,6 +364,30 @@ def _keep_nf4_trainable(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def keep_bias_dtype(model: nn.Module) -> None:
+    """bitsandbytes' Linear8bitLt and Linear4bit cast their bias in place to the input's dtype
+    (``bias.data = bias.data.to(x.dtype)``): a bf16 input under autocast would leave the frozen
+    fp32 bias rounded to bf16 for good. Each forward gets its cast, and the bias its own tensor back."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) and module.bias is not None:
+            _restore_bias_after_each_call(module)
+
+
+def _restore_bias_after_each_call(module: nn.Module) -> None:
+    forward = module.forward   # replaced on the instance (as _checkpoint_each_call does): names stay
+
+    def kept(*args, **kwargs):
+        bias = module.bias.data
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            module.bias.data = bias
+
+    module.forward = kept
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:

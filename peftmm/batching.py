@@ -14,6 +14,9 @@ for that very image.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from .data.images import load_image
@@ -29,18 +32,37 @@ def _distinct(values: list) -> tuple[list, torch.Tensor]:
     return list(position), torch.tensor(index, dtype=torch.long)
 
 
+def image_workers(setting: int | None, caches: dict) -> int:
+    """Threads for decoding training images (``train.image_workers``): none where the vision
+    tower's features are cached (nothing is decoded per batch)."""
+    if "vision" in caches:
+        return 0
+    return min(4, os.cpu_count() or 1) if setting is None else setting
+
+
 class Batcher:
-    def __init__(self, model, caches: dict[str, FeatureCache] | None = None, skips: SplitLog | None = None):
+    """``workers``: threads that decode and resize a batch's distinct images together (PIL and
+    numpy release the GIL), instead of one after the other on the caller's thread; the batch,
+    and which examples are skipped in which order, are the same either way."""
+
+    def __init__(self, model, caches: dict[str, FeatureCache] | None = None, skips: SplitLog | None = None,
+                 workers: int = 0):
         self.model = model
         self.caches = caches or {}
         self.skips = skips
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="peftmm-images") if workers > 0 else None
 
     def __call__(self, examples: list[dict]) -> dict:
         pixels: dict[str, torch.Tensor] = {}
+        failed: dict[str, DataError] = {}
+        if self.pool is not None and "vision" not in self.caches:
+            self._decode_together(examples, pixels, failed)
         if self.skips is not None:
-            examples = self.screen(examples, pixels)
+            examples = self.screen(examples, pixels, failed)
             if not examples:
                 return {}
+        elif failed:   # prediction: the caller asked for that very image
+            raise next(iter(failed.values()))
         images, image_index = _distinct([str(e["image"]) for e in examples])
         own_text = getattr(self.model.task, "text_inputs", None)
         if own_text is not None:  # the task builds its text inputs and labels itself (captioning)
@@ -54,9 +76,23 @@ class Batcher:
             batch["labels"] = self.model.task.targets(examples)  # retrieval: pairs, no label needed
         return batch
 
-    def screen(self, examples: list[dict], pixels: dict | None = None) -> list[dict]:
+    def _decode_together(self, examples: list[dict], pixels: dict, failed: dict) -> None:
+        preprocess = self.model.towers["vision"].processor
+
+        def decode(path):
+            try:
+                return preprocess(load_image(path))
+            except DataError as error:
+                return error
+
+        paths = list(dict.fromkeys(str(e["image"]) for e in examples))
+        for path, result in zip(paths, self.pool.map(decode, paths)):
+            (failed if isinstance(result, DataError) else pixels)[path] = result
+
+    def screen(self, examples: list[dict], pixels: dict | None = None, failed: dict | None = None) -> list[dict]:
         """The usable examples; the others go to ``self.skips``. Images decoded on the way are
-        put in ``pixels`` (when given) so the batch does not decode them again."""
+        put in ``pixels`` (when given) so the batch does not decode them again; those decoded
+        already are taken from there, and ``failed`` holds the ones that could not be."""
         self.skips.seen += len(examples)
         task, errors, kept = self.model.task, {}, []
         for e in examples:
@@ -64,7 +100,8 @@ class Batcher:
             if error is None:
                 path = str(e["image"])
                 if path not in errors:
-                    errors[path] = self.image_error(path, pixels)
+                    errors[path] = (failed or {}).get(path) or (None if pixels and path in pixels
+                                                                 else self.image_error(path, pixels))
                 error = errors[path]
             if error is None:
                 kept.append(e)

@@ -54,8 +54,10 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
-def bundle_config(model, recipe: dict, metrics: dict | None = None) -> dict:
-    """``recipe`` is the saved recipe as data (from ``model.export``), not the training one."""
+def bundle_config(model, recipe: dict, metrics: dict | None = None, precision: dict | None = None) -> dict:
+    """``recipe`` is the saved recipe as data (from ``model.export``), not the training one.
+    ``precision``: what the run trained and validated under (precision.record); inference on
+    CUDA runs under it (precision.inference_plan). Left out when unknown."""
     towers = {}
     for name, tower in model.towers.items():
         info = tower.info
@@ -65,15 +67,15 @@ def bundle_config(model, recipe: dict, metrics: dict | None = None) -> dict:
         "format": "peftmm", "format_version": FORMAT_VERSION, "peftmm_version": __version__,
         "name": recipe["name"], "task": recipe["task"]["type"], "labels": model.task.labels,
         "towers": towers, "recipe": recipe, "metrics": metrics or {},
-    }
+    } | ({"precision": precision} if precision else {})
 
 
 def save_bundle(model, recipe, path: str | Path, metrics: dict | None = None, overwrite: bool = True,
-                card: str | None = None) -> Path:
+                card: str | None = None, precision: dict | None = None) -> Path:
     """Write a bundle folder atomically: readers see the old bundle or the new one, never a mix."""
     path = Path(path)
     tensors, saved_recipe = model.export(recipe)  # methods fold training-only structure here
-    config = bundle_config(model, saved_recipe, metrics)
+    config = bundle_config(model, saved_recipe, metrics, precision)
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {"format": "peftmm", "format_version": str(FORMAT_VERSION),
@@ -120,6 +122,11 @@ def read_config(path: str | Path) -> dict:
                 raise BundleError(f"{CONFIG}: towers.{tower} lacks its {key!r} (a string)", str(path))
         if not isinstance(config["recipe"].get(tower), dict):
             raise BundleError(f"{CONFIG}: recipe lacks the {tower!r} section", str(path))
+    recorded = config.get("precision")
+    if recorded is not None and (not isinstance(recorded, dict)
+                                 or recorded.get("mixed_precision") not in ("no", "bf16", "fp16")):
+        raise BundleError(f"{CONFIG}: 'precision' must be an object whose mixed_precision is no, bf16 or fp16, "
+                          f"got {recorded!r}", str(path))
     if "metrics" in config and not isinstance(config["metrics"], dict):
         raise BundleError(f"{CONFIG}: 'metrics' must be a mapping", str(path))
     return config

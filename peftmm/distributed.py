@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .errors import PeftmmError
+from .precision import device_facts, mixed_precision
 
 MAX_DIMS = 8    # gather_rows: tensors of at most this many dimensions
 ERRORS_ENV = "PEFTMM_LAUNCH_ERRORS"   # relaunch's folder where processes leave their error
@@ -145,13 +146,14 @@ def check_engine(accelerator) -> None:
 
 def make_accelerator(spec):
     """accelerate's Accelerator for the recipe's train section (``spec``): its precision
-    (``auto``: bf16 where CUDA has it) and accumulation, processes sharing each batch."""
+    (``auto``: precision.mixed_precision) and accumulation, processes sharing each batch."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    mixed = spec.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    facts = device_facts()
+    mixed = mixed_precision(spec.mixed_precision, facts)   # precision.py: bf16 only where native
+    if facts.type == "cuda":
+        torch.set_float32_matmul_precision("high")   # TF32 for whatever runs in fp32
     # split_batches: processes share each batch (ProcessSlices), so the scheduler steps once per step
     return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=spec.grad_accum,
                        dataloader_config=DataLoaderConfiguration(split_batches=True))

@@ -26,11 +26,11 @@ class FeatureCache:
     memory only. ``write``: whether new entries go there (False: read it only). ``log``: where
     a damaged cache is reported (stderr by default)."""
 
-    def __init__(self, tower, max_length: int | None = None, batch_size: int = 32, folder=None,
+    def __init__(self, tower, max_length: int | None = None, batch_size: int | None = None, folder=None,
                  write: bool = True, log=None):
         self.tower = tower
         self.max_length = max_length  # text towers: where the tokenizer truncates
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # None: batch_size_for(device)
         self.store: dict[str, torch.Tensor] = {}
         self.failed: dict[str, DataError] = {}   # vision: images that could not be read
         self.log = log or stderr
@@ -52,10 +52,11 @@ class FeatureCache:
         stamps: dict[str, tuple[int, int]] = {}   # vision: each image file as it was read
         bar = tqdm(total=len(missing), desc=f"caching {self.tower.name} features", unit="item",
                    disable=not progress or not missing, dynamic_ncols=True)
+        size = self.batch_size or batch_size_for(device)
         try:
             with torch.inference_mode():
-                for start in range(0, len(missing), self.batch_size):
-                    chunk = missing[start: start + self.batch_size]
+                for start in range(0, len(missing), size):
+                    chunk = missing[start: start + size]
                     bar.update(len(chunk))
                     if self.tower.name == "vision":
                         pixels = self._readable(chunk, on_bad, stamps if self.disk is not None else None)
@@ -65,8 +66,11 @@ class FeatureCache:
                         tokens, mask = self.tower(pixel_values=torch.stack(list(pixels.values())).to(device))
                     else:
                         tokens, mask = self.tower(**to_device(self.tower.tokenize(chunk, self.max_length), device))
+                    # one device-to-host copy for the batch; indexing by the mask copies each row
+                    # out of it (dropping padding), so no entry keeps the whole batch alive
+                    tokens, mask = tokens.cpu(), mask.cpu()
                     for key, t, m in zip(chunk, tokens, mask):
-                        self.store[key] = t[m].to("cpu", copy=True)  # drop padding
+                        self.store[key] = t[m]
                         if self.disk is not None and (self.tower.name != "vision" or key in stamps):
                             self.disk.add(key, self.store[key], stamps.get(key))
         finally:   # what was computed before an error (on_bad under ``stop``) is kept on disk too
@@ -102,6 +106,12 @@ class FeatureCache:
     def lookup(self, keys: list[str], prefix: str) -> dict:
         tokens, mask = pad_tokens([self.store[k] for k in keys])
         return {f"{prefix}_tokens": tokens, f"{prefix}_mask": mask}
+
+
+def batch_size_for(device) -> int:
+    """Encoding batch of the cache fill: a GPU is starved by 32 images a batch; on CPU the batch
+    size stays what it was (the same blocking of the matmuls, the same cached numbers)."""
+    return 256 if torch.device(device).type == "cuda" else 32
 
 
 def pad_tokens(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

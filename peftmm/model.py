@@ -75,6 +75,15 @@ class MultimodalModel(nn.Module):
         model._mark_trainable()
         return model
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) and friends: the task's memory (plain tensors, not buffers: bundles keep it
+        # under memory.*, not in the state dict) follows the head
+        super()._apply(fn, recurse)
+        for p in self.head.parameters():
+            self.task.memory_to(p.device)
+            break
+        return self
+
     def remove_methods(self) -> None:
         """Take this model's injected modules out of its (shared) towers."""
         for name, tower in self.towers.items():

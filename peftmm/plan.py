@@ -19,8 +19,9 @@ test split, whichever batch is larger), the longest texts, the cached towers' to
 with nothing to train keep nothing for backward; with ``gradient_checkpointing`` the meta run
 checkpoints too. bitsandbytes layers allocate as they do (plan_meter.emulate_bitsandbytes: a
 dequantised weight in each call on CPU and for nf4; on CUDA int8, int8 rows of the input and an
-int32 product). On cuda, bf16 autocast (``mixed_precision: auto``) is imitated and the feature
-cache is not counted: it lives in host memory (features.py).
+int32 product). On cuda, the autocast training would pick on the card is imitated (precision.py:
+this machine's card when it has one, else a current one, where ``mixed_precision: auto`` is bf16),
+and the feature cache is not counted: it lives in host memory (features.py).
 
 On cpu the phases run in the trainer's order through a model of glibc malloc (plan_meter.Heap):
 the caches of train and val filled batch by batch, training steps until the heap stops growing,
@@ -52,6 +53,7 @@ import torch
 from .backbones import TOWERS, BackboneInfo, Tower, blueprint
 from .errors import DataError, PeftmmError
 from .io import format_size
+from .precision import AUTOCAST_DTYPES, mixed_precision, planned_facts
 from .plan_meter import (Meter, ShapeBatcher, ShapeCache, autocast, checkpoint_trace,  # noqa: F401
                          emulate_bitsandbytes, file_itemsize, most_per_batch, quantised_source_bytes, replay_run,
                          weight_bytes)
@@ -193,8 +195,9 @@ class Planner:
         ordered = [sorted(split, key=lambda e: str(e["image"])) for split in (splits.val, splits.test) if split]
         eval_most = {k: max(most_per_batch(o, [range(i, min(i + size, len(o))) for i in range(0, len(o), size)],
                                            distinct)[k] for o in ordered) for k in ("rows", "images", "texts")}
-        mixed = {"auto": "bf16", "bf16": "bf16", "fp16": "fp16"}.get(spec.mixed_precision) if device == "cuda" else None
-        casts = partial(autocast, {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed]) if mixed else nullcontext
+        mixed = mixed_precision(spec.mixed_precision, planned_facts(device)) if device == "cuda" else "no"
+        dtype = AUTOCAST_DTYPES.get(mixed)   # precision.py: what the trainer would pick on that card
+        casts = partial(autocast, dtype) if dtype is not None else nullcontext
         trainable = [p for p in model.parameters() if p.requires_grad]
         weights = sum(p.numel() * p.element_size() for p in trainable)
         caching = {f"caching {name} features": name for name in caches}
@@ -248,7 +251,7 @@ class Planner:
             "train_batch": train_most, "eval_batch": eval_most, "trainable_params": sum(p.numel() for p in trainable),
             "phases": phases, "peak_phase": phase, **held,
             "cached": sorted(caches), "longest_text_tokens": lengths[longest[0]] if longest else 0,
-            "mixed_precision": mixed or "no", "checkpointed": [n for n, t in model.towers.items() if t.checkpointed],
+            "mixed_precision": mixed, "checkpointed": [n for n, t in model.towers.items() if t.checkpointed],
             "offline": {n: getattr(recipe, n).backbone for n, t in towers.items() if t.offline}})
 
     @staticmethod

@@ -11,6 +11,7 @@ from .bundle import CONFIG, load_bundle
 from .data import load_splits
 from .errors import BundleError, PeftmmError
 from .tensors import to_device
+from .precision import inference_context
 
 
 def resolve_bundle(path: str | Path) -> Path:
@@ -41,10 +42,15 @@ class Predictor:
             model.merge_methods()
         return cls(model, recipe, config, device)
 
+    def precision(self):
+        """The context inference runs under: the bundle's training precision on CUDA (precision.py)."""
+        return inference_context(self.config.get("precision"), self.device)
+
     @torch.no_grad()
     def predict_batch(self, examples: list[dict]) -> list[dict]:
         batch = to_device(self.batcher(examples), self.device)
-        return self.model.task.decode(self.model(batch))
+        with self.precision():
+            return self.model.task.decode(self.model(batch))
 
     def predict(self, image: str | Path, question: str | None = None) -> dict:
         text = self.model.task.text_of({"text": question})  # some tasks fix their own text
@@ -66,7 +72,9 @@ class Predictor:
         if len(labels) < 2 or "{}" not in template:
             raise PeftmmError("give at least two labels, and a template containing {} for the label")
         batch = self.batcher([{"image": str(image), "text": template.format(label)} for label in labels])
-        images, texts = split_embeddings(self.model(to_device(batch, self.device)).float())
+        with self.precision():
+            outputs = self.model(to_device(batch, self.device))
+        images, texts = split_embeddings(outputs.float())
         probs = self.model.task.logits(images[:1], texts)[0].softmax(-1)
         order = probs.argsort(descending=True).tolist()
         return {"answer": labels[order[0]],
@@ -82,5 +90,6 @@ def evaluate_bundle(path: str | Path, split: str = "test", batch_size: int = 256
     examples = load_splits(spec)[split]
     if max_samples:
         examples = examples[:max_samples]
-    return evaluate(predictor.model, examples, predictor.batcher, batch_size, predictor.device,
-                    progress=progress, desc=split) | {"examples": len(examples)}
+    with predictor.precision():
+        return evaluate(predictor.model, examples, predictor.batcher, batch_size, predictor.device,
+                        progress=progress, desc=split) | {"examples": len(examples)}

@@ -89,7 +89,13 @@ class TrainSpec:
     patience: int = field(default=2, metadata={"min": 1})      # epochs without val gain before stopping
     seed: int = 0
     group_by_image: bool = False   # batch all questions of an image together (see sampling.py)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # Threads decoding and resizing a training batch's images where the vision tower trains (no
+    # feature cache); null: up to 4, as the machine's cores allow; 0: on the training loop's own
+    # thread. The batch and its skip accounting stay the same (batching.Batcher).
+    image_workers: int | None = field(default=None, metadata={"min": 0, "max": 64})
+    # auto: bf16 on GPUs that compute it natively (compute capability 8.0 and up), fp16 with a gradient
+    # scaler on 7.x, fp32 on CPU and older GPUs (precision.py); the bundle records what was used
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # A checkpoint (checkpoint.py) every this many optimizer steps, and at every epoch end
     # (0: only at epoch ends); the newest keep_checkpoints are kept. `peftmm train --resume`.
     checkpoint_every: int = field(default=0, metadata={"min": 0, "max": 10**9})

@@ -32,6 +32,7 @@ from .data.images import load_image
 from .errors import BundleError, DataError
 from .features import pad_tokens
 from .methods.base import NO_SLOT
+from .precision import common_record, inference_context
 from .predict import default_device, resolve_bundle
 from .tasks import TASKS
 from .tensors import to_device
@@ -201,12 +202,13 @@ class Runtime:
                 by_adapter[entry.name].append(i)
             for name, indices in by_adapter.items():
                 model = self._adapters[name].model
-                if indices[0] in writers:
-                    decoded = self._caption(model, indices, tokens["vision"], images)
-                else:
-                    vision, vision_mask = pad_tokens([tokens["vision"][i] for i in indices])
-                    text, text_mask = pad_tokens([tokens["text"][i] for i in indices])
-                    decoded = model.task.decode(model.head(model.fusion(vision, vision_mask, text, text_mask)))
+                with inference_context(self._adapters[name].config.get("precision"), self.device):
+                    if indices[0] in writers:
+                        decoded = self._caption(model, indices, tokens["vision"], images)
+                    else:
+                        vision, vision_mask = pad_tokens([tokens["vision"][i] for i in indices])
+                        text, text_mask = pad_tokens([tokens["text"][i] for i in indices])
+                        decoded = model.task.decode(model.head(model.fusion(vision, vision_mask, text, text_mask)))
                 for i, result in zip(indices, decoded):
                     results[i] = {"adapter": name, **result}
             return results
@@ -270,6 +272,13 @@ class Runtime:
         else:
             inputs = _tokenize(tower, [(key[2][0], key[2][1]) for key, _ in chunk])
         inputs = to_device(inputs, self.device)
+        # rows of bundles trained at different precisions go through in fp32 (precision.common_record)
+        with inference_context(common_record([entries[users[0]].config.get("precision") for _, users in chunk]),
+                               self.device):
+            return self._run(tower, slots, inputs)
+
+    @staticmethod
+    def _run(tower: Tower, slots: list, inputs: dict) -> list[torch.Tensor]:
         if len(set(slots)) == 1:
             tower.slots.activate(None if slots[0] == NO_SLOT else slots[0])
             tokens, mask = tower(**inputs)

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import TOWERS
-from .batching import Batcher
+from .batching import Batcher, image_workers
 from .bundle import save_bundle
 from .checkpoint import Checkpointer, RunParts, resume_point
 from .run_state import SkipTracker, restore_rng
@@ -42,6 +42,7 @@ from .feature_store import feature_cache_dir
 from .features import FeatureCache
 from .model import MultimodalModel
 from .plots import plot_curves
+from .precision import device_facts, inference_context, record as precision_record
 from .sampling import train_loader
 from .tensors import to_device
 
@@ -65,20 +66,38 @@ def _scheduler(spec, optimizer, total_steps: int):
                          num_training_steps=total_steps)
 
 
-def build_caches(model, recipe, log=None, write: bool = True) -> dict[str, FeatureCache]:
+def build_caches(model, recipe, log=None, write: bool = True, shared: Path | None = None) -> dict[str, FeatureCache]:
     """A cache for every tower that has nothing to train (unless the recipe opts out), kept on
     disk too under ``train.feature_cache_dir`` (feature_store.py). ``write``: whether this process
     adds entries there (the main one; the others only read it); ``log``: where a damaged
-    cache is reported."""
+    cache is reported. ``shared``: the folder used when the recipe names none but several
+    processes must share one (the main process computes the features, the others read them)."""
     names = [name for name in TOWERS if not model.has_trainable(name) and getattr(recipe, name).cache_features
              and name in getattr(model.task, "cached_towers", TOWERS)]
-    folder = feature_cache_dir(recipe.train.feature_cache_dir, recipe.source, create=bool(names) and write)
+    where = recipe.train.feature_cache_dir or (str(shared) if shared is not None else None)
+    folder = feature_cache_dir(where, recipe.source, create=bool(names) and write)
     return {name: FeatureCache(model.towers[name], model.max_length, folder=folder, write=write, log=log)
             for name in names}
 
 
-def fill_caches(caches: dict[str, FeatureCache], model, examples, device, progress=True, on_bad=None) -> None:
-    """``on_bad``: see FeatureCache.fill (None: an unreadable image raises)."""
+def fill_caches(caches: dict[str, FeatureCache], model, examples, device, progress=True, on_bad=None,
+                precision: dict | None = None, accelerator=None) -> None:
+    """``on_bad``: see FeatureCache.fill (None: an unreadable image raises). ``precision``: the
+    run's (precision.record): the towers encode under the autocast training and inference use
+    on CUDA. Under several processes (``accelerator``) the main one encodes first and writes the
+    shared disk cache; the others then read it (computing only what it could not give them)."""
+    several = accelerator is not None and accelerator.num_processes > 1
+    if several and not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+    try:
+        with inference_context(precision, device):
+            _fill(caches, model, examples, device, progress, on_bad)
+    finally:
+        if several and accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+
+
+def _fill(caches, model, examples, device, progress, on_bad) -> None:
     for name, cache in caches.items():
         if name == "vision":
             keys = [str(e["image"]) for e in examples]
@@ -219,6 +238,7 @@ class _Context:
     run_dir: Path
     log: Callable[[str], None]   # _silent on every process but the main one
     progress: bool               # progress bars (on the main process only)
+    precision: dict              # precision.record: what the run trains and validates under
 
 
 def _set_up(recipe, run_dir, progress: bool, log) -> _Context:
@@ -234,8 +254,9 @@ def _set_up(recipe, run_dir, progress: bool, log) -> _Context:
         from accelerate.utils import broadcast_object_list
 
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+    precision = precision_record(accelerator.mixed_precision, device_facts(accelerator.device))
     return _Context(recipe, recipe.train, accelerator, accelerator.device, main, run_dir,
-                    log if main else _silent, progress and main)
+                    log if main else _silent, progress and main, precision)
 
 
 def _load_checked_splits(recipe):
@@ -262,9 +283,12 @@ def _cache_features_and_prepare_task(ctx: _Context, model, splits) -> dict[str, 
     """The frozen towers' features of train and val cached, then the task prepared: after
     caching, since captioning's memory reads the cached vision features; again on resume, from
     the same frozen features, so it comes out the same."""
-    caches = build_caches(model, ctx.recipe, ctx.log, write=ctx.main)
+    several = ctx.accelerator.num_processes > 1
+    caches = build_caches(model, ctx.recipe, ctx.log, write=ctx.main,
+                          shared=ctx.run_dir / "feature-cache" if several else None)
     on_bad = cache_on_bad(ctx.recipe.data.on_bad_sample)
-    fill_caches(caches, model, splits.train + splits.val, ctx.device, ctx.progress, on_bad)
+    fill_caches(caches, model, splits.train + splits.val, ctx.device, ctx.progress, on_bad,
+                ctx.precision, ctx.accelerator)
     model.task.prepare(model, splits.train, Batcher(model, caches), ctx.device, ctx.progress)
     return caches
 
@@ -285,7 +309,7 @@ class _Loop:
 def _prepare_loop(ctx: _Context, model, splits, caches, train_skips) -> _Loop:
     """The train loader, AdamW over the trainable parameters and the learning-rate schedule."""
     spec, accelerator = ctx.spec, ctx.accelerator
-    tracker = SkipTracker(Batcher(model, caches, train_skips))
+    tracker = SkipTracker(Batcher(model, caches, train_skips, image_workers(spec.image_workers, caches)))
     loader, batches = train_loader(splits.train, spec, tracker, accelerator.num_processes,
                                    accelerator.process_index)
     optimizer = torch.optim.AdamW(model.parameter_groups(spec.lr), lr=spec.lr, weight_decay=spec.weight_decay)
@@ -408,7 +432,8 @@ def _test_best_epoch(ctx: _Context, core, best: dict, splits, caches, skips: dic
     # resume, from the same weights. A log of its own: training's skip counts are final.
     core.task.finish(core, splits.train, Batcher(core, caches, SplitLog("train")), ctx.device, ctx.progress)
     _count_truncated(core, splits, ("test",), truncated, ctx.log)
-    fill_caches(caches, core, splits.test, ctx.device, ctx.progress, cache_on_bad(ctx.recipe.data.on_bad_sample))
+    fill_caches(caches, core, splits.test, ctx.device, ctx.progress, cache_on_bad(ctx.recipe.data.on_bad_sample),
+                ctx.precision, ctx.accelerator)
     test = evaluate(core, splits.test, Batcher(core, caches, skips["test"]), ctx.spec.eval_batch_size,
                     ctx.device, progress=ctx.progress, desc="test", accelerator=ctx.accelerator)
     # what every process left out, together (one gather per split: see SplitLog.merged)
@@ -437,7 +462,7 @@ def _publish(ctx: _Context, core, metrics: dict, records: list[dict], test: dict
     """The bundle and the training curves (main process), once every process is done."""
     bundle_dir = ctx.run_dir / "bundle"
     if ctx.main:
-        save_bundle(core, ctx.recipe, bundle_dir, metrics)
+        save_bundle(core, ctx.recipe, bundle_dir, metrics, precision=ctx.precision)
         plot_curves(records, ctx.run_dir / "curves.png", title=ctx.recipe.name)
     ctx.log(f"test {core.task.primary_metric} {test[core.task.primary_metric]:.4f} over {test['examples']:,} "
             f"examples; bundle: {bundle_dir}")

@@ -43,6 +43,11 @@ def is_zoo_name(name: str) -> bool:
     return name in catalogue()
 
 
+def is_cached(name: str) -> bool:
+    """Whether ``name`` is on disk already (resolve would not fetch it)."""
+    return (cache_root() / "zoo" / name / _READY).exists()
+
+
 def resolve(name: str) -> Path:
     """Return the local transformers folder for zoo ``name``, fetching it on first use."""
     entries = catalogue()

@@ -124,7 +124,8 @@ def publish(run_dir, name, to, force):
     with atomic_directory(target, overwrite=force) as tmp:
         # Re-saved through the library, not copied: the new name changes the config, and its
         # sha256 is stored in the weights' header.
-        stage = save_bundle(model, recipe, tmp / "stage", metrics=config.get("metrics", {}))
+        stage = save_bundle(model, recipe, tmp / "stage", metrics=config.get("metrics", {}),
+                            precision=config.get("precision"))
         for item in stage.iterdir():
             os.replace(item, tmp / item.name)
         stage.rmdir()

@@ -50,6 +50,9 @@ class Task:
     def load_memory(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take back what ``memory_tensors`` gave (from a bundle)."""
 
+    def memory_to(self, device) -> None:
+        """Keep the memory (if any) on ``device``, the model's: moved once, not on every forward."""
+
     def forward(self, model, batch: dict) -> torch.Tensor:
         # The batcher encodes each distinct image and text once; *_index maps examples to them.
         vision, vision_mask = model.encode("vision", batch)

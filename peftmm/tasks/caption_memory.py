@@ -60,13 +60,20 @@ class CaptionMemory:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def to(self, device) -> "CaptionMemory":
+        """Move the keys and their hashes to ``device`` for good (``ids`` are read on the host:
+        captions_ids builds Python lists from them)."""
+        self.keys, self.hashes = self.keys.to(device), self.hashes.to(device)
+        return self
+
     def nearest(self, pooled: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """Indices ``[B, k]`` of the entries most cosine-similar to each pooled feature, best first;
         entries whose exclusion-key hash equals the row's ``exclude`` hash are never chosen."""
-        keys = self.keys.to(pooled.device, torch.float32)
-        scores = F.normalize(pooled.float(), dim=-1) @ keys.T
+        if self.keys.device != pooled.device:   # built or loaded elsewhere: moved once, kept there
+            self.to(pooled.device)
+        scores = F.normalize(pooled.float(), dim=-1) @ self.keys.float().T
         if exclude is not None:
-            scores = scores.masked_fill(self.hashes.to(pooled.device)[None, :] == exclude[:, None], float("-inf"))
+            scores = scores.masked_fill(self.hashes[None, :] == exclude[:, None], float("-inf"))
         return scores.topk(min(k, len(self)), dim=-1).indices
 
     def captions_ids(self, index: int) -> list[int]:

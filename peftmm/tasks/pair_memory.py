@@ -52,12 +52,18 @@ class PairMemory:
     def __len__(self) -> int:
         return len(self.images)
 
+    def to(self, device) -> "PairMemory":
+        """Move the memory to ``device`` for good (the model's; see MultimodalModel._apply)."""
+        self.images, self.texts = self.images.to(device), self.texts.to(device)
+        return self
+
     def bridge(self, images: torch.Tensor, texts: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
         """``[I, T]`` bridge scores of L2-normalised ``images [I, D]`` and ``texts [T, D]``: each
         text's stand-in image (the weighted mean of its nearest training captions' images) against
         the images, and each image's stand-in text against the texts, averaged."""
-        memory_images = self.images.to(images.device, torch.float32)
-        memory_texts = self.texts.to(texts.device, torch.float32)
+        if self.images.device != images.device:   # built or loaded elsewhere: moved once, kept there
+            self.to(images.device)
+        memory_images, memory_texts = self.images.float(), self.texts.float()
         text_stand_ins = _neighbour_mean(texts, memory_texts, memory_images, k, temperature)     # [T, D]
         image_stand_ins = _neighbour_mean(images, memory_images, memory_texts, k, temperature)   # [I, D]
         return (images @ text_stand_ins.T + image_stand_ins @ texts.T) / 2

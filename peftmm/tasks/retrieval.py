@@ -147,6 +147,10 @@ class RetrievalTask(Task):
     def memory_tensors(self) -> dict[str, torch.Tensor]:
         return self.memory.tensors() if self.memory is not None else {}
 
+    def memory_to(self, device) -> None:
+        if self.memory is not None:
+            self.memory.to(device)
+
     def load_memory(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.config.memory_neighbours:
             self.memory = PairMemory.from_tensors(tensors)
