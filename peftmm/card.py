@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import yaml
 
-from .bundle import MEMORY
+from .tasks import TASKS
+from .tasks.base import MEMORY
 
 _DATASETS = {
     "easy-vqa": "easy-vqa (PyPI easy-vqa 1.0, MIT)",
@@ -14,21 +15,16 @@ _DATASETS = {
               "(https://creativecommons.org/licenses/by-sa/4.0/)"),
     "files": "the user's own image/text files",
 }
-# Hugging Face pipeline tags of the tasks peftmm trains; a task missing here gets no pipeline_tag.
-PIPELINE_TAGS = {"vqa": "visual-question-answering", "captioning": "image-to-text",
-                 "retrieval": "zero-shot-image-classification", "classification": "image-classification"}
-# What `peftmm predict` needs besides --image, per task.
-PREDICT_ARGUMENTS = {"vqa": " --question 'what shape is it?'",
-                     "retrieval": " --labels 'cat,dog,bird' --template 'a picture of {}'"}
 
 
 def model_card(config: dict, tensors: dict, training: dict | None = None) -> str:
     """The README of a bundle. ``training`` (see :func:`curve_summary`) adds a training-curve section."""
     recipe = config["recipe"]
     metrics = config.get("metrics", {})
+    task = TASKS.get(config["task"], "task")
     front = {"library_name": "peftmm"}
-    if config["task"] in PIPELINE_TAGS:
-        front["pipeline_tag"] = PIPELINE_TAGS[config["task"]]
+    if task.pipeline_tag:
+        front["pipeline_tag"] = task.pipeline_tag
     front |= {
         "base_model": [t["backbone"] for t in config["towers"].values()],
         "tags": ["peftmm", "multimodal", config["task"], *sorted({m["type"] for t in ("vision", "text")
@@ -56,14 +52,14 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
               f"- trainable tensors saved: {len(trained)} ({n:,} parameters)",
               f"- epochs {recipe['train']['epochs']}, batch size {recipe['train']['batch_size']}, "
               f"lr {recipe['train']['lr']}, seed {recipe['train']['seed']}", ""]
-    if f"{MEMORY}.ids" in tensors:   # captioning's caption memory (tasks/caption_memory.py)
+    if f"{MEMORY}.ids" in tensors:   # captioning's caption memory (tasks/captioning/memory.py)
         lines[-1:] = [f"- caption memory: {len(tensors[f'{MEMORY}.ids']):,} training captions with their image "
                       f"features, {recipe['task'].get('retrieved_captions')} retrieved per image", ""]
-    if f"{MEMORY}.images" in tensors:   # retrieval's pair memory (tasks/pair_memory.py)
-        task = recipe["task"]
+    if f"{MEMORY}.images" in tensors:   # retrieval's pair memory (tasks/retrieval/memory.py)
+        settings = recipe["task"]
         lines[-1:] = [f"- pair memory: {len(tensors[f'{MEMORY}.images']):,} training image-text pairs embedded after "
                       f"training; scores mix the cosine with the bridge through the "
-                      f"{task.get('memory_neighbours')} nearest pairs (share {task.get('memory_weight')})", ""]
+                      f"{settings.get('memory_neighbours')} nearest pairs (share {settings.get('memory_weight')})", ""]
     if training and training.get("epochs"):
         metric = training["metric"]
         curve = ", ".join(f"{v:.4f}" for v in training["values"])
@@ -79,9 +75,7 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                   for k, v in metrics.items() if not isinstance(v, (dict, list))]
         lines.append("")
-    arguments = PREDICT_ARGUMENTS.get(config["task"], "")
-    if config["task"] == "classification" and recipe["task"].get("prompt") is None:
-        arguments = " --text 'the text that goes with the image'"   # image-text classification
+    arguments = task.predict_arguments(recipe["task"])
     lines += ["## Use", "", "```bash", f"peftmm predict {config['name']} --image IMAGE{arguments}", "```", ""]
     return "\n".join(lines)
 
