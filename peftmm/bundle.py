@@ -269,13 +269,13 @@ def bundle_summary(path: str | Path) -> dict:
         towers[tower]["trainable_params"] = groups[tower]
     files = {name: (path / name).stat().st_size for name in (WEIGHTS, CONFIG, CARD) if (path / name).is_file()}
     fusion = recipe.get("fusion") if isinstance(recipe.get("fusion"), dict) else {}
-    task = recipe.get("task") if isinstance(recipe.get("task"), dict) else {}
+    head = recipe.get("task") if isinstance(recipe.get("task"), dict) else {}
     return {
         "path": str(path), "name": config["name"], "task": config["task"], "labels": len(config["labels"]),
         "format_version": config["format_version"], "peftmm_version": config.get("peftmm_version"),
         "towers": towers,
         "fusion": {**fusion, "trainable_params": groups["fusion"]},
-        "head": {**{k: v for k, v in task.items() if k != "type"}, "trainable_params": groups["head"]},
+        "head": {**{k: v for k, v in head.items() if k != "type"}, "trainable_params": groups["head"]},
         "trainable_params": total, "tensors": tensors, "memory_values": groups[MEMORY],
         "files": files, "total_bytes": sum(files.values()),
         "metrics": config.get("metrics", {}),

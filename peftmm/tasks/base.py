@@ -44,6 +44,9 @@ class Task:
     text_noun: str = "text"   # what its examples' text is called in messages ("caption")
     text_request: str = "the text read with the image (--text)"   # what predict asks for when it is missing
     pipeline_tag: str | None = None   # the Hugging Face pipeline tag of its model cards
+    # -- set by __init__ -------------------------------------------------------------------------
+    config: object       # its Config, as the recipe set it
+    labels: list[str]    # the data set's labels (answers, classes; bundles store them)
 
     @dataclass
     class Config:

@@ -58,12 +58,12 @@ class ClassificationTask(LabelTask):
         index = self.parent_of.to(probs.device)
         return probs.new_zeros(len(probs), len(self.parents)).index_add_(1, index, probs)
 
-    def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         if not self.config.parent_labels:
-            return super().metrics(logits, targets)
-        predicted = self._parent_probabilities(logits).argmax(-1)
+            return super().metrics(outputs, targets)
+        predicted = self._parent_probabilities(outputs).argmax(-1)
         truth = self.parent_of.to(targets.device)[targets]
-        fine = super().metrics(logits, targets)
+        fine = super().metrics(outputs, targets)
         return {"accuracy": (predicted == truth).float().mean().item(),
                 "macro_f1": macro_f1(predicted, truth, len(self.parents)),
                 "child_accuracy": fine["accuracy"], "child_macro_f1": fine["macro_f1"]}

@@ -43,8 +43,8 @@ class LabelTask(Task):
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets)
 
-    def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        predicted = logits.argmax(-1)
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        predicted = outputs.argmax(-1)
         return {"accuracy": (predicted == targets).float().mean().item(),
                 "macro_f1": macro_f1(predicted, targets, len(self.labels))}
 
