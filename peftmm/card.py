@@ -52,14 +52,10 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
               f"- trainable tensors saved: {len(trained)} ({n:,} parameters)",
               f"- epochs {recipe['train']['epochs']}, batch size {recipe['train']['batch_size']}, "
               f"lr {recipe['train']['lr']}, seed {recipe['train']['seed']}", ""]
-    if f"{MEMORY}.ids" in tensors:   # captioning's caption memory (tasks/captioning/memory.py)
-        lines[-1:] = [f"- caption memory: {len(tensors[f'{MEMORY}.ids']):,} training captions with their image "
-                      f"features, {recipe['task'].get('retrieved_captions')} retrieved per image", ""]
-    if f"{MEMORY}.images" in tensors:   # retrieval's pair memory (tasks/retrieval/memory.py)
-        settings = recipe["task"]
-        lines[-1:] = [f"- pair memory: {len(tensors[f'{MEMORY}.images']):,} training image-text pairs embedded after "
-                      f"training; scores mix the cosine with the bridge through the "
-                      f"{settings.get('memory_neighbours')} nearest pairs (share {settings.get('memory_weight')})", ""]
+    memory = {k.split(".", 1)[1]: t for k, t in tensors.items() if k.split(".", 1)[0] == MEMORY}
+    described = task.describe_memory(recipe["task"], memory) if memory else None
+    if described:   # captioning's caption memory, retrieval's pair memory
+        lines[-1:] = [f"- {described}", ""]
     if training and training.get("epochs"):
         metric = training["metric"]
         curve = ", ".join(f"{v:.4f}" for v in training["values"])

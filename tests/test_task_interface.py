@@ -49,8 +49,9 @@ class _Scan(ast.NodeVisitor):
             return last in ("model", "core") or (last == "self" and self.classes[-1:] == ["MultimodalModel"])
         if isinstance(node, ast.Call):
             func = node.func
-            return (isinstance(func, ast.Attribute) and func.attr == "get" and getattr(func.value, "id", None) == "TASKS"
-                    or isinstance(func, ast.Name) and func.id == "build_task")
+            registry = (isinstance(func, ast.Attribute) and func.attr == "get"
+                        and getattr(func.value, "id", None) == "TASKS")
+            return registry or isinstance(func, ast.Name) and func.id == "build_task"
         return False
 
     def mentions_task(self, node) -> bool:

@@ -67,6 +67,12 @@ class Task:
         the saved ``task:`` mapping), as shell arguments for its model card."""
         return ""
 
+    @classmethod
+    def describe_memory(cls, config: dict, memory: dict[str, torch.Tensor]) -> str | None:
+        """One line for the model card on the ``memory.*`` tensors of a bundle of this task (keyed
+        without the prefix; ``config``: the saved ``task:`` mapping), None for nothing to say."""
+        return None
+
     def build_head(self, in_dim: int) -> torch.nn.Module:
         """The trained module on top of the fusion's ``in_dim`` outputs."""
         raise NotImplementedError

@@ -102,6 +102,13 @@ class CaptioningTask(Task):
                               "memory, built once before training); remove vision.methods or set "
                               "task.retrieved_captions: 0", recipe.source)
 
+    @classmethod
+    def describe_memory(cls, config: dict, memory: dict[str, torch.Tensor]) -> str | None:
+        if "ids" not in memory:
+            return None
+        return (f"caption memory: {len(memory['ids']):,} training captions with their image features, "
+                f"{config.get('retrieved_captions')} retrieved per image")
+
     def build_head(self, in_dim: int) -> nn.Module:
         return nn.Identity()  # the LM's own output layer is the head
 
@@ -112,13 +119,9 @@ class CaptioningTask(Task):
         return example.get("text")   # the caption it learns
 
     def truncated(self, tokenizer, examples: list[dict], max_length: int) -> tuple[int, str]:
-        """Captions cut at the room ``max_length`` leaves after the prompt (" caption" + EOS).
-
-        They are counted and still trained on, not skipped: caption + EOS is cut at that room, so
-        a cut target loses its EOS and only its last words. Its labels then teach the first words
-        and never an end there, so the model does not learn to stop early; skipping such a caption
-        would throw away the words it does teach.
-        """
+        """Captions cut at the room ``max_length`` leaves after the prompt (" caption" + EOS):
+        counted, and still trained on. A cut target loses its EOS and last words only, so its labels
+        teach the first words and never an end there; skipping it would lose the words it teaches."""
         texts = [" " + " ".join(e["text"].split()) for e in examples
                  if isinstance(e.get("text"), str) and e["text"].strip()]
         room = max_length - len(self._prompt_ids(tokenizer))

@@ -91,6 +91,14 @@ class RetrievalTask(Task):
     def predict_arguments(cls, config: dict) -> str:
         return " --labels 'cat,dog,bird' --template 'a picture of {}'"
 
+    @classmethod
+    def describe_memory(cls, config: dict, memory: dict[str, torch.Tensor]) -> str | None:
+        if "images" not in memory:
+            return None
+        return (f"pair memory: {len(memory['images']):,} training image-text pairs embedded after training; scores "
+                f"mix the cosine with the bridge through the {config.get('memory_neighbours')} nearest pairs "
+                f"(share {config.get('memory_weight')})")
+
     def build_head(self, in_dim: int) -> nn.Module:
         return Temperature(self.config.temperature, self.config.max_scale)
 
