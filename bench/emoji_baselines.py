@@ -8,7 +8,7 @@ recipes/emoji-caption.yaml and checked against the other emoji recipes):
 
 - retrieval chance: a random ranking finds the positive in its top K with probability K/N;
 - nearest-neighbour captioning: each test image gets the caption of the most cosine-similar
-  train image (pooled MobileNetV2 features), scored by peftmm.tasks.caption_metrics, the very
+  train image (pooled MobileNetV2 features), scored by peftmm.tasks.captioning.metrics, the very
   function the captioning task reports; plus the oracle "best train caption" unigram F1 (an
   upper bound for any method that copies a train caption);
 - majority class: the most frequent train group predicted for every test image;
@@ -18,7 +18,7 @@ recipes/emoji-caption.yaml and checked against the other emoji recipes):
   concatenated with its caption's frozen MiniLM embedding (recipes/emoji-group-image-text.yaml
   reads both too), and on the caption's embedding alone;
 - the pair memory's bridge alone, nothing trained: retrieval scored only through the training
-  pairs (peftmm.tasks.pair_memory with recipes/emoji-retrieval-adapters.yaml's K and
+  pairs (peftmm.tasks.retrieval.memory with recipes/emoji-retrieval-adapters.yaml's K and
   temperature), each side in its frozen tower's own space (pooled MobileNetV2 features for
   images, MiniLM's mean-pooled output for texts, as the locked text side embeds them).
 
@@ -98,7 +98,7 @@ def pooled_text_features(recipe, examples_by_split: dict) -> dict[str, torch.Ten
 
 def bridge_retrieval(vision: dict, text: dict, task) -> dict:
     """Test recall of the pair memory's bridge over frozen features: nothing trained."""
-    from peftmm.tasks.pair_memory import PairMemory
+    from peftmm.tasks.retrieval.memory import PairMemory
     from peftmm.tasks.retrieval import recall_metrics
 
     normalise = lambda x: torch.nn.functional.normalize(x.float(), dim=-1)   # noqa: E731
@@ -114,7 +114,7 @@ def retrieval_chance(n: int) -> dict:
 
 
 def nearest_neighbour_captions(features: dict, splits) -> dict:
-    from peftmm.tasks.caption_metrics import caption_metrics, unigram_f1, words
+    from peftmm.tasks.captioning.metrics import caption_metrics, unigram_f1, words
 
     train, test = splits.train, splits.test
     a = torch.nn.functional.normalize(features["test"], dim=-1)
@@ -139,7 +139,7 @@ def nearest_neighbour_captions(features: dict, splits) -> dict:
 
 
 def majority(splits) -> dict:
-    from peftmm.tasks.vqa import macro_f1
+    from peftmm.tasks.labels import macro_f1
 
     labels = splits.labels
     counts = torch.bincount(torch.tensor([labels.index(e["label"]) for e in splits.train]), minlength=len(labels))
@@ -178,7 +178,7 @@ def linear_probe(features: dict, splits, fine: str | None = None) -> dict:
     """``fine``: an example field with finer labels (emoji: "subgroup") to fit the probe on; its
     answers are then the groups, each group's probability the sum of its subgroups' (what
     ClassificationTask does with parent_labels)."""
-    from peftmm.tasks.vqa import macro_f1
+    from peftmm.tasks.labels import macro_f1
 
     labels = splits.labels
     y = {s: torch.tensor([labels.index(e["label"]) for e in splits[s]]) for s in ("train", "val", "test")}
@@ -248,15 +248,15 @@ def main() -> None:
         "nearest_neighbour_captioning": {
             **nearest_neighbour_captions(features, splits),
             "how": "each test image gets the caption of the train image with the highest cosine similarity of "
-                   "pooled features; scored by peftmm.tasks.caption_metrics.caption_metrics against the image's "
+                   "pooled features; scored by peftmm.tasks.captioning.metrics.caption_metrics against the image's "
                    "captions, as CaptioningTask.evaluate does. oracle: per test image the best unigram F1 of any "
                    "train caption"},
         "majority_class": {**majority(splits), "how": "the most frequent train label predicted for every test "
-                                                      "image; macro-F1 by peftmm.tasks.vqa.macro_f1"},
+                                                      "image; macro-F1 by peftmm.tasks.labels.macro_f1"},
         "linear_probe": {**linear_probe(features, splits),
                          "how": "multinomial logistic regression (torch L-BFGS, float64, bias unpenalised) on pooled "
                                 "features standardised with train mean/std; fitted on train only, L2 strength "
-                                "picked by val accuracy from the grid; macro-F1 by peftmm.tasks.vqa.macro_f1"},
+                                "picked by val accuracy from the grid; macro-F1 by peftmm.tasks.labels.macro_f1"},
         "subgroup_probe": {**linear_probe(features, splits, fine="subgroup"),
                            "how": "the same logistic regression fitted on the examples' subgroups; a test image's "
                                   "answer is the group whose subgroups' probabilities sum highest"},

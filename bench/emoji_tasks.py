@@ -127,8 +127,8 @@ def zero_shot(run_dir: Path, template: str, batch_images: int = 32) -> dict:
 
     from peftmm.data import load_splits
     from peftmm.predict import Predictor
+    from peftmm.tasks.labels import macro_f1
     from peftmm.tasks.retrieval import split_embeddings
-    from peftmm.tasks.vqa import macro_f1
     from peftmm.tensors import to_device
 
     predictor = Predictor.load(run_dir, device="cpu")

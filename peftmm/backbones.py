@@ -29,7 +29,7 @@ from .preprocess import ImagePreprocessor, image_preprocessor
 from .weight_files import check_safetensors_only, pickle_refused
 
 TOWERS = ("vision", "text")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32, "nf4": torch.float32}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32, "nf4": torch.float32}
 QUANTIZATION_SKIP = ("lm_head", "classifier", "pooler")  # Linear layers int8/nf4 leave in full precision
 
 
@@ -265,8 +265,9 @@ def _is_kind(module, kinds) -> bool:
 
 
 @dataclass
-class Blueprint:
-    """What a tower is before any weight loads: its files, config, model class and processor."""
+class BackboneFiles:
+    """What a tower is before any weight loads: its files, config, model class and processor
+    (the planner builds its meta-device model from this too: plan_blueprint.Blueprint)."""
     folder: str
     cls: type            # the transformers class to instantiate
     config: object       # the checkpoint's config
@@ -278,14 +279,9 @@ class Blueprint:
     def model_type(self) -> str:
         return self.tower_config.model_type
 
-    def empty_model(self, precision: str = "fp32") -> nn.Module:
-        """The model on the meta device: every module and shape, no memory (peftmm plan)."""
-        make = getattr(self.cls, "from_config", None) or self.cls._from_config
-        with torch.device("meta"):
-            return make(self.tower_config, dtype=_DTYPES[precision])
 
-
-def blueprint(name: str, source: str, *, image_size: int | None = None, causal_lm: bool = False) -> Blueprint:
+def read_backbone(name: str, source: str, *, image_size: int | None = None,
+                  causal_lm: bool = False) -> BackboneFiles:
     """Resolve a backbone (zoo name, folder or hub id) and read its config and processor only."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -306,15 +302,15 @@ def blueprint(name: str, source: str, *, image_size: int | None = None, causal_l
         processor = AutoTokenizer.from_pretrained(folder)
         if processor.pad_token is None:  # decoder LMs often ship without one
             processor.pad_token = processor.eos_token
-    return Blueprint(folder, cls, config, tower_config, layout, processor)
+    return BackboneFiles(folder, cls, config, tower_config, layout, processor)
 
 
 def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: int | None = None,
                device: str | torch.device = "cpu", causal_lm: bool = False) -> Tower:
     """Load one frozen tower. ``name`` is "vision" or "text"."""
-    plan = blueprint(name, source, image_size=image_size, causal_lm=causal_lm)
-    folder, cls, config, tower_config = plan.folder, plan.cls, plan.config, plan.tower_config
-    kwargs: dict = {"dtype": _DTYPES[precision]}
+    files = read_backbone(name, source, image_size=image_size, causal_lm=causal_lm)
+    folder, cls, config, tower_config = files.folder, files.cls, files.config, files.tower_config
+    kwargs: dict = {"dtype": DTYPES[precision]}
     if precision in ("int8", "nf4"):
         if str(device).startswith("cpu"):
             kwargs["device_map"] = "cpu"
@@ -342,8 +338,8 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
     for module in model.modules():  # channels-last convolutions (see Tower.forward)
         if isinstance(module, nn.Conv2d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
-    info = BackboneInfo(source, plan.model_type, fingerprint(folder), precision, 0, plan.layout)
-    tower = Tower(name, model, info, plan.processor)
+    info = BackboneInfo(source, files.model_type, fingerprint(folder), precision, 0, files.layout)
+    tower = Tower(name, model, info, files.processor)
     tower.causal_lm = causal_lm and name == "text"
     info.hidden_size = _probe_hidden_size(tower)
     return tower

@@ -64,16 +64,16 @@ class Batcher:
         elif failed:   # prediction: the caller asked for that very image
             raise next(iter(failed.values()))
         images, image_index = _distinct([str(e["image"]) for e in examples])
-        own_text = getattr(self.model.task, "text_inputs", None)
-        if own_text is not None:  # the task builds its text inputs and labels itself (captioning)
+        task = self.model.task
+        if task.own_text_inputs:  # the task builds its text inputs and labels itself (captioning)
             return {"image_index": image_index, **self.vision_inputs(images, pixels),
-                    **own_text(self.model.towers["text"], examples, self.model.max_length)}
-        texts, text_index = _distinct([self.model.task.text_of(e) for e in examples])
+                    **task.text_inputs(self.model.towers["text"], examples, self.model.max_length)}
+        texts, text_index = _distinct([task.text_of(e) for e in examples])
         batch = {"image_index": image_index, "text_index": text_index}
         batch.update(self.vision_inputs(images, pixels))
         batch.update(self.text_inputs(texts))
-        if all("label" in e for e in examples) or self.model.task.registry_name == "retrieval":
-            batch["labels"] = self.model.task.targets(examples)  # retrieval: pairs, no label needed
+        if not task.targets_need_labels or all("label" in e for e in examples):
+            batch["labels"] = task.targets(examples)  # retrieval: pairs, no label needed
         return batch
 
     def _decode_together(self, examples: list[dict], pixels: dict, failed: dict) -> None:

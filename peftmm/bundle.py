@@ -26,15 +26,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
 from . import __version__
+from . import recipe as recipes
 from .backbones import TOWERS, architectures
+from .card import model_card
 from .errors import BundleError
 from .io import atomic_directory
+from .methods.base import DEFAULT_SLOT
+from .model import MultimodalModel
+from .tasks.base import MEMORY   # the prefix of tensors a task built from data (Task.memory_tensors)
 
 FORMAT_VERSION = 1
-# Prefix of bundle tensors a task built from data rather than trained (captioning's caption
-# memory, retrieval's pair memory): kept apart from the trainable ones (Task.load_memory takes
-# them, not the model).
-MEMORY = "memory"
 WEIGHTS, CONFIG, CARD = "adapter_model.safetensors", "adapter_config.json", "README.md"
 REQUIRED_KEYS = ("name", "task", "labels", "towers", "recipe")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the cap safetensors itself applies
@@ -80,13 +81,21 @@ def save_bundle(model, recipe, path: str | Path, metrics: dict | None = None, ov
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {"format": "peftmm", "format_version": str(FORMAT_VERSION),
                 "config_sha256": hashlib.sha256(config_bytes).hexdigest()}
-    from .card import model_card
-
     with atomic_directory(path, overwrite=overwrite) as tmp:
         (tmp / WEIGHTS).write_bytes(save_tensors(tensors, metadata=metadata))
         (tmp / CONFIG).write_bytes(config_bytes)
         (tmp / CARD).write_text(card or model_card(config, tensors))
     return path
+
+
+def resolve_bundle(path: str | Path) -> Path:
+    """A bundle folder, a run directory (its ``bundle/``), or a name under ./adapters/."""
+    path = Path(path)
+    for candidate in (path, path / "bundle", Path("adapters") / path):
+        if (candidate / CONFIG).is_file():
+            return candidate
+    raise BundleError("no adapter bundle here (expected adapter_config.json in it, in its bundle/, "
+                      "or a bundle of that name under ./adapters)", str(path))
 
 
 def read_config(path: str | Path) -> dict:
@@ -267,13 +276,13 @@ def bundle_summary(path: str | Path) -> dict:
         towers[tower]["trainable_params"] = groups[tower]
     files = {name: (path / name).stat().st_size for name in (WEIGHTS, CONFIG, CARD) if (path / name).is_file()}
     fusion = recipe.get("fusion") if isinstance(recipe.get("fusion"), dict) else {}
-    task = recipe.get("task") if isinstance(recipe.get("task"), dict) else {}
+    head = recipe.get("task") if isinstance(recipe.get("task"), dict) else {}
     return {
         "path": str(path), "name": config["name"], "task": config["task"], "labels": len(config["labels"]),
         "format_version": config["format_version"], "peftmm_version": config.get("peftmm_version"),
         "towers": towers,
         "fusion": {**fusion, "trainable_params": groups["fusion"]},
-        "head": {**{k: v for k, v in task.items() if k != "type"}, "trainable_params": groups["head"]},
+        "head": {**{k: v for k, v in head.items() if k != "type"}, "trainable_params": groups["head"]},
         "trainable_params": total, "tensors": tensors, "memory_values": groups[MEMORY],
         "files": files, "total_bytes": sum(files.values()),
         "metrics": config.get("metrics", {}),
@@ -289,10 +298,6 @@ def load_bundle(path: str | Path, device="cpu", backbones: dict[str, str] | None
     backbones that are already loaded (shared by the multi-adapter runtime), into which the
     bundle's modules go under ``slot``; on any error nothing of the bundle stays in them.
     """
-    from . import recipe as recipes
-    from .methods.base import DEFAULT_SLOT
-    from .model import MultimodalModel
-
     path = Path(path)
     config = read_config(path)
     tensors = read_tensors(path)
@@ -352,7 +357,7 @@ def initialise_from(model, path: str | Path) -> dict:
     reusable = {"vision", "text"}
     if config["recipe"]["fusion"]["type"] == model.fusion.registry_name:
         reusable.add("fusion")
-    if config["task"] == model.task.registry_name and config["labels"] == model.task.labels:
+    if model.task.reuses_head(config["task"], config["labels"]):
         reusable.add("head")
     target = model.trainable_state_dict()
     loaded = [k for k, v in tensors.items() if k.split(".", 1)[0] in reusable and k in target

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import yaml
 
-from .bundle import MEMORY
+from .tasks import TASKS
+from .tasks.base import MEMORY
 
 _DATASETS = {
     "easy-vqa": "easy-vqa (PyPI easy-vqa 1.0, MIT)",
@@ -16,21 +17,16 @@ _DATASETS = {
     "llava": "the user's own conversations about images (LLaVA JSON)",
     "messages": "the user's own conversations about images (chat messages JSONL)",
 }
-# Hugging Face pipeline tags of the tasks peftmm trains; a task missing here gets no pipeline_tag.
-PIPELINE_TAGS = {"vqa": "visual-question-answering", "captioning": "image-to-text",
-                 "retrieval": "zero-shot-image-classification", "classification": "image-classification"}
-# What `peftmm predict` needs besides --image, per task.
-PREDICT_ARGUMENTS = {"vqa": " --question 'what shape is it?'",
-                     "retrieval": " --labels 'cat,dog,bird' --template 'a picture of {}'"}
 
 
 def model_card(config: dict, tensors: dict, training: dict | None = None) -> str:
     """The README of a bundle. ``training`` (see :func:`curve_summary`) adds a training-curve section."""
     recipe = config["recipe"]
     metrics = config.get("metrics", {})
+    task = TASKS.get(config["task"], "task")
     front = {"library_name": "peftmm"}
-    if config["task"] in PIPELINE_TAGS:
-        front["pipeline_tag"] = PIPELINE_TAGS[config["task"]]
+    if task.pipeline_tag:
+        front["pipeline_tag"] = task.pipeline_tag
     front |= {
         "base_model": [t["backbone"] for t in config["towers"].values()],
         "tags": ["peftmm", "multimodal", config["task"], *sorted({m["type"] for t in ("vision", "text")
@@ -58,14 +54,10 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
               f"- trainable tensors saved: {len(trained)} ({n:,} parameters)",
               f"- epochs {recipe['train']['epochs']}, batch size {recipe['train']['batch_size']}, "
               f"lr {recipe['train']['lr']}, seed {recipe['train']['seed']}", ""]
-    if f"{MEMORY}.ids" in tensors:   # captioning's caption memory (tasks/caption_memory.py)
-        lines[-1:] = [f"- caption memory: {len(tensors[f'{MEMORY}.ids']):,} training captions with their image "
-                      f"features, {recipe['task'].get('retrieved_captions')} retrieved per image", ""]
-    if f"{MEMORY}.images" in tensors:   # retrieval's pair memory (tasks/pair_memory.py)
-        task = recipe["task"]
-        lines[-1:] = [f"- pair memory: {len(tensors[f'{MEMORY}.images']):,} training image-text pairs embedded after "
-                      f"training; scores mix the cosine with the bridge through the "
-                      f"{task.get('memory_neighbours')} nearest pairs (share {task.get('memory_weight')})", ""]
+    memory = {k.split(".", 1)[1]: t for k, t in tensors.items() if k.split(".", 1)[0] == MEMORY}
+    described = task.describe_memory(recipe["task"], memory) if memory else None
+    if described:   # captioning's caption memory, retrieval's pair memory
+        lines[-1:] = [f"- {described}", ""]
     if training and training.get("epochs"):
         metric = training["metric"]
         curve = ", ".join(f"{v:.4f}" for v in training["values"])
@@ -81,9 +73,7 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                   for k, v in metrics.items() if not isinstance(v, (dict, list))]
         lines.append("")
-    arguments = PREDICT_ARGUMENTS.get(config["task"], "")
-    if config["task"] == "classification" and recipe["task"].get("prompt") is None:
-        arguments = " --text 'the text that goes with the image'"   # image-text classification
+    arguments = task.predict_arguments(recipe["task"])
     lines += ["## Use", "", "```bash", f"peftmm predict {config['name']} --image IMAGE{arguments}", "```", ""]
     return "\n".join(lines)
 

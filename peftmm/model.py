@@ -18,6 +18,7 @@ from .fusion import build_fusion
 from .methods import build_method
 from .methods.base import DEFAULT_SLOT
 from .tasks import TASKS, build_task
+from .tasks.base import MEMORY
 
 
 class MultimodalModel(nn.Module):
@@ -146,8 +147,6 @@ class MultimodalModel(nn.Module):
                 tensors, config = method.export(tower, mine)
                 state.update({f"{name}.{k}": v for k, v in tensors.items()})
                 data[name]["methods"][index] = {"type": method.registry_name, **schema.to_dict(config)}
-        from .bundle import MEMORY
-
         state.update({f"{MEMORY}.{k}": v for k, v in self.task.memory_tensors().items()})
         return state, data
 
@@ -214,7 +213,7 @@ class MultimodalModel(nn.Module):
 def _task_needs_lm(recipe) -> bool:
     """Whether the recipe's task decodes text with the text tower (captioning): it then loads as a
     causal LM, output layer included."""
-    return getattr(TASKS.get(recipe.task.type), "text_tower_causal_lm", False)
+    return TASKS.get(recipe.task.type).text_tower_causal_lm
 
 
 def _numel(param: torch.Tensor) -> int:

@@ -15,11 +15,14 @@ import json
 import re
 from pathlib import Path
 
-from .backbones import TOWERS
+from .backbones import TOWERS, load_tower
 from .bundle import CONFIG, WEIGHTS, bundle_config, read_config, read_tensors, save_bundle
+from .card import model_card
 from .errors import BundleError
 from .io import atomic_directory
 from .methods.base import PLAIN_NAME  # what recipe targets read as a suffix, not a regex
+from .model import MultimodalModel
+from .recipe import from_dict
 
 PEFT_PREFIX = "base_model.model."
 _BUNDLE_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])\.default\.weight")
@@ -86,11 +89,6 @@ def export_peft(bundle_path, tower: str, out_dir, overwrite: bool = False, allow
 
 def import_peft(peft_dir, bundle_path, tower: str, out_dir, overwrite: bool = False) -> Path:
     """Write a new bundle: ``bundle_path`` with ``tower``'s LoRA replaced (or added) by a peft one."""
-    from .backbones import load_tower
-    from .card import model_card
-    from .model import MultimodalModel
-    from .recipe import from_dict
-
     peft_dir, bundle_path, out_dir = Path(peft_dir), Path(bundle_path), Path(out_dir)
     _check_tower(tower, bundle_path)
     _check_free(out_dir, overwrite)

@@ -50,13 +50,19 @@ from pathlib import Path
 
 import torch
 
-from .backbones import TOWERS, BackboneInfo, Tower, blueprint
+from . import hub_configs
+from .backbones import TOWERS, BackboneInfo, Tower
+from .data import load_splits
 from .errors import DataError, PeftmmError
 from .io import format_size
-from .precision import AUTOCAST_DTYPES, mixed_precision, planned_facts
+from .model import MultimodalModel, _task_needs_lm
+from .plan_blueprint import blueprint
 from .plan_meter import (Meter, ShapeBatcher, ShapeCache, autocast, checkpoint_trace,  # noqa: F401
                          emulate_bitsandbytes, file_itemsize, most_per_batch, quantised_source_bytes, replay_run,
                          weight_bytes)
+from .precision import AUTOCAST_DTYPES, mixed_precision, planned_facts
+from .recipe import from_dict
+from .sampling import ImageGroupedBatchSampler
 from .tensors import to_device
 
 GiB = 2**30
@@ -115,15 +121,11 @@ Suggestion = namedtuple("Suggestion", "knob overrides estimate")   # a knob, its
 
 @lru_cache(maxsize=8)
 def _blueprint(name: str, source: str, image_size: int | None, causal_lm: bool):
-    """backbones.blueprint, or for a hub id while the hub cannot be reached, peftmm/hub_configs'
+    """plan_blueprint.blueprint, or for a hub id while the hub cannot be reached, peftmm/hub_configs'
     copy of its config (``.offline`` set: the plan says so)."""
-    from . import hub_configs
-
     folder = hub_configs.folder_for(source)
     if folder is not None and not Path(source).expanduser().exists() and not hub_configs.hub_reachable():
-        plan = hub_configs.blueprint(name, source, folder, image_size, causal_lm)
-        plan.offline = True
-        return plan
+        return hub_configs.blueprint(name, source, folder, image_size, causal_lm)
     return blueprint(name, source, image_size=image_size, causal_lm=causal_lm)
 
 
@@ -136,7 +138,7 @@ def empty_tower(name: str, spec, causal_lm: bool = False) -> Tower:
     tower = Tower(name, model, info, plan.processor)
     tower.causal_lm = causal_lm
     tower.file_itemsize = file_itemsize(plan.folder, plan.config)   # bytes a weight in its checkpoint file
-    tower.offline = getattr(plan, "offline", False)
+    tower.offline = plan.offline
     with Meter(), torch.no_grad():
         info.hidden_size = tower(**tower.probe_inputs())[0].shape[-1]
     return tower
@@ -146,24 +148,18 @@ class Planner:
     """Estimates over one recipe's data; the variants that knobs try reuse its data and tokens."""
 
     def __init__(self, recipe):
-        from .data import load_splits
-
         self.recipe, self.splits = recipe, load_splits(recipe.data)
         if not (self.splits.train and self.splits.val):   # training refuses these too
             raise DataError(f"the train or val split of data.source {recipe.data.source} is empty: nothing to plan")
 
     def train_batches(self, spec):
         """The trainer's batches of one epoch (index lists): its sampler, its seed."""
-        from .sampling import ImageGroupedBatchSampler
-
         if spec.group_by_image:
             return ImageGroupedBatchSampler(self.splits.train, spec.batch_size, spec.seed)
         shuffled = torch.utils.data.RandomSampler(self.splits.train, generator=torch.Generator().manual_seed(spec.seed))
         return torch.utils.data.BatchSampler(shuffled, spec.batch_size, drop_last=False)
 
     def estimate(self, recipe=None, device: str = "cuda", baseline: int | None = None) -> Estimate:
-        from .model import MultimodalModel, _task_needs_lm
-
         recipe, splits = recipe or self.recipe, self.splits
         if device not in ("cuda", "cpu"):
             raise PeftmmError(f"device {device!r}: plan for cuda or cpu")
@@ -174,7 +170,7 @@ class Planner:
             model = MultimodalModel.build(recipe, splits.labels, device="meta", towers=towers)
         task, spec = model.task, recipe.train
         task.prepare_shapes(model, splits.train)   # captioning: the retrieved captions' memory
-        own_text = getattr(task, "text_inputs", None) is not None   # captioning: one LM row per caption
+        own_text = task.own_text_inputs   # captioning: one LM row per caption
         key = (lambda e: e.get("text") or "") if own_text else task.text_of
         everything = splits.train + splits.val + splits.test
         texts = list(dict.fromkeys(map(key, everything)))   # tokens of each, as the tokenizer cuts them
@@ -317,7 +313,7 @@ class Planner:
     def _caches(model, recipe, lengths) -> dict:
         """Stand-ins for the caches training fills (trainer.build_caches' rule)."""
         out = {name: model.towers[name] for name in TOWERS if not model.has_trainable(name)
-               and getattr(recipe, name).cache_features and name in getattr(model.task, "cached_towers", TOWERS)}
+               and getattr(recipe, name).cache_features and name in model.task.cached_towers}
         if "text" in out:
             out["text"] = ShapeCache(lengths, out["text"].info.hidden_size)
         if "vision" in out:
@@ -330,8 +326,6 @@ class Planner:
     def suggestions(self, estimate: Estimate, budget: int, baseline: int | None = None) -> list[Suggestion]:
         """Knobs in the order to try them (batch size, int8, checkpointing, caching), each with
         the estimate after turning it alone; only those that lower the estimate."""
-        from .recipe import from_dict
-
         recipe, spec, out = self.recipe, self.recipe.train, []
 
         def variant(overrides):

@@ -7,22 +7,12 @@ from pathlib import Path
 import torch
 
 from .batching import Batcher
-from .bundle import CONFIG, load_bundle
+from .bundle import load_bundle, resolve_bundle
 from .data import load_splits
-from .errors import BundleError, PeftmmError
-from .tensors import to_device
+from .errors import PeftmmError
 from .precision import inference_context
-
-
-def resolve_bundle(path: str | Path) -> Path:
-    """A bundle folder, a run directory (its ``bundle/``), or a name under ./adapters/."""
-    path = Path(path)
-    for candidate in (path, path / "bundle", Path("adapters") / path):
-        if (candidate / CONFIG).is_file():
-            return candidate
-    raise BundleError("no adapter bundle here (expected adapter_config.json in it, in its bundle/, "
-                      "or a bundle of that name under ./adapters)", str(path))
-
+from .tensors import to_device
+from .trainer import evaluate
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,18 +45,14 @@ class Predictor:
     def predict(self, image: str | Path, question: str | None = None) -> dict:
         text = self.model.task.text_of({"text": question})  # some tasks fix their own text
         if not isinstance(text, str) or not text.strip():
-            flag = ("a question (--question)" if self.config["task"] == "vqa"
-                    else "the text read with the image (--text)")
-            raise PeftmmError(f"this {self.config['task']} bundle needs {flag}")
+            raise PeftmmError(f"this {self.config['task']} bundle needs {self.model.task.text_request}")
         return self.predict_batch([{"image": str(image), "text": question}])[0]
 
     @torch.no_grad()
     def classify(self, image: str | Path, labels: list[str], template: str = "{}") -> dict:
         """Zero-shot classification with a retrieval bundle: the image against one text per label
         (``template`` with the label in place of ``{}``), ranked by the trained similarity."""
-        from .tasks.retrieval import RetrievalTask, split_embeddings
-
-        if not isinstance(self.model.task, RetrievalTask):
+        if not self.model.task.ranks_texts:
             raise PeftmmError(f"zero-shot labels need a retrieval bundle; this one is a {self.config['task']} bundle")
         labels = [label.strip() for label in labels if label.strip()]
         if len(labels) < 2 or "{}" not in template:
@@ -74,8 +60,7 @@ class Predictor:
         batch = self.batcher([{"image": str(image), "text": template.format(label)} for label in labels])
         with self.precision():
             outputs = self.model(to_device(batch, self.device))
-        images, texts = split_embeddings(outputs.float())
-        probs = self.model.task.logits(images[:1], texts)[0].softmax(-1)
+        probs = self.model.task.text_probabilities(outputs)
         order = probs.argsort(descending=True).tolist()
         return {"answer": labels[order[0]],
                 "scores": [{"answer": labels[i], "score": round(probs[i].item(), 6)} for i in order]}
@@ -83,8 +68,6 @@ class Predictor:
 
 def evaluate_bundle(path: str | Path, split: str = "test", batch_size: int = 256, progress: bool = True,
                     device: str | None = None, max_samples: int | None = None) -> dict:
-    from .trainer import evaluate
-
     predictor = Predictor.load(path, device)
     spec = predictor.recipe.data
     examples = load_splits(spec)[split]

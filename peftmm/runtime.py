@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 
 from .backbones import TOWERS, Tower, load_tower
-from .bundle import CONFIG, bundle_summary, check_adapter_name, load_bundle, read_config
+from .bundle import CONFIG, bundle_summary, check_adapter_name, load_bundle, read_config, resolve_bundle
 from .data.images import load_image
 from .errors import BundleError, DataError
 from .features import pad_tokens
 from .methods.base import NO_SLOT
 from .precision import common_record, inference_context
-from .predict import default_device, resolve_bundle
+from .predict import default_device
+from .recipe import from_dict
 from .tasks import TASKS
 from .tensors import to_device
 
@@ -76,8 +77,6 @@ class Runtime:
             # (weights header, config checksum, a recipe that validates), so a damaged or edited
             # one is refused with its own error, before anything loads.
             bundle_summary(path)
-            from .recipe import from_dict
-
             recipe = from_dict(config["recipe"], source=str(path / CONFIG))
             keys = {tower: self._tower_key(tower, config, recipe, name) for tower in TOWERS}
             new = [key for key in keys.values() if key not in self._towers]
@@ -177,7 +176,7 @@ class Runtime:
         Two loads of a text backbone cost memory only when both kinds of bundle are served."""
         info = config["towers"][tower]
         private = any(m.type == "full" for m in getattr(recipe, tower).methods)
-        causal_lm = tower == "text" and _writes_text(TASKS.get(recipe.task.type))
+        causal_lm = tower == "text" and TASKS.get(recipe.task.type).text_tower_causal_lm
         return (tower, info["fingerprint"], info["precision"], causal_lm) + ((name,) if private else ())
 
     # -- inference -------------------------------------------------------------------------
@@ -192,7 +191,7 @@ class Runtime:
             entries = [self._get(r.get("adapter")) for r in requests]
             images = _decode_images(requests)
             texts = [_text_of(e.model.task, r, i) for i, (r, e) in enumerate(zip(requests, entries))]
-            writers = {i for i, e in enumerate(entries) if _writes_text(e.model.task)}
+            writers = {i for i, e in enumerate(entries) if e.model.task.text_tower_causal_lm}
             readers = [i for i in range(len(requests)) if i not in writers]  # a captioner's LM reads no text here
             tokens = {"vision": self._encode("vision", range(len(requests)), texts, entries, images),
                       "text": self._encode("text", readers, texts, entries, images)}
@@ -304,17 +303,12 @@ def _tokenize(tower: Tower, texts: list[tuple[str, int]]) -> dict[str, torch.Ten
     return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
 
 
-def _writes_text(task) -> bool:
-    """Whether a task (or task class) writes text with its text tower, loaded as a causal LM."""
-    return getattr(task, "text_tower_causal_lm", False)
-
-
 def question_use(task) -> str:
     """How an adapter of ``task`` treats a request's text: ``"required"`` (it reads the question:
     VQA, retrieval), ``"ignored"`` (its task fixes the text: classification with a prompt), or
     ``"refused"`` (captioning: it writes text itself, and a question sent to it would pass its
     caption off as an answer to that question; its Predictor refuses a question too)."""
-    if _writes_text(task):
+    if task.text_tower_causal_lm:
         return "refused"
     fixed = task.text_of({"text": None})
     return "ignored" if isinstance(fixed, str) and fixed.strip() else "required"
@@ -322,7 +316,7 @@ def question_use(task) -> str:
 
 def _text_of(task, request: dict, index: int) -> str:
     given = request.get("text")
-    if _writes_text(task):
+    if task.text_tower_causal_lm:
         if isinstance(given, str) and given.strip():
             raise DataError(f"a {task.registry_name} adapter describes the image itself: send no question "
                             "or text", f"request {index}")

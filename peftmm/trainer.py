@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 
 from .backbones import TOWERS
 from .batching import Batcher, image_workers
-from .bundle import save_bundle
+from .bundle import initialise_from, resolve_bundle, save_bundle
 from .checkpoint import Checkpointer, RunParts, resume_point
 from .run_state import SkipTracker, restore_rng
 from .data import load_splits
 from .data.files import check_labels_in_train
-from .data.skips import SplitLog, cache_on_bad, needed_text_error, truncated_texts
+from .data.skips import SplitLog, cache_on_bad, needed_text_error
 from .distributed import (all_have_examples, batch_loss, gather_rows, make_accelerator, prepare_for_training,
                           process_slice)
 from .errors import DataError
@@ -44,6 +44,7 @@ from .model import MultimodalModel
 from .plots import plot_curves
 from .precision import device_facts, inference_context, record as precision_record
 from .sampling import train_loader
+from .tasks import TASKS
 from .tensors import to_device
 
 
@@ -73,7 +74,7 @@ def build_caches(model, recipe, log=None, write: bool = True, shared: Path | Non
     cache is reported. ``shared``: the folder used when the recipe names none but several
     processes must share one (the main process computes the features, the others read them)."""
     names = [name for name in TOWERS if not model.has_trainable(name) and getattr(recipe, name).cache_features
-             and name in getattr(model.task, "cached_towers", TOWERS)]
+             and name in model.task.cached_towers]
     where = recipe.train.feature_cache_dir or (str(shared) if shared is not None else None)
     folder = feature_cache_dir(where, recipe.source, create=bool(names) and write)
     return {name: FeatureCache(model.towers[name], model.max_length, folder=folder, write=write, log=log)
@@ -119,7 +120,7 @@ def evaluate(model, examples, batcher, batch_size: int, device, progress=False, 
     skips = getattr(batcher, "skips", None)
     if skips is not None:
         skips.new_epoch()
-    if hasattr(model.task, "evaluate"):  # a task whose metrics need more than outputs (captioning generates)
+    if model.task.own_evaluation:  # a task whose metrics need more than outputs (captioning generates)
         if skips is not None:  # it batches the examples more than once (loss, captions): screen them once
             examples, batcher = batcher.screen(examples), Batcher(batcher.model, batcher.caches)
         if not examples:
@@ -156,15 +157,12 @@ def _nothing(split: str) -> DataError:
 
 def _classifies_into_labels(recipe) -> bool:
     """VQA and classification: one output per label, trained only on the labels of train."""
-    from .tasks import TASKS
-    from .tasks.vqa import VQATask
-
-    return issubclass(TASKS.get(recipe.task.type), VQATask)
+    return TASKS.get(recipe.task.type).classifies_into_labels
 
 
 def _count_truncated(model, splits, names, counts: dict, log) -> None:
     for name in names:
-        counts[name], warning = truncated_texts(model, splits[name])
+        counts[name], warning = model.task.truncated(model.towers["text"].processor, splits[name], model.max_length)
         if warning:
             log(f"peftmm: {name}: {warning}")
 
@@ -173,9 +171,6 @@ def _initialise(model, recipe, log) -> dict | None:
     """``init_from``: start from an earlier stage's bundle (see bundle.initialise_from)."""
     if not recipe.init_from:
         return None
-    from .bundle import initialise_from
-    from .predict import resolve_bundle
-
     relative = Path(recipe.source).parent / recipe.init_from if recipe.source else None
     where = relative if relative is not None and relative.is_dir() else resolve_bundle(recipe.init_from)
     done = initialise_from(model, resolve_bundle(where))

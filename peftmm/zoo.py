@@ -45,7 +45,7 @@ def is_zoo_name(name: str) -> bool:
 
 def is_cached(name: str) -> bool:
     """Whether ``name`` is on disk already (resolve would not fetch it)."""
-    return (cache_root() / "zoo" / name / _READY).exists()
+    return (cache_home() / "zoo" / name / _READY).exists()
 
 
 def resolve(name: str) -> Path:

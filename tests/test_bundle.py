@@ -100,9 +100,9 @@ def test_failed_save_leaves_previous_bundle_intact(saved, tmp_path, monkeypatch)
     before = {f.name: f.read_bytes() for f in path.iterdir()}
     _, model, _ = saved
     recipe = load_bundle(path)[1]
-    import peftmm.card
+    import peftmm.bundle
 
-    monkeypatch.setattr(peftmm.card, "model_card", lambda *a: (_ for _ in ()).throw(RuntimeError("disk full")))
+    monkeypatch.setattr(peftmm.bundle, "model_card", lambda *a: (_ for _ in ()).throw(RuntimeError("disk full")))
     with pytest.raises(RuntimeError):
         save_bundle(model, recipe, path)
     assert {f.name: f.read_bytes() for f in path.iterdir()} == before

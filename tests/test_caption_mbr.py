@@ -1,4 +1,4 @@
-"""Minimum-Bayes-risk caption choice (task.mbr_candidates, tasks/caption_mbr.py): the expected
+"""Minimum-Bayes-risk caption choice (task.mbr_candidates, tasks/captioning/mbr.py): the expected
 unigram F1 against probability-weighted candidates and retrieved captions decides, word subsets
 only with mbr_drop_words; on a tiny LM the choice is one of the beam candidates (or of their
 words) and is what predict, eval and the bundle give."""
@@ -10,8 +10,8 @@ from helpers import perturb
 from peftmm import RecipeError, recipe_from_dict
 from peftmm.batching import Batcher
 from peftmm.bundle import load_bundle, save_bundle
-from peftmm.tasks.caption_mbr import choose
-from peftmm.tasks.caption_metrics import words
+from peftmm.tasks.captioning.mbr import choose
+from peftmm.tasks.captioning.metrics import words
 from test_caption_memory import _build, _recipe
 from test_captioning import tiny_models  # noqa: F401  (the module's fixture)
 
@@ -44,7 +44,7 @@ def test_bad_candidates():
 def test_generation_chooses_among_the_beam_candidates(tiny_models, monkeypatch):
     """The choice sees each image's beam candidates (the first is plain beam search's answer),
     their log probabilities and the names the LM read, and its answer is what decode gives."""
-    from peftmm.tasks import caption_mbr
+    from peftmm.tasks.captioning import mbr as caption_mbr
 
     torch.manual_seed(0)
     _, model, splits = _build(tiny_models, k=2, mbr_candidates=3, mbr_retrieved_weight=0.3)

@@ -19,7 +19,7 @@ from peftmm.data import load_splits
 from peftmm.fusion import masked_mean
 from safetensors.torch import save as save_tensors
 from peftmm.model import MultimodalModel
-from peftmm.tasks.caption_memory import key_hash
+from peftmm.tasks.captioning.memory import key_hash
 from test_captioning import caption_recipe, tiny_models  # noqa: F401  (the module's fixture)
 
 

@@ -17,7 +17,7 @@ from peftmm.bundle import load_bundle, save_bundle
 from peftmm.data import DATASETS, Splits
 from peftmm.fusion.projector import pool_tokens
 from peftmm.model import MultimodalModel
-from peftmm.tasks.caption_metrics import caption_metrics, cider_d, words
+from peftmm.tasks.captioning.metrics import caption_metrics, cider_d, words
 
 PROMPT = "what is in the image?"  # words of the tiny tokenizer's vocabulary
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from peftmm import hub_configs, plan, recipe_from_dict
-from peftmm.backbones import blueprint
+from peftmm.plan_blueprint import blueprint
 from peftmm.cli import main
 from peftmm.plan import Planner
 from peftmm.recipe import load

@@ -1,4 +1,4 @@
-"""Retrieval through the training pairs (task.memory_neighbours, tasks/pair_memory.py): the
+"""Retrieval through the training pairs (task.memory_neighbours, tasks/retrieval/memory.py): the
 bridge's known values, how it mixes into recall, and the memory built after training with the
 best weights, saved in the bundle and used by eval and zero-shot labels."""
 
@@ -15,8 +15,8 @@ from peftmm.bundle import BundleError, load_bundle, read_tensors
 from peftmm.cli import main
 from peftmm.data import load_splits
 from peftmm.predict import Predictor, evaluate_bundle
-from peftmm.tasks.pair_memory import PairMemory, _neighbour_mean
 from peftmm.tasks.retrieval import RetrievalTask
+from peftmm.tasks.retrieval.memory import PairMemory, _neighbour_mean
 
 E = torch.eye(4)
 

@@ -13,8 +13,8 @@ from peftmm import RecipeError, recipe_from_dict
 from peftmm.bundle import save_bundle
 from peftmm.cli import main
 from peftmm.predict import Predictor
+from peftmm.tasks.labels import macro_f1
 from peftmm.tasks.retrieval import RetrievalTask, split_embeddings
-from peftmm.tasks.vqa import macro_f1
 
 
 def _retrieval(tiny_models, **methods):

@@ -87,11 +87,11 @@ def _run_records(run_dir: Path) -> list[dict]:
 @friendly
 def publish(run_dir, name, to, force):
     """Publish the bundle of RUN_DIR (a run directory or a bundle) as TO/NAME, checked and renamed."""
-    from ..bundle import CARD, CONFIG, check_adapter_name, load_bundle, read_config, read_tensors, save_bundle
+    from ..bundle import (CARD, CONFIG, check_adapter_name, load_bundle, read_config, read_tensors, resolve_bundle,
+                          save_bundle)
     from ..card import curve_summary, model_card
     from ..errors import BundleError
     from ..io import atomic_directory
-    from ..predict import resolve_bundle
     from ..recipe import from_dict
 
     root = Path(to)
@@ -116,10 +116,7 @@ def publish(run_dir, name, to, force):
     training = None
     parent = source.parent
     if source.name == "bundle" and (parent / "metrics.jsonl").is_file():
-        from ..tasks import TASKS
-
-        task = TASKS.get(config["task"]) if config["task"] in TASKS.names() else None
-        training = curve_summary(_run_records(parent), getattr(task, "primary_metric", None))
+        training = curve_summary(_run_records(parent), model.task.primary_metric)
 
     with atomic_directory(target, overwrite=force) as tmp:
         # Re-saved through the library, not copied: the new name changes the config, and its
@@ -153,8 +150,7 @@ def publish(run_dir, name, to, force):
 @friendly
 def inspect(bundle, as_json):
     """Summarise a BUNDLE (folder, run directory or name under ./adapters) without loading backbones."""
-    from ..bundle import bundle_summary
-    from ..predict import resolve_bundle
+    from ..bundle import bundle_summary, resolve_bundle
 
     summary = bundle_summary(resolve_bundle(bundle))
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))

@@ -24,8 +24,8 @@ def export_peft(bundle, out, tower, force, allow_partial):
 
     BUNDLE is a folder, a run directory or a name under ./adapters; peft.PeftModel.from_pretrained(
     backbone, OUT) then loads the LoRA onto that tower's backbone."""
+    from ..bundle import resolve_bundle
     from ..peft_interop import export_peft as run
-    from ..predict import resolve_bundle
 
     path = run(resolve_bundle(bundle), tower, out, overwrite=force, allow_partial=allow_partial)
     click.echo(f"wrote peft adapter {path}")
@@ -43,8 +43,8 @@ def import_peft(peft_dir, bundle, out, tower, force):
 
     The tower's LoRA is replaced (or added); the rest of BUNDLE stays. PEFT_DIR must hold
     adapter_model.safetensors (a .bin pickle is never read) for the same backbone."""
+    from ..bundle import resolve_bundle
     from ..peft_interop import import_peft as run
-    from ..predict import resolve_bundle
 
     path = run(peft_dir, resolve_bundle(bundle), tower, out, overwrite=force)
     click.echo(f"wrote bundle {path}")

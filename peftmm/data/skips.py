@@ -7,7 +7,7 @@ so with ``skip`` (the default) it is left out of its batch, counted per split an
 per epoch; with ``stop`` the first one ends the run with the file and the reason.
 
 Captions longer than ``text.max_length`` are not bad (the tokenizer cuts them) but are counted
-per split, so a too-small ``max_length`` does not go unnoticed.
+per split (``Task.truncated``), so a too-small ``max_length`` does not go unnoticed.
 """
 
 from __future__ import annotations
@@ -32,19 +32,12 @@ def reason_of(error: DataError) -> str:
 
 
 def needed_text_error(task, example: dict) -> DataError | None:
-    """A DataError when the text the task learns from is missing or blank.
+    """A DataError when the text the task learns from (``task.needed_text``) is missing or blank.
 
-    A task that builds its own text inputs (captioning) learns the example's ``text``; any other
-    task reads ``task.text_of(example)``, which is a fixed prompt for some (classification with
-    ``prompt``), so their blank texts do not matter.
+    Captioning learns the example's ``text``; other tasks read ``task.text_of(example)``, which
+    is a fixed prompt for some (classification with ``prompt``), so their blank texts do not matter.
     """
-    if hasattr(task, "text_inputs"):
-        text = example.get("text")
-    else:
-        try:
-            text = task.text_of(example)
-        except KeyError:            # a label-only record read by a task that needs a text
-            text = None
+    text = task.needed_text(example)
     if isinstance(text, str) and text.strip():
         return None
     return DataError(EMPTY_TEXT, str(example.get("image")))
@@ -121,41 +114,3 @@ def cache_on_bad(policy: str):
         if policy == "stop":
             raise stop_error(error, "image of an example")
     return on_bad
-
-
-def truncated_texts(model, examples: list[dict]) -> tuple[int, str]:
-    """How many of ``examples`` have a text the tokenizer cuts at ``text.max_length``, and a
-    warning naming the limit (empty when none is cut). Each distinct text is tokenized once.
-
-    Captioning targets are counted here and still trained on, not skipped: CaptioningTask cuts
-    caption + EOS at the room the prompt leaves, so a cut target loses its EOS and only its last
-    words. Its labels then teach the first words and never an end there, so the model does not
-    learn to stop early; skipping such a caption would throw away the words it does teach.
-    """
-    task, tok, limit = model.task, model.towers["text"].processor, model.max_length
-    if hasattr(task, "text_inputs"):   # captioning: " caption" + EOS after the prompt (CaptioningTask)
-        texts = [" " + " ".join(e["text"].split()) for e in examples
-                 if isinstance(e.get("text"), str) and e["text"].strip()]
-        prompt = len(tok(task.config.prompt, add_special_tokens=False)["input_ids"])
-        room, extra, special = limit - prompt, 1, False
-        where = f"the {room} tokens text.max_length={limit} leaves after the prompt"
-    else:
-        texts = [t for t in (_text_or_none(task, e) for e in examples) if t and t.strip()]
-        room, extra, special = limit, 0, True
-        where = f"text.max_length={limit} tokens"
-    distinct = list(dict.fromkeys(texts))
-    if not distinct:
-        return 0, ""
-    ids = tok(distinct, add_special_tokens=special, truncation=False, verbose=False)["input_ids"]
-    too_long = {t for t, i in zip(distinct, ids) if len(i) + extra > room}
-    count = sum(t in too_long for t in texts)
-    noun = "caption" if hasattr(task, "text_inputs") or task.registry_name == "retrieval" else "text"
-    noun, verb = (noun, "was") if count == 1 else (noun + "s", "were")
-    return count, (f"{count:,} {noun} longer than {where} {verb} truncated; raise text.max_length" if count else "")
-
-
-def _text_or_none(task, example):
-    try:
-        return task.text_of(example)
-    except KeyError:
-        return None

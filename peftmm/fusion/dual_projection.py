@@ -3,7 +3,7 @@
 The fusion for contrastive tasks (retrieval, zero-shot classification): the image and the text
 of an example are embedded independently, so a text can be scored against any image. Output is
 ``[image embedding, text embedding]`` side by side, each L2-normalised; the task head scales
-them (see tasks/retrieval.py).
+them (see tasks/retrieval/task.py).
 
 ``text_projection: false`` keeps the text side locked: a text's embedding is the text tower's
 own mean-pooled output, and only the image side learns to map into that space (LiT's locked

@@ -1,6 +1,6 @@
 """LLaVA's projector: vision tokens mapped into a decoder LM's input-embedding space.
 
-The projected tokens are a prefix of the LM's prompt (see tasks/captioning.py), so unlike the
+The projected tokens are a prefix of the LM's prompt (see tasks/captioning/task.py), so unlike the
 other fusions it returns a token sequence ``[B, N, text_dim]`` with its mask, not one vector per
 example. The MLP is LLaVA-1.5's ``mlp2x_gelu`` (Linear, GELU, Linear); ``layers: 1`` gives the
 linear projector of the first LLaVA. ``max_tokens`` average-pools the vision tokens, in their

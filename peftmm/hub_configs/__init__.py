@@ -30,6 +30,10 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..backbones import _model_class, architectures, quiet_libraries
+from ..plan_blueprint import Blueprint
+from ..preprocess import image_preprocessor
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -97,11 +101,8 @@ class ApproximateTokenizer:
 
 
 def blueprint(name: str, source: str, folder: Path, image_size: int | None, causal_lm: bool):
-    """backbones.blueprint for ``source`` from this package's copy ``folder`` (no hub)."""
+    """plan_blueprint.blueprint for ``source`` from this package's copy ``folder`` (no hub)."""
     from transformers import AutoConfig
-
-    from ..backbones import Blueprint, _model_class, architectures, quiet_libraries
-    from ..preprocess import image_preprocessor
 
     quiet_libraries()
     config = AutoConfig.from_pretrained(str(folder))
@@ -109,4 +110,4 @@ def blueprint(name: str, source: str, folder: Path, image_size: int | None, caus
     layout = architectures().get(tower_config.model_type, {}).get("layout", "sequence")
     processor = (image_preprocessor(str(folder), tower_config, image_size, layout) if name == "vision"
                  else ApproximateTokenizer(tower_config))
-    return Blueprint(str(folder), cls, config, tower_config, layout, processor)
+    return Blueprint(str(folder), cls, config, tower_config, layout, processor, offline=True)

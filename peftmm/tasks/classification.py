@@ -1,6 +1,6 @@
 """Image(-text) classification into a data set's labels, e.g. the Unicode group of an emoji.
 
-The same head, loss and metrics (accuracy, macro-F1) as VQA's answer classification. With a
+The head, loss and metrics (accuracy, macro-F1) of every label task (labels.py), as VQA's. With a
 ``prompt``, every example's text is that fixed prompt, so the label is read from the image
 alone (the setup of a linear probe on image features); without one, from image and text.
 
@@ -20,15 +20,17 @@ import torch
 
 from ..errors import DataError
 from . import TASKS
-from .vqa import VQATask, macro_f1, top_answers
+from .labels import LabelTask, macro_f1, top_answers
 
 SEPARATOR = " > "
 
 
 @TASKS.register("classification")
-class ClassificationTask(VQATask):
+class ClassificationTask(LabelTask):
+    pipeline_tag = "image-classification"
+
     @dataclass
-    class Config(VQATask.Config):
+    class Config(LabelTask.Config):
         prompt: str | None = None  # a fixed text for every example: classify the image alone
         parent_labels: bool = False  # labels are "parent > child": train on children, answer parents
 
@@ -43,6 +45,11 @@ class ClassificationTask(VQATask):
             self.parents = sorted(set(parents))
             self.parent_of = torch.tensor([self.parents.index(p) for p in parents])
 
+    @classmethod
+    def predict_arguments(cls, config: dict) -> str:
+        # with a prompt the image alone is classified; without one, the image with its text
+        return "" if config.get("prompt") is not None else " --text 'the text that goes with the image'"
+
     def text_of(self, example: dict) -> str:
         return self.config.prompt if self.config.prompt is not None else example["text"]
 
@@ -51,12 +58,12 @@ class ClassificationTask(VQATask):
         index = self.parent_of.to(probs.device)
         return probs.new_zeros(len(probs), len(self.parents)).index_add_(1, index, probs)
 
-    def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         if not self.config.parent_labels:
-            return super().metrics(logits, targets)
-        predicted = self._parent_probabilities(logits).argmax(-1)
+            return super().metrics(outputs, targets)
+        predicted = self._parent_probabilities(outputs).argmax(-1)
         truth = self.parent_of.to(targets.device)[targets]
-        fine = super().metrics(logits, targets)
+        fine = super().metrics(outputs, targets)
         return {"accuracy": (predicted == truth).float().mean().item(),
                 "macro_f1": macro_f1(predicted, truth, len(self.parents)),
                 "child_accuracy": fine["accuracy"], "child_macro_f1": fine["macro_f1"]}

@@ -12,17 +12,17 @@ inside the LM as in any tower, at any precision.
 
 ``forward`` gives the teacher-forced logits of the caption positions when the batch carries
 captions (its ``labels``), and otherwise generates: greedy, or beam search with ``num_beams``,
-or a minimum-Bayes-risk choice among beam candidates with ``mbr_candidates`` (caption_mbr.py),
+or a minimum-Bayes-risk choice among beam candidates with ``mbr_candidates`` (mbr.py),
 returning token ids that :meth:`decode` turns into ``{"caption": ...}``. So a plain
 ``decode(model(batch))`` (the Predictor's path) captions images.
 
 A split is evaluated by generating one caption per distinct image and scoring it against all
-of that image's captions (exact match, BLEU-4, CIDEr-D, unigram F1: caption_metrics.py), plus
+of that image's captions (exact match, BLEU-4, CIDEr-D, unigram F1: metrics.py), plus
 the teacher-forced loss. Empty captions are skipped (no loss, no reference) and counted;
 captions longer than ``text.max_length`` allows are cut there and counted.
 
 With ``retrieved_captions: K`` the LM also reads the captions of the K training images most
-like this one (caption_memory.py), between the vision tokens and the prompt:
+like this one (memory.py), between the vision tokens and the prompt:
 
     [vision tokens] [retrieved_prefix c1; c2; ...; cK] [prompt] [caption tokens] [EOS]
 
@@ -41,13 +41,14 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..errors import DataError, PeftmmError, RecipeError
-from ..fusion import masked_mean
-from ..tensors import to_device
-from . import TASKS, caption_mbr
-from .base import Task
-from .caption_memory import CaptionMemory, key_hash
-from .caption_metrics import caption_metrics
+from ...errors import DataError, PeftmmError, RecipeError
+from ...fusion import masked_mean
+from ...tensors import to_device
+from .. import TASKS
+from ..base import Task, count_too_long
+from . import mbr
+from .memory import CaptionMemory, key_hash
+from .metrics import caption_metrics
 
 IGNORE = -100
 
@@ -58,13 +59,17 @@ class CaptioningTask(Task):
     fusions = ("projector",)
     text_tower_causal_lm = True   # MultimodalModel.build loads the text tower with its LM head
     cached_towers = ("vision",)   # the LM reads each caption with its image: nothing to cache
+    own_text_inputs = True        # prompt + caption ids and the caption labels (text_inputs)
+    own_evaluation = True         # its captions are generated, not read off one forward pass
+    text_noun = "caption"
+    pipeline_tag = "image-to-text"
 
     @dataclass
     class Config:
         prompt: str = "Describe the emoji:"
         max_new_tokens: int = field(default=24, metadata={"min": 1, "max": 1024})
         num_beams: int = field(default=1, metadata={"min": 1, "max": 32})   # 1: greedy decoding
-        # Retrieval augmentation (caption_memory.py): how many training captions of similar
+        # Retrieval augmentation (memory.py): how many training captions of similar
         # images the LM reads before the prompt (0: none), each cut to retrieved_max_tokens.
         retrieved_captions: int = field(default=0, metadata={"min": 0, "max": 16})
         retrieved_prefix: str = "Similar:"
@@ -72,7 +77,7 @@ class CaptioningTask(Task):
         # While training, an example never retrieves entries that share its value of this example
         # field (emoji: family); none: its own caption only.
         retrieved_exclude: str | None = None
-        # Minimum-Bayes-risk choice (caption_mbr.py) among this many beam candidates (0: off):
+        # Minimum-Bayes-risk choice (mbr.py) among this many beam candidates (0: off):
         # the caption with the best expected unigram F1 against the candidates, weighted by their
         # probability, and the retrieved captions, which share mbr_retrieved_weight of the mass.
         # mbr_drop_words also considers captions made of some of a candidate's words.
@@ -98,11 +103,31 @@ class CaptioningTask(Task):
                               "memory, built once before training); remove vision.methods or set "
                               "task.retrieved_captions: 0", recipe.source)
 
+    @classmethod
+    def describe_memory(cls, config: dict, memory: dict[str, torch.Tensor]) -> str | None:
+        if "ids" not in memory:
+            return None
+        return (f"caption memory: {len(memory['ids']):,} training captions with their image features, "
+                f"{config.get('retrieved_captions')} retrieved per image")
+
     def build_head(self, in_dim: int) -> nn.Module:
         return nn.Identity()  # the LM's own output layer is the head
 
     def text_of(self, example: dict) -> str:
         return self.config.prompt  # what the LM reads for any image; the caption is the target
+
+    def needed_text(self, example: dict) -> str | None:
+        return example.get("text")   # the caption it learns
+
+    def truncated(self, tokenizer, examples: list[dict], max_length: int) -> tuple[int, str]:
+        """Captions cut at the room ``max_length`` leaves after the prompt (" caption" + EOS):
+        counted, and still trained on. A cut target loses its EOS and last words only, so its labels
+        teach the first words and never an end there; skipping it would lose the words it teaches."""
+        texts = [" " + " ".join(e["text"].split()) for e in examples
+                 if isinstance(e.get("text"), str) and e["text"].strip()]
+        room = max_length - len(self._prompt_ids(tokenizer))
+        where = f"the {room} tokens text.max_length={max_length} leaves after the prompt"
+        return count_too_long(tokenizer, texts, room, where, self.text_noun, extra=1, special=False)
 
     # -- batches -------------------------------------------------------------------------------
     def text_inputs(self, tower, examples: list[dict], max_length: int) -> dict:
@@ -315,7 +340,7 @@ class CaptioningTask(Task):
         return self._minimum_bayes_risk(out, n, retrieved, pad)
 
     def _minimum_bayes_risk(self, out, n: int, retrieved, pad: int) -> torch.Tensor:
-        """One caption per image chosen among its ``n`` beam candidates (caption_mbr.py), as
+        """One caption per image chosen among its ``n`` beam candidates (mbr.py), as
         token ids padded after EOS like generate's own output."""
         tok, eos = self.tokenizer, _eos(self.tokenizer)
         captions = [d["caption"] for d in self.decode(out.sequences)]
@@ -323,7 +348,7 @@ class CaptioningTask(Task):
         rows = []
         for i, log_probs in enumerate(scores):
             read = [tok.decode(self.memory.captions_ids(e)).strip() for e in retrieved[i]] if retrieved else []
-            caption = caption_mbr.choose(captions[i * n: (i + 1) * n], log_probs, read,
+            caption = mbr.choose(captions[i * n: (i + 1) * n], log_probs, read,
                                          self.config.mbr_retrieved_weight, self.config.mbr_drop_words)
             rows.append(tok(" " + caption, add_special_tokens=False)["input_ids"] + [eos])
         ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
@@ -352,8 +377,9 @@ class CaptioningTask(Task):
         return out
 
     # -- evaluation ----------------------------------------------------------------------------
-    def metrics(self, hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
-        return caption_metrics(hypotheses, references)
+    def metrics(self, outputs: list[str], targets: list[list[str]]) -> dict[str, float]:
+        """``outputs``: one generated caption per image; ``targets``: each image's captions."""
+        return caption_metrics(outputs, targets)
 
     @torch.no_grad()
     def evaluate(self, model, examples, batcher, batch_size: int, device, progress=False, desc="eval") -> dict:

@@ -15,7 +15,7 @@ both directions, in the model's own trained embedding space:
 with ``w_text`` a softmax (temperature ``temperature``) over the cosines of the text with its
 ``k`` most similar training texts (the rest 0), ``w_image`` likewise for the image. Each sum is
 one dot product with a stand-in: the weighted mean of the neighbours' embeddings. The task
-mixes it with the direct cosine (retrieval.py). The memory is each training pair's image and
+mixes it with the direct cosine (task.py). The memory is each training pair's image and
 text embedding, L2-normalised float16, built once after training with the best weights
 (``RetrievalTask.finish``) and saved in the bundle under ``memory.``.
 """

@@ -7,7 +7,7 @@ and a caption's expected quality is better served by what the evidence agrees on
 evidence is the LM's own beam candidates, weighted by their probability, and, for a
 retrieval-augmented captioner, the captions it read (the training captions of the most similar
 images), sharing ``retrieved_weight`` of the mass. The chosen caption is the hypothesis with the
-highest expected unigram F1 (caption_metrics.py) against that evidence.
+highest expected unigram F1 (metrics.py) against that evidence.
 
 Hypotheses are the candidates and the retrieved captions (a neighbour's name the candidates
 agree with may be the answer) and, with ``drop_words``, every caption made of some of their
@@ -22,7 +22,7 @@ import itertools
 import math
 from collections import Counter
 
-from .caption_metrics import counts_f1, words
+from .metrics import counts_f1, words
 
 MAX_WORDS = 8   # longer candidates contribute their first 8 words as subsets (2^8 - 1 hypotheses)
 

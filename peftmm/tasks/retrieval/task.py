@@ -8,7 +8,7 @@ text is a negative (and the other way round). Recall@K is computed over a whole 
 image against every text of the split, each text against every image.
 
 With ``memory_neighbours: K`` a trained model also scores an image and a text through the
-training pairs (pair_memory.py): after training, the best weights embed every training pair,
+training pairs (memory.py): after training, the best weights embed every training pair,
 and the similarity becomes ``(1 - memory_weight) * cosine + memory_weight * bridge``. Training and
 the validation that picks the best epoch use the plain cosine (the memory does not exist yet);
 the test split, ``eval``, ``predict`` and zero-shot labels use the mixed one.
@@ -24,11 +24,11 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..errors import DataError
-from ..tensors import to_device
-from . import TASKS
-from .base import Task
-from .pair_memory import PairMemory
+from ...errors import DataError
+from ...tensors import to_device
+from .. import TASKS
+from ..base import Task
+from .memory import PairMemory
 
 RECALL_AT = (1, 5, 10)
 
@@ -68,12 +68,16 @@ class RetrievalTask(Task):
     primary_metric = "mean_recall"  # the mean of R@1/5/10 both ways: steadier than one R@1
     fusions = ("dual-projection",)   # independent image and text embeddings
     loss_spans_batch = True          # every other example of the batch is a negative
+    targets_need_labels = False      # each example's positive is its own text: no label needed
+    ranks_texts = True               # an image against one text per label: zero-shot labels
+    text_noun = "caption"
+    pipeline_tag = "zero-shot-image-classification"
 
     @dataclass
     class Config:
         temperature: float = field(default=0.07, metadata={"gt": 0.0, "max": 1.0})
         max_scale: float = field(default=100.0, metadata={"gt": 1.0})
-        # The training pairs as a bridge (pair_memory.py): how many nearest training texts (and
+        # The training pairs as a bridge (memory.py): how many nearest training texts (and
         # images) a text (an image) is scored through, 0: none; the softmax temperature over their
         # cosines; the bridge's share of the similarity.
         memory_neighbours: int = field(default=0, metadata={"min": 0, "max": 1024})
@@ -83,6 +87,18 @@ class RetrievalTask(Task):
     def __init__(self, config, labels: list[str]):
         super().__init__(config, labels)
         self.memory: PairMemory | None = None   # built by finish or read from a bundle
+
+    @classmethod
+    def predict_arguments(cls, config: dict) -> str:
+        return " --labels 'cat,dog,bird' --template 'a picture of {}'"
+
+    @classmethod
+    def describe_memory(cls, config: dict, memory: dict[str, torch.Tensor]) -> str | None:
+        if "images" not in memory:
+            return None
+        return (f"pair memory: {len(memory['images']):,} training image-text pairs embedded after training; scores "
+                f"mix the cosine with the bridge through the {config.get('memory_neighbours')} nearest pairs "
+                f"(share {config.get('memory_weight')})")
 
     def build_head(self, in_dim: int) -> nn.Module:
         return Temperature(self.config.temperature, self.config.max_scale)
@@ -111,6 +127,11 @@ class RetrievalTask(Task):
         """``similarity`` times the learned scale (each half carries its square root), for a softmax."""
         scale = images.float().norm(dim=-1, keepdim=True) * texts.float().norm(dim=-1)
         return scale * self.similarity(images, texts)
+
+    def text_probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The first image against every text of the batch, as a softmax over ``logits``."""
+        images, texts = split_embeddings(outputs.float())
+        return self.logits(images[:1], texts)[0].softmax(-1)
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         return recall_metrics(self.similarity(*split_embeddings(outputs.float())))
