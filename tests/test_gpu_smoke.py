@@ -20,6 +20,7 @@ def test_the_smoke_check_runs_on_cpu_with_the_cuda_parts_skipped(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--steps", "4",
                            "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.stdout.strip(), f"the smoke check printed no report (exit {done.returncode}): {done.stderr[-3000:]}"
     report = json.loads(done.stdout)
     written = tmp_path / ("gpu_smoke_cuda.json" if torch.cuda.is_available() else "gpu_smoke_cpu.json")
     assert json.loads(written.read_text()) == report
