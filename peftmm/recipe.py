@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from . import schema
 from .augment import AugmentSpec
 from .errors import RecipeError
+from .safe_load import load_yaml, short_repr
 
 Precision = Literal["int8", "nf4", "bf16", "fp32"]
 
@@ -164,16 +163,21 @@ def from_dict(data: dict, source: str | None = None, overrides: list[str] = ()) 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise RecipeError(f"cannot read recipe: {e.strerror}", str(path)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"not valid YAML{at}: {getattr(e, 'problem', e)}", str(path)) from None
+    data = load_yaml(utf8_text(raw, str(path), RecipeError), str(path), RecipeError)
     return from_dict(data, str(path), overrides)
+
+
+def utf8_text(raw: bytes, where: str, error=RecipeError) -> str:
+    """A file's bytes as text, or one error naming the line of the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise error(f"not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} (save the file as UTF-8)",
+                    where) from None
 
 
 def apply_override(data: dict, item: str, source: str | None = None) -> None:
@@ -184,10 +188,10 @@ def apply_override(data: dict, item: str, source: str | None = None) -> None:
         raise RecipeError(f"--set {item!r}: a recipe must be a mapping of sections", source)
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"--set {key}: the value {raw!r} is not valid YAML ({getattr(e, 'problem', None) or e})",
-                          source) from None
+        value = load_yaml(raw, source, RecipeError) if raw.strip() else None
+    except RecipeError as e:
+        reason = e.message.split(": ", 1)[-1]
+        raise RecipeError(f"--set {key}: the value {short_repr(raw)} is not valid YAML ({reason})", source) from None
     parts = key.strip().split(".")
     node: Any = data
     for depth, part in enumerate(parts[:-1]):
