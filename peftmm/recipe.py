@@ -16,7 +16,7 @@ from typing import Any, Literal
 from . import schema
 from .augment import AugmentSpec
 from .errors import RecipeError
-from .safe_load import load_yaml, short_repr
+from .safe_load import load_yaml, short_repr, utf8_text
 
 Precision = Literal["int8", "nf4", "bf16", "fp32"]
 
@@ -169,15 +169,6 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     data = load_yaml(utf8_text(raw, str(path), RecipeError), str(path), RecipeError)
     return from_dict(data, str(path), overrides)
 
-
-def utf8_text(raw: bytes, where: str, error=RecipeError) -> str:
-    """A file's bytes as text, or one error naming the line of the first byte that is not UTF-8."""
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise error(f"not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} (save the file as UTF-8)",
-                    where) from None
 
 
 def apply_override(data: dict, item: str, source: str | None = None) -> None:

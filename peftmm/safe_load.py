@@ -73,6 +73,16 @@ def _bounded_int(digits: str) -> int:
     return int(digits)
 
 
+def utf8_text(raw: bytes, where: str, error: type[PeftmmError] = PeftmmError) -> str:
+    """A file's bytes as text, or one error naming the line of the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise error(f"not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} (save the file as UTF-8)",
+                    where) from None
+
+
 def load_json(data: str | bytes, where: str | None = None, error: type[PeftmmError] = PeftmmError,
               what: str = "not valid JSON"):
     """Parse JSON text within the bounds above; anything else raises ``error(f"{what}: ...")``."""
@@ -86,7 +96,8 @@ def load_json(data: str | bytes, where: str | None = None, error: type[PeftmmErr
     try:
         return json.loads(text, parse_int=_bounded_int)
     except json.JSONDecodeError as e:
-        raise error(f"{what}: {e.msg} (line {e.lineno}, column {e.colno})", where) from None
+        at = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno}, column {e.colno}"
+        raise error(f"{what}: {e.msg} ({at})", where) from None
     except (ValueError, RecursionError) as e:
         raise error(f"{what}: {e}", where) from None
 

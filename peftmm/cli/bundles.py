@@ -161,9 +161,12 @@ def inspect(bundle, as_json):
 
 def _foreign(config: Path) -> bool:
     """A readable JSON config that is not peftmm's: a peft adapter folder, say."""
+    from ..errors import PeftmmError
+    from ..safe_load import load_json
+
     try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
+        data = load_json(config.read_bytes(), str(config))
+    except (OSError, PeftmmError):
         return False  # missing or broken: listed with its error
     return isinstance(data, dict) and "format" not in data
 
@@ -188,7 +191,7 @@ def list_bundles(folder, as_json):
             continue  # not a bundle (or another library's adapter, such as a peft export)
         try:
             entries.append(bundle_summary(path))
-        except (PeftmmError, OSError) as e:
+        except (PeftmmError, OSError, ValueError, RecursionError) as e:  # one broken bundle: its line, then on
             entries.append({"path": str(path), "name": path.name, "error": str(getattr(e, "message", e))})
     if as_json:
         click.echo(json.dumps(entries, indent=2))
