@@ -24,6 +24,7 @@ from torch import nn
 from . import zoo
 from .errors import PeftmmError
 from .methods.base import ActiveSlots
+from .data.images import parse_background
 from .preprocess import ImagePreprocessor, image_preprocessor
 from .weight_files import check_safetensors_only, pickle_refused
 
@@ -212,16 +213,16 @@ class Tower(nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
         return hidden.float(), inputs["attention_mask"].bool()
 
-    def image_processor(self, size: int) -> "ImagePreprocessor":
+    def image_processor(self, size: int, background=None) -> "ImagePreprocessor":
         """This tower's preprocessing at another image size (CNNs take any size, and a bundle
-        sharing the tower may have trained at another one)."""
-        if size == self.processor.size:
+        sharing the tower may have trained at another one), or over another background."""
+        background = self.processor.background if background is None else parse_background(background)
+        if size == self.processor.size and background == self.processor.background:
             return self.processor
-        resized = self.__dict__.setdefault("_resized_processors", {})
-        if size not in resized:
-            base = self.processor
-            resized[size] = ImagePreprocessor(size, base.mean.flatten().tolist(), base.std.flatten().tolist())
-        return resized[size]
+        variants = self.__dict__.setdefault("_resized_processors", {})
+        if (size, background) not in variants:
+            variants[size, background] = self.processor.variant(size, background)
+        return variants[size, background]
 
     def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         encoded = self.processor(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -282,7 +283,8 @@ class Blueprint:
             return make(self.tower_config, dtype=_DTYPES[precision])
 
 
-def blueprint(name: str, source: str, *, image_size: int | None = None, causal_lm: bool = False) -> Blueprint:
+def blueprint(name: str, source: str, *, image_size: int | None = None, causal_lm: bool = False,
+              background="white") -> Blueprint:
     """Resolve a backbone (zoo name, folder or hub id) and read its config and processor only."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -298,7 +300,7 @@ def blueprint(name: str, source: str, *, image_size: int | None = None, causal_l
     cls, tower_config = _model_class(config, name, causal_lm)
     layout = architectures().get(tower_config.model_type, {}).get("layout", "sequence")
     if name == "vision":
-        processor = image_preprocessor(folder, tower_config, image_size, layout)
+        processor = image_preprocessor(folder, tower_config, image_size, layout, background)
     else:
         processor = AutoTokenizer.from_pretrained(folder)
         if processor.pad_token is None:  # decoder LMs often ship without one
@@ -307,9 +309,10 @@ def blueprint(name: str, source: str, *, image_size: int | None = None, causal_l
 
 
 def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: int | None = None,
-               device: str | torch.device = "cpu", causal_lm: bool = False) -> Tower:
-    """Load one frozen tower. ``name`` is "vision" or "text"."""
-    plan = blueprint(name, source, image_size=image_size, causal_lm=causal_lm)
+               device: str | torch.device = "cpu", causal_lm: bool = False, background="white") -> Tower:
+    """Load one frozen tower. ``name`` is "vision" or "text"; ``background``: what transparent
+    pixels are composited onto (vision)."""
+    plan = blueprint(name, source, image_size=image_size, causal_lm=causal_lm, background=background)
     folder, cls, config, tower_config = plan.folder, plan.cls, plan.config, plan.tower_config
     kwargs: dict = {"dtype": _DTYPES[precision]}
     if precision in ("int8", "nf4"):

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from . import schema
 from .augment import AugmentSpec
+from .data.images import parse_background
 from .errors import RecipeError
 from .safe_load import load_yaml, short_repr, utf8_text
 
@@ -33,6 +34,16 @@ class TowerSpec:
     # Activation checkpointing in a tower with trainable modules: keep only each block's input
     # and run the block again in backward (less memory, one more forward pass; Tower.enable_checkpointing)
     gradient_checkpointing: bool = False
+    # Vision only: the colour transparent pixels are composited onto (a name, #rrggbb or rgb(...)).
+    # Saved with the bundle, so prediction sees images as training did; part of the feature-cache key.
+    background: str = "white"
+
+    def validate(self):
+        try:
+            parse_background(self.background)
+        except ValueError:
+            raise ValueError(f"background = {short_repr(self.background)} is not a colour: give a name such as "
+                             "white, #rrggbb or rgb(r, g, b)") from None
 
 
 @dataclass
