@@ -9,9 +9,11 @@ in one tower can never match a module of the other.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +28,7 @@ from .errors import PeftmmError
 from .methods.base import ActiveSlots
 from .data.images import parse_background
 from .preprocess import ImagePreprocessor, image_preprocessor
+from .safe_load import short_repr
 from .weight_files import check_safetensors_only, pickle_refused
 
 TOWERS = ("vision", "text")
@@ -50,15 +53,69 @@ def architectures() -> dict[str, dict]:
 
 
 def resolve_source(source: str) -> str:
-    """A zoo name becomes its cached folder; a folder stays a folder; anything else is a hub id."""
+    """A zoo name becomes its cached folder; a folder stays a folder; anything else must be a hub
+    id (``owner/name``), found in the local Hugging Face cache or, only where the user allows the
+    Hub (``hub_allowed``), checked there with one request. A name from an untrusted bundle so
+    never sets off transformers' download retries: a misspelt zoo name fails here, offline."""
     if zoo.is_zoo_name(source):
         return str(zoo.resolve(source))
     if Path(source).expanduser().exists():
         return str(Path(source).expanduser().resolve())
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise PeftmmError(f"backbone {source!r} is neither a zoo name ({', '.join(zoo.catalogue())}), "
-                          "an existing folder, nor a hub id")
+    if source.startswith((".", "/", "~")) or source.count("/") != 1 or not all(source.split("/")):
+        hint = difflib.get_close_matches(source, list(zoo.catalogue()), n=1)
+        raise PeftmmError(f"backbone {short_repr(source)} is neither a zoo name ({', '.join(zoo.catalogue())}"
+                          f"{f'; did you mean {hint[0]!r}?' if hint else ''}), an existing folder, nor a hub id "
+                          "(owner/name)")
+    if hub_cached(source):
+        return source
+    if not hub_allowed():
+        raise PeftmmError(f"backbone {source!r} is a hub id that is not in the local Hugging Face cache, and the Hub "
+                          "may not be contacted (HF_HUB_OFFLINE or --offline): download it where the Hub is allowed, "
+                          "or point the recipe at a local folder")
+    _probe_hub(source)
     return source
+
+
+def hub_allowed() -> bool:
+    """Whether the Hugging Face Hub may be contacted: not under HF_HUB_OFFLINE (the environment's,
+    or huggingface_hub's own setting) nor ``peftmm --offline``."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return not (flag or constants.HF_HUB_OFFLINE)
+
+
+def hub_cached(repo: str) -> bool:
+    """Whether a hub id's config is in the local Hugging Face cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo, "config.json")
+    except (ValueError, OSError):   # not a valid repo id
+        return False
+    return isinstance(found, str)
+
+
+def local_only(folder: str) -> bool:
+    """Whether transformers must load ``folder`` (a hub id) from the cache alone: it is cached
+    (no update check over the network) or the Hub is not allowed."""
+    return not Path(folder).is_dir() and (hub_cached(folder) or not hub_allowed())
+
+
+def _probe_hub(repo: str) -> None:
+    """One request to the Hub for a hub id that is not cached: a clear error instead of retries."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo, timeout=10)
+    except RepositoryNotFoundError:
+        raise PeftmmError(f"backbone {repo!r}: no such model on the Hugging Face Hub (or it is private), and it is "
+                          f"neither a zoo name ({', '.join(zoo.catalogue())}) nor a local folder") from None
+    except Exception as e:  # noqa: BLE001  (any transport failure: one attempt, one message)
+        raise PeftmmError(f"backbone {repo!r} is not in the local Hugging Face cache and the Hub could not be reached "
+                          f"({type(e).__name__}: {short_repr(str(e), 120)}); one attempt was made. Set HF_HUB_OFFLINE=1 "
+                          "to stay offline, or point the recipe at a local folder") from None
 
 
 @lru_cache(maxsize=32)
@@ -290,8 +347,9 @@ def blueprint(name: str, source: str, *, image_size: int | None = None, causal_l
 
     quiet_libraries()
     folder = resolve_source(source)
+    offline = {"local_files_only": True} if local_only(folder) else {}
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, **offline)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PeftmmError(f"cannot load {name} backbone {source!r}: it is neither a zoo name "
@@ -302,7 +360,7 @@ def blueprint(name: str, source: str, *, image_size: int | None = None, causal_l
     if name == "vision":
         processor = image_preprocessor(folder, tower_config, image_size, layout, background)
     else:
-        processor = AutoTokenizer.from_pretrained(folder)
+        processor = AutoTokenizer.from_pretrained(folder, **offline)
         if processor.pad_token is None:  # decoder LMs often ship without one
             processor.pad_token = processor.eos_token
     return Blueprint(folder, cls, config, tower_config, layout, processor)
@@ -326,7 +384,7 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
         # use_safetensors: a folder or hub repo with only pytorch_model.bin (a pickle) is refused,
         # never torch.load-ed
         model = cls.from_pretrained(folder, **({"config": tower_config} if tower_config is not config else {}),
-                                    use_safetensors=True, **kwargs)
+                                    use_safetensors=True, local_files_only=local_only(folder), **kwargs)
     except OSError as e:
         if "safetensors" not in str(e):
             raise

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import schema
+from .schema import MAX_BATCH
 from .augment import AugmentSpec
 from .data.images import parse_background
 from .errors import RecipeError
@@ -76,15 +77,15 @@ class DataSpec:
 @dataclass
 class TrainSpec:
     epochs: int = field(default=3, metadata={"min": 1, "max": 1000})
-    batch_size: int = field(default=64, metadata={"min": 1})
-    eval_batch_size: int = field(default=256, metadata={"min": 1})
-    grad_accum: int = field(default=1, metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 1, "max": MAX_BATCH})
+    eval_batch_size: int = field(default=256, metadata={"min": 1, "max": MAX_BATCH})
+    grad_accum: int = field(default=1, metadata={"min": 1, "max": 10_000})
     lr: float = field(default=1e-3, metadata={"gt": 0.0, "max": 1.0})
     weight_decay: float = field(default=0.01, metadata={"min": 0.0, "max": 1.0})
     warmup_ratio: float = field(default=0.05, metadata={"min": 0.0, "max": 1.0})
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_steps: int | None = field(default=None, metadata={"min": 1})
-    patience: int = field(default=2, metadata={"min": 1})      # epochs without val gain before stopping
+    patience: int = field(default=2, metadata={"min": 1, "max": 1000})      # epochs without val gain before stopping
     seed: int = 0
     group_by_image: bool = False   # batch all questions of an image together (see sampling.py)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU

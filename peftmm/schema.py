@@ -21,6 +21,14 @@ from .safe_load import short_repr
 
 _MISSING = dataclasses.MISSING
 
+# Upper bounds for the sizes a recipe allocates with (field metadata ``max``), so a typo or a
+# hostile --set is a plain error instead of an allocation traceback. The widest supported
+# backbone (SmolLM2-1.7B in hub_configs/) is 2,048 wide; 16,384 leaves 8x room and keeps one
+# square fp32 matrix of that width at 1 GiB.
+MAX_WIDTH = 16_384
+MAX_HEADS = 256
+MAX_BATCH = 65_536
+
 
 def build(cls: type, data: Any, path: str = "", where: str | None = None):
     """Instantiate dataclass ``cls`` from ``data``; ``path`` is the key path used in errors."""

@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from . import FUSIONS, masked_mean
+from ..schema import MAX_WIDTH
 
 
 @FUSIONS.register("concat-mlp")
 class ConcatMLPFusion(nn.Module):
     @dataclass
     class Config:
-        dim: int = field(default=512, metadata={"min": 8})
+        dim: int = field(default=512, metadata={"min": 8, "max": MAX_WIDTH})
         dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 0.9})
 
     def __init__(self, config, vision_dim: int, text_dim: int):

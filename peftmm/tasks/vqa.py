@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from ..errors import DataError
 from . import TASKS
 from .base import Task
+from ..schema import MAX_WIDTH
 
 
 @TASKS.register("vqa")
@@ -19,9 +20,9 @@ class VQATask(Task):
 
     @dataclass
     class Config:
-        hidden: int = field(default=256, metadata={"min": 1})
+        hidden: int = field(default=256, metadata={"min": 1, "max": MAX_WIDTH})
         dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 0.9})
-        top_k: int = field(default=5, metadata={"min": 1})
+        top_k: int = field(default=5, metadata={"min": 1, "max": 1000})
 
     def __init__(self, config, labels: list[str]):
         super().__init__(config, labels)
