@@ -105,8 +105,9 @@ def load_json(data: str | bytes, where: str | None = None, error: type[PeftmmErr
 def load_yaml(text: str, where: str | None = None, error: type[PeftmmError] = PeftmmError,
               what: str = "not valid YAML"):
     """``yaml.safe_load`` with alias expansion and nesting bounded."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)   # its reader refuses control characters here already
         try:
             node = loader.get_single_node()
         except RecursionError:
@@ -116,14 +117,34 @@ def load_yaml(text: str, where: str | None = None, error: type[PeftmmError] = Pe
         _check_expansion(node, where, error, what)
         try:
             return loader.construct_document(node)
-        except ValueError as e:  # an integer past Python's 4,300-digit limit, say
-            raise error(f"{what}: {short_repr(str(e), 200)}", where) from None
+        except _TooManyDigits as e:
+            mark = e.args[1]
+            raise error(f"{what} at line {mark.line + 1}, column {mark.column + 1}: {e.args[0]}", where) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise error(f"{what}{at}: {getattr(e, 'problem', None) or e}", where) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+class _TooManyDigits(ValueError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """The safe loader, refusing integers with more digits than any setting needs (Python's
+    int() would raise a ValueError of its own past 4,300, or take quadratic time below it)."""
+
+    def construct_yaml_int(self, node):
+        digits = sum(c.isalnum() for c in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise _TooManyDigits(f"an integer of {digits} digits (at most {MAX_INT_DIGITS} are read)", node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 
 
 def _check_expansion(root, where, error, what) -> None:

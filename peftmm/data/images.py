@@ -28,17 +28,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, ImageTooLarge
 
 DEFAULT_MAX_PIXELS = 40_000_000
 # What the decoding below does, for feature-cache keys: a change here must rebuild cached features.
 NORMALISATION = "peftmm-2: 16-bit/32-bit/float scaled to 8 bits, transparency composited on the background"
 WHITE = (255, 255, 255)
 _max_pixels: int | None = None
-
-
-class ImageTooLarge(DataError):
-    """An image over the pixel limit (refused before decoding)."""
 
 
 def pixel_limit() -> int:
@@ -110,8 +106,8 @@ def open_bounded(source, where: str):
                 scale = next((s for s in (2, 4, 8) if (width // s) * (height // s) <= limit), 8)
                 image.draft(image.mode, (width // scale, height // scale))
             if image.size[0] * image.size[1] > limit:
-                raise ImageTooLarge(f"image of {width}x{height} pixels ({width * height / 1e6:.1f} MP) is over the "
-                                    f"limit of {limit / 1e6:g} MP (PEFTMM_MAX_IMAGE_PIXELS, or serve --max-image-mp)",
+                raise ImageTooLarge(f"image of {width}x{height} pixels ({width * height / 1e6:.3g} MP) is over the "
+                                    f"limit of {limit / 1e6:.3g} MP (PEFTMM_MAX_IMAGE_PIXELS, or serve --max-image-mp)",
                                     where)
         except BaseException:
             image.close()
