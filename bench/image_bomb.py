@@ -89,9 +89,10 @@ def main() -> None:
         shutil.copytree(ROOT / "adapters" / args.bundle, Path(tmp) / args.bundle)
         port = free_port()
         env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1"}
+        # cwd: `python -m` puts the working folder first on the path, before PYTHONPATH
         server = subprocess.Popen([sys.executable, "-m", "peftmm", "serve", "--adapters", tmp, "--host", "127.0.0.1",
                                    "--port", str(port), "--device", "cpu"], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)  # -m: cwd first on the path
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_until_up(url, server)

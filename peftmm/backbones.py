@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from . import zoo
+from .data.images import parse_background
 from .errors import PeftmmError
 from .methods.base import ActiveSlots
-from .data.images import parse_background
 from .preprocess import ImagePreprocessor, image_preprocessor
 from .safe_load import short_repr
 from .weight_files import check_safetensors_only, pickle_refused
@@ -114,8 +114,8 @@ def _probe_hub(repo: str) -> None:
                           f"neither a zoo name ({', '.join(zoo.catalogue())}) nor a local folder") from None
     except Exception as e:  # noqa: BLE001  (any transport failure: one attempt, one message)
         raise PeftmmError(f"backbone {repo!r} is not in the local Hugging Face cache and the Hub could not be reached "
-                          f"({type(e).__name__}: {short_repr(str(e), 120)}); one attempt was made. Set HF_HUB_OFFLINE=1 "
-                          "to stay offline, or point the recipe at a local folder") from None
+                          f"({type(e).__name__}: {short_repr(str(e), 120)}); one attempt was made. Set "
+                          "HF_HUB_OFFLINE=1 to stay offline, or point the recipe at a local folder") from None
 
 
 @lru_cache(maxsize=32)

@@ -85,8 +85,9 @@ def check_template(template: str) -> None:
         raise PeftmmError(f"--template {short_repr(template)}: not a valid template ({e}); write {{{{ and }}}} for "
                           "literal braces") from None
     if fields != [("", "", None)]:
+        found = ", ".join("{" + name + "}" for name, _, _ in fields)
         raise PeftmmError(f"--template {short_repr(template)} must contain {{}} exactly once, for the label, and no "
-                          f"other {{field}} (it has {len(fields)}: {', '.join('{' + n + '}' for n, _, _ in fields) or 'none'}); "
+                          f"other {{field}} (it has {len(fields)}: {found or 'none'}); "
                           "write {{ and }} for literal braces")
 
 

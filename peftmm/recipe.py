@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import schema
-from .schema import MAX_BATCH
 from .augment import AugmentSpec
 from .data.images import parse_background
 from .errors import RecipeError
 from .safe_load import load_yaml, short_repr, utf8_text
+from .schema import MAX_BATCH
 
 Precision = Literal["int8", "nf4", "bf16", "fp32"]
 

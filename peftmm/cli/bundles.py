@@ -69,11 +69,14 @@ def format_summary(summary: dict) -> str:
 
 
 def _run_records(run_dir: Path) -> list[dict]:
+    from ..errors import PeftmmError
+    from ..safe_load import load_json
+
     records = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(load_json(line))
+        except PeftmmError:
             continue  # a run killed mid-line: the complete lines still tell the curve
     return records
 

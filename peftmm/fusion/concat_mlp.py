@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import FUSIONS, masked_mean
 from ..schema import MAX_WIDTH
+from . import FUSIONS, masked_mean
 
 
 @FUSIONS.register("concat-mlp")

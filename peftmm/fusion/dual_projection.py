@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import FUSIONS, masked_mean
 from ..schema import MAX_WIDTH
+from . import FUSIONS, masked_mean
 
 
 def _projection(in_dim: int, out_dim: int, kind: str) -> nn.Module:

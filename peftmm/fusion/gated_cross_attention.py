@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import FUSIONS, masked_mean
 from ..schema import MAX_HEADS, MAX_WIDTH
+from . import FUSIONS, masked_mean
 
 
 class GatedCrossAttentionBlock(nn.Module):

@@ -9,9 +9,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import DataError
+from ..schema import MAX_WIDTH
 from . import TASKS
 from .base import Task
-from ..schema import MAX_WIDTH
 
 
 @TASKS.register("vqa")
