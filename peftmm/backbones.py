@@ -13,7 +13,6 @@ import difflib
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +25,7 @@ from torch import nn
 from . import zoo
 from .data.images import parse_background
 from .errors import PeftmmError
+from .hub_access import hub_allowed, hub_cached, local_only, probe_hub
 from .methods.base import ActiveSlots
 from .preprocess import ImagePreprocessor, image_preprocessor
 from .safe_load import short_repr
@@ -72,50 +72,8 @@ def resolve_source(source: str) -> str:
         raise PeftmmError(f"backbone {source!r} is a hub id that is not in the local Hugging Face cache, and the Hub "
                           "may not be contacted (HF_HUB_OFFLINE or --offline): download it where the Hub is allowed, "
                           "or point the recipe at a local folder")
-    _probe_hub(source)
+    probe_hub(source)
     return source
-
-
-def hub_allowed() -> bool:
-    """Whether the Hugging Face Hub may be contacted: not under HF_HUB_OFFLINE (the environment's,
-    or huggingface_hub's own setting) nor ``peftmm --offline``."""
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return not (flag or constants.HF_HUB_OFFLINE)
-
-
-def hub_cached(repo: str) -> bool:
-    """Whether a hub id's config is in the local Hugging Face cache (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(repo, "config.json")
-    except (ValueError, OSError):   # not a valid repo id
-        return False
-    return isinstance(found, str)
-
-
-def local_only(folder: str) -> bool:
-    """Whether transformers must load ``folder`` (a hub id) from the cache alone: it is cached
-    (no update check over the network) or the Hub is not allowed."""
-    return not Path(folder).is_dir() and (hub_cached(folder) or not hub_allowed())
-
-
-def _probe_hub(repo: str) -> None:
-    """One request to the Hub for a hub id that is not cached: a clear error instead of retries."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    try:
-        HfApi().model_info(repo, timeout=10)
-    except RepositoryNotFoundError:
-        raise PeftmmError(f"backbone {repo!r}: no such model on the Hugging Face Hub (or it is private), and it is "
-                          f"neither a zoo name ({', '.join(zoo.catalogue())}) nor a local folder") from None
-    except Exception as e:  # noqa: BLE001  (any transport failure: one attempt, one message)
-        raise PeftmmError(f"backbone {repo!r} is not in the local Hugging Face cache and the Hub could not be reached "
-                          f"({type(e).__name__}: {short_repr(str(e), 120)}); one attempt was made. Set "
-                          "HF_HUB_OFFLINE=1 to stay offline, or point the recipe at a local folder") from None
 
 
 @lru_cache(maxsize=32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import PeftmmError
+from .hub_access import local_only
 from .safe_load import load_json
 
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -43,8 +44,6 @@ def check_safetensors_only(name: str, source: str, folder: str, config, tower_co
         index = path / SAFE_INDEX if (path / SAFE_INDEX).is_file() else None
     else:  # a hub id: its index, if the repo has one (transformers would fetch it anyway)
         from transformers.utils import cached_file
-
-        from .backbones import local_only
 
         try:
             found = cached_file(folder, SAFE_INDEX, _raise_exceptions_for_missing_entries=False,

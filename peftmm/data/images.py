@@ -53,6 +53,7 @@ def set_pixel_limit(pixels: int | None) -> None:
         raise ValueError("the pixel limit must be positive")
     _max_pixels = pixels
 
+
 # (does this path belong to you?, write it again) pairs, tried in order.
 _REPAIRERS: list[tuple[Callable[[Path], bool], Callable[[Path], None]]] = []
 
@@ -64,6 +65,8 @@ def register_repairer(owns: Callable[[Path], bool], repair: Callable[[Path], Non
 def load_image(path: str | Path):
     try:
         return _read(path)
+    except ImageTooLarge:
+        raise   # a file too large is no damaged cache entry: writing it again would not help
     except DataError:
         repair = next((fix for owns, fix in _REPAIRERS if owns(Path(path))), None)
         if repair is None:
