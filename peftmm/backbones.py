@@ -9,6 +9,7 @@ in one tower can never match a module of the other.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -22,10 +23,13 @@ import torch
 from torch import nn
 
 from . import zoo
+from .images import parse_background
 from .errors import PeftmmError
+from .hub_access import hub_allowed, hub_cached, local_only, probe_hub
 from .methods.base import ActiveSlots
 from .precision import device_facts, int8_threshold, nf4_compute_dtype
 from .preprocess import ImagePreprocessor, image_preprocessor
+from .safe_load import short_repr
 from .weight_files import check_safetensors_only, pickle_refused
 
 TOWERS = ("vision", "text")
@@ -50,14 +54,26 @@ def architectures() -> dict[str, dict]:
 
 
 def resolve_source(source: str) -> str:
-    """A zoo name becomes its cached folder; a folder stays a folder; anything else is a hub id."""
+    """A zoo name becomes its cached folder; a folder stays a folder; anything else must be a hub
+    id (``owner/name``), found in the local Hugging Face cache or, only where the user allows the
+    Hub (``hub_allowed``), checked there with one request. A name from an untrusted bundle so
+    never sets off transformers' download retries: a misspelt zoo name fails here, offline."""
     if zoo.is_zoo_name(source):
         return str(zoo.resolve(source))
     if Path(source).expanduser().exists():
         return str(Path(source).expanduser().resolve())
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise PeftmmError(f"backbone {source!r} is neither a zoo name ({', '.join(zoo.catalogue())}), "
-                          "an existing folder, nor a hub id")
+    if source.startswith((".", "/", "~")) or source.count("/") != 1 or not all(source.split("/")):
+        hint = difflib.get_close_matches(source, list(zoo.catalogue()), n=1)
+        raise PeftmmError(f"backbone {short_repr(source)} is neither a zoo name ({', '.join(zoo.catalogue())}"
+                          f"{f'; did you mean {hint[0]!r}?' if hint else ''}), an existing folder, nor a hub id "
+                          "(owner/name)")
+    if hub_cached(source):
+        return source
+    if not hub_allowed():
+        raise PeftmmError(f"backbone {source!r} is a hub id that is not in the local Hugging Face cache, and the Hub "
+                          "may not be contacted (HF_HUB_OFFLINE or --offline): download it where the Hub is allowed, "
+                          "or point the recipe at a local folder")
+    probe_hub(source)
     return source
 
 
@@ -215,16 +231,16 @@ class Tower(nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
         return hidden.float(), inputs["attention_mask"].bool()
 
-    def image_processor(self, size: int) -> "ImagePreprocessor":
+    def image_processor(self, size: int, background=None) -> "ImagePreprocessor":
         """This tower's preprocessing at another image size (CNNs take any size, and a bundle
-        sharing the tower may have trained at another one)."""
-        if size == self.processor.size:
+        sharing the tower may have trained at another one), or over another background."""
+        background = self.processor.background if background is None else parse_background(background)
+        if size == self.processor.size and background == self.processor.background:
             return self.processor
-        resized = self.__dict__.setdefault("_resized_processors", {})
-        if size not in resized:
-            base = self.processor
-            resized[size] = ImagePreprocessor(size, base.mean.flatten().tolist(), base.std.flatten().tolist())
-        return resized[size]
+        variants = self.__dict__.setdefault("_resized_processors", {})
+        if (size, background) not in variants:
+            variants[size, background] = self.processor.variant(size, background)
+        return variants[size, background]
 
     def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         encoded = self.processor(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -280,15 +296,16 @@ class BackboneFiles:
         return self.tower_config.model_type
 
 
-def read_backbone(name: str, source: str, *, image_size: int | None = None,
-                  causal_lm: bool = False) -> BackboneFiles:
+def read_backbone(name: str, source: str, *, image_size: int | None = None, causal_lm: bool = False,
+                  background="white") -> BackboneFiles:
     """Resolve a backbone (zoo name, folder or hub id) and read its config and processor only."""
     from transformers import AutoConfig, AutoTokenizer
 
     quiet_libraries()
     folder = resolve_source(source)
+    offline = {"local_files_only": True} if local_only(folder) else {}
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, **offline)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PeftmmError(f"cannot load {name} backbone {source!r}: it is neither a zoo name "
@@ -297,18 +314,19 @@ def read_backbone(name: str, source: str, *, image_size: int | None = None,
     cls, tower_config = _model_class(config, name, causal_lm)
     layout = architectures().get(tower_config.model_type, {}).get("layout", "sequence")
     if name == "vision":
-        processor = image_preprocessor(folder, tower_config, image_size, layout)
+        processor = image_preprocessor(folder, tower_config, image_size, layout, background)
     else:
-        processor = AutoTokenizer.from_pretrained(folder)
+        processor = AutoTokenizer.from_pretrained(folder, **offline)
         if processor.pad_token is None:  # decoder LMs often ship without one
             processor.pad_token = processor.eos_token
     return BackboneFiles(folder, cls, config, tower_config, layout, processor)
 
 
 def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: int | None = None,
-               device: str | torch.device = "cpu", causal_lm: bool = False) -> Tower:
-    """Load one frozen tower. ``name`` is "vision" or "text"."""
-    files = read_backbone(name, source, image_size=image_size, causal_lm=causal_lm)
+               device: str | torch.device = "cpu", causal_lm: bool = False, background="white") -> Tower:
+    """Load one frozen tower. ``name`` is "vision" or "text"; ``background``: what transparent
+    pixels are composited onto (vision)."""
+    files = read_backbone(name, source, image_size=image_size, causal_lm=causal_lm, background=background)
     folder, cls, config, tower_config = files.folder, files.cls, files.config, files.tower_config
     kwargs: dict = {"dtype": DTYPES[precision]}
     if precision in ("int8", "nf4"):
@@ -322,7 +340,7 @@ def load_tower(name: str, source: str, precision: str = "fp32", *, image_size: i
         # use_safetensors: a folder or hub repo with only pytorch_model.bin (a pickle) is refused,
         # never torch.load-ed
         model = cls.from_pretrained(folder, **({"config": tower_config} if tower_config is not config else {}),
-                                    use_safetensors=True, **kwargs)
+                                    use_safetensors=True, local_files_only=local_only(folder), **kwargs)
     except OSError as e:
         if "safetensors" not in str(e):
             raise

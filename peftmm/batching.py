@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .data.images import load_image
+from .images import load_image
 from .data.skips import SplitLog, needed_text_error
 from .errors import DataError
 from .features import FeatureCache

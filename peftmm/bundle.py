@@ -34,6 +34,7 @@ from .io import atomic_directory
 from .methods.base import DEFAULT_SLOT
 from .model import MultimodalModel
 from .tasks.base import MEMORY   # the prefix of tensors a task built from data (Task.memory_tensors)
+from .safe_load import load_json, short_repr
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, CARD = "adapter_model.safetensors", "adapter_config.json", "README.md"
@@ -79,6 +80,7 @@ def save_bundle(model, recipe, path: str | Path, metrics: dict | None = None, ov
     config = bundle_config(model, saved_recipe, metrics, precision)
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    check_finite(tensors, str(path))
     metadata = {"format": "peftmm", "format_version": str(FORMAT_VERSION),
                 "config_sha256": hashlib.sha256(config_bytes).hexdigest()}
     with atomic_directory(path, overwrite=overwrite) as tmp:
@@ -102,16 +104,10 @@ def read_config(path: str | Path) -> dict:
     path = Path(path)
     if not (path / CONFIG).is_file():
         raise BundleError(f"not an adapter bundle: {CONFIG} is missing", str(path))
-    try:
-        config = json.loads((path / CONFIG).read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{CONFIG} is not valid JSON ({e})", str(path)) from None
+    config = load_json(member(path, CONFIG).read_bytes(), str(path), BundleError, f"{CONFIG} is not valid JSON")
     if not isinstance(config, dict) or config.get("format") != "peftmm":
         raise BundleError(f"{CONFIG} is not a peftmm adapter config", str(path))
-    version = config.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
-        raise BundleError(f"bundle format version {version!r} is newer than this peftmm reads "
-                          f"({FORMAT_VERSION}); upgrade peftmm", str(path))
+    config["format_version"] = format_version(config.get("format_version"), path)
     missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise BundleError(f"{CONFIG} lacks the key{'s' if len(missing) > 1 else ''} "
@@ -123,6 +119,10 @@ def read_config(path: str | Path) -> dict:
                               f"got {type(config[key]).__name__}", str(path))
     if not all(isinstance(label, str) for label in config["labels"]):
         raise BundleError(f"{CONFIG}: 'labels' must be a list of strings", str(path))
+    seen: set[str] = set()
+    twice = next((label for label in config["labels"] if label in seen or seen.add(label)), None)
+    if twice is not None:
+        raise BundleError(f"{CONFIG}: label {short_repr(twice)} is listed more than once in 'labels'", str(path))
     for tower in TOWERS:
         if not isinstance(config["towers"].get(tower), dict):
             raise BundleError(f"{CONFIG}: towers lacks the {tower!r} tower", str(path))
@@ -138,7 +138,47 @@ def read_config(path: str | Path) -> dict:
                           f"got {recorded!r}", str(path))
     if "metrics" in config and not isinstance(config["metrics"], dict):
         raise BundleError(f"{CONFIG}: 'metrics' must be a mapping", str(path))
+    recipe_task = config["recipe"].get("task", {"type": "vqa"})  # the recipe's default task
+    recipe_task = recipe_task.get("type") if isinstance(recipe_task, dict) else recipe_task
+    if recipe_task != config["task"]:
+        raise BundleError(f"{CONFIG}: 'task' is {short_repr(config['task'])} but its recipe's task.type is "
+                          f"{short_repr(recipe_task)}", str(path))
     return config
+
+
+def format_version(version, path: Path) -> int:
+    """The config's ``format_version`` as an int: 1.0 is 1 (a JSON writer may add the point);
+    anything but a positive whole number is refused, and one newer than this peftmm reads."""
+    if isinstance(version, float) and version.is_integer():
+        version = int(version)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"{CONFIG}: format_version {short_repr(version)} is not a version: it must be a "
+                          f"positive whole number (this peftmm reads up to {FORMAT_VERSION})", str(path))
+    if version > FORMAT_VERSION:
+        raise BundleError(f"bundle format version {version} is newer than this peftmm reads "
+                          f"({FORMAT_VERSION}); upgrade peftmm", str(path))
+    return version
+
+
+def member(path: Path, name: str) -> Path:
+    """``path / name``, refused when it resolves outside the bundle folder: a file symlink in a
+    bundle must not make peftmm read (or serve) a file from elsewhere."""
+    target = (path / name).resolve()
+    if not target.is_relative_to(path.resolve()):
+        raise BundleError(f"{name} leads outside the bundle folder (to {target}); a bundle's files must be "
+                          "inside it", str(path))
+    return target
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN or infinite values, naming the first tensor that holds them: a diverged
+    run's bundle answers NaN scores (not valid JSON) for every input."""
+    for name in sorted(tensors):
+        value = tensors[name]
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise BundleError(f"tensor {name!r} holds {bad} NaN or infinite value{'s' if bad > 1 else ''} "
+                              f"(of {value.numel()}): training diverged, or the file was altered", where)
 
 
 def read_header(path: str | Path) -> dict:
@@ -156,6 +196,7 @@ def read_header(path: str | Path) -> dict:
 
     if not weights.is_file():
         raise BundleError(f"{WEIGHTS} is missing", str(path))
+    weights = member(path, WEIGHTS)
     size = weights.stat().st_size
     if size < 8:
         raise bad(f"the file is {size} bytes, shorter than the 8-byte header length")
@@ -168,10 +209,8 @@ def read_header(path: str | Path) -> dict:
             raise bad(f"header of {length} bytes is larger than the file ({size} bytes, "
                       f"{size - 8} after the length)")
         raw = f.read(length)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad(f"its {length}-byte header is not JSON ({e})") from None
+    header = load_json(raw, str(path), BundleError, f"{WEIGHTS} is corrupt or truncated: its {length}-byte header "
+                       "is not JSON")
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
     metadata = header.get("__metadata__", {})
@@ -185,10 +224,10 @@ def read_header(path: str | Path) -> dict:
                 and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
                 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
                         for x in entry["shape"] + entry["data_offsets"])):
-            raise bad(f"tensor {name!r} has a malformed header entry {entry!r}")
+            raise bad(f"tensor {short_repr(name)} has a malformed header entry {short_repr(entry)}")
         dtype = entry.get("dtype")
         if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-            raise bad(f"tensor {name!r} has dtype {dtype!r}; a bundle may hold only "
+            raise bad(f"tensor {short_repr(name)} has dtype {short_repr(dtype)}; a bundle may hold only "
                       f"{', '.join(DTYPE_BYTES)}")
         begin, stop = entry["data_offsets"]
         need = math.prod(entry["shape"]) * DTYPE_BYTES[dtype]
@@ -208,7 +247,7 @@ def read_header(path: str | Path) -> dict:
 
 def _check_checksum(path: Path, header: dict) -> None:
     expected = header.get("__metadata__", {}).get("config_sha256")
-    actual = hashlib.sha256((path / CONFIG).read_bytes()).hexdigest()
+    actual = hashlib.sha256(member(path, CONFIG).read_bytes()).hexdigest()
     if expected != actual:
         raise BundleError(f"{CONFIG} does not match {WEIGHTS} (config sha256 {actual[:12]}, "
                           f"weights were saved with {str(expected)[:12]})", str(path))
@@ -222,10 +261,11 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise BundleError(f"not an adapter bundle: {CONFIG} is missing", str(path))
     _check_checksum(path, header)
     try:
-        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+        with safe_open(str(member(path, WEIGHTS)), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise BundleError(f"{WEIGHTS} is corrupt or truncated ({e})", str(path)) from None
+    check_finite(tensors, str(path / WEIGHTS))
     return tensors
 
 
@@ -274,7 +314,7 @@ def bundle_summary(path: str | Path) -> dict:
                                                          "hidden_size")}
         towers[tower]["methods"] = _methods(recipe[tower], info.get("model_type"))
         towers[tower]["trainable_params"] = groups[tower]
-    files = {name: (path / name).stat().st_size for name in (WEIGHTS, CONFIG, CARD) if (path / name).is_file()}
+    files = {name: member(path, name).stat().st_size for name in (WEIGHTS, CONFIG, CARD) if (path / name).is_file()}
     fusion = recipe.get("fusion") if isinstance(recipe.get("fusion"), dict) else {}
     head = recipe.get("task") if isinstance(recipe.get("task"), dict) else {}
     return {

@@ -32,3 +32,7 @@ class BundleError(PeftmmError):
 
 class DataError(PeftmmError):
     """A data set or image that cannot be read."""
+
+
+class ImageTooLarge(DataError):
+    """An image over the pixel limit, refused before decoding (the server answers 413)."""

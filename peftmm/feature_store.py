@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from .images import NORMALISATION
 from .errors import RecipeError
 from .io import atomic_write_bytes, fsync_dir
 
@@ -87,7 +88,7 @@ def cache_key(tower, max_length: int | None) -> dict:
         "torch": torch.__version__, "transformers": transformers.__version__,
     }
     if tower.name == "vision":   # preprocess.ImagePreprocessor: RGB, bicubic resize to size x size, mean/std
-        key["preprocessing"] = {**tower.processor.describe(), "convert": "RGB", "resize": "bicubic"}
+        key["preprocessing"] = {**tower.processor.describe(), "convert": NORMALISATION, "resize": "bicubic"}
     else:
         key["preprocessing"] = {"tokenizer": _tokenizer_identity(tower.processor), "max_length": max_length,
                                 "padding": "longest", "truncation": True}

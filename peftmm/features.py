@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .data.images import load_image
+from .images import load_image
 from .errors import DataError
 from .feature_store import DiskCache, cache_key, file_stamp, stderr
 from .tensors import to_device

@@ -49,6 +49,7 @@ class MultimodalModel(nn.Module):
                 if name not in towers:
                     towers[name] = load_tower(name, spec.backbone, spec.precision, device=device,
                                               image_size=spec.image_size if name == "vision" else None,
+                                              background=spec.background,
                                               causal_lm=name == "text" and _task_needs_lm(recipe))
                 for config in spec.methods:
                     method = build_method(config, slot)

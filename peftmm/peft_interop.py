@@ -23,6 +23,7 @@ from .io import atomic_directory
 from .methods.base import PLAIN_NAME  # what recipe targets read as a suffix, not a regex
 from .model import MultimodalModel
 from .recipe import from_dict
+from .safe_load import load_json
 
 PEFT_PREFIX = "base_model.model."
 _BUNDLE_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])\.default\.weight")
@@ -167,11 +168,10 @@ def _read_peft_config(peft_dir: Path) -> dict:
 
     path = peft_dir / "adapter_config.json"
     try:
-        peft = json.loads(path.read_bytes())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise BundleError("not a peft adapter folder: adapter_config.json is missing", str(peft_dir)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"adapter_config.json is not valid JSON ({e})", str(peft_dir)) from None
+    peft = load_json(raw, str(peft_dir), BundleError, "adapter_config.json is not valid JSON")
     if not isinstance(peft, dict) or peft.get("peft_type") != "LORA":
         kind = peft.get("peft_type") if isinstance(peft, dict) else None
         raise BundleError(f"peft_type is {kind!r}: only LORA adapters can be imported", str(path))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
 import math
 import struct
 import weakref
@@ -37,6 +36,9 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .backbones import QUANTIZATION_SKIP
 from .batching import Batcher
+from .bundle import MAX_HEADER_BYTES
+from .errors import PeftmmError
+from .safe_load import load_json
 from .tensors import to_device
 
 MMAP_THRESHOLD = 32 * 2**20   # glibc malloc: blocks this large are mapped alone (module docstring)
@@ -338,8 +340,13 @@ def file_itemsize(folder: str, config) -> int:
     for path in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
         try:
             with open(path, "rb") as f:
-                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        except (OSError, ValueError, struct.error):
+                length = struct.unpack("<Q", f.read(8))[0]
+                if length > MAX_HEADER_BYTES:   # safetensors' own cap: not a header to read
+                    continue
+                header = load_json(f.read(length), str(path))
+        except (OSError, PeftmmError, struct.error):
+            continue
+        if not isinstance(header, dict):
             continue
         for entry in header.values():
             if isinstance(entry, dict) and entry.get("dtype") in _ITEMSIZE:

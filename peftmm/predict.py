@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from .bundle import load_bundle, resolve_bundle
 from .data import load_splits
 from .errors import PeftmmError
 from .precision import inference_context
+from .safe_load import short_repr
 from .tensors import to_device
 from .trainer import evaluate
 
@@ -55,8 +57,9 @@ class Predictor:
         if not self.model.task.ranks_texts:
             raise PeftmmError(f"zero-shot labels need a retrieval bundle; this one is a {self.config['task']} bundle")
         labels = [label.strip() for label in labels if label.strip()]
-        if len(labels) < 2 or "{}" not in template:
+        if len(labels) < 2:
             raise PeftmmError("give at least two labels, and a template containing {} for the label")
+        check_template(template)
         batch = self.batcher([{"image": str(image), "text": template.format(label)} for label in labels])
         with self.precision():
             outputs = self.model(to_device(batch, self.device))
@@ -64,6 +67,22 @@ class Predictor:
         order = probs.argsort(descending=True).tolist()
         return {"answer": labels[order[0]],
                 "scores": [{"answer": labels[i], "score": round(probs[i].item(), 6)} for i in order]}
+
+
+def check_template(template: str) -> None:
+    """A label template holds ``{}`` exactly once and no other field (``{x}``, ``{0.a}``, ``{:>9}``),
+    so ``template.format(label)`` cannot fail; ``{{`` and ``}}`` write braces."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as e:
+        raise PeftmmError(f"--template {short_repr(template)}: not a valid template ({e}); write {{{{ and }}}} for "
+                          "literal braces") from None
+    if fields != [("", "", None)]:
+        found = ", ".join("{" + name + "}" for name, _, _ in fields)
+        raise PeftmmError(f"--template {short_repr(template)} must contain {{}} exactly once, for the label, and no "
+                          f"other {{field}} (it has {len(fields)}: {found or 'none'}); "
+                          "write {{ and }} for literal braces")
 
 
 def evaluate_bundle(path: str | Path, split: str = "test", batch_size: int = 256, progress: bool = True,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from .images import WHITE, parse_background, to_rgb
 from .errors import PeftmmError
+from .safe_load import load_json
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -22,8 +23,9 @@ class ImagePreprocessor:
     float32 operations, bit for bit.
     """
 
-    def __init__(self, size: int, mean=_IMAGENET_MEAN, std=_IMAGENET_STD):
+    def __init__(self, size: int, mean=_IMAGENET_MEAN, std=_IMAGENET_STD, background=WHITE):
         self.size = size
+        self.background = parse_background(background)  # under transparent pixels (images.py)
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         self._mean = self.mean.numpy().reshape(1, 1, 3)
@@ -33,7 +35,7 @@ class ImagePreprocessor:
         import numpy as np
         from PIL import Image
 
-        image = image.convert("RGB")
+        image = to_rgb(image, self.background)
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.BICUBIC)
         pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
@@ -41,14 +43,21 @@ class ImagePreprocessor:
         return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
 
     def describe(self) -> dict:
-        return {"size": self.size, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+        return {"size": self.size, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
+                "background": list(self.background)}
+
+    def variant(self, size: int | None = None, background=None) -> "ImagePreprocessor":
+        """The same normalisation at another size or over another background."""
+        return ImagePreprocessor(size or self.size, self.mean.flatten().tolist(), self.std.flatten().tolist(),
+                                 self.background if background is None else background)
 
 
-def image_preprocessor(folder: str, config, image_size: int | None, layout: str) -> ImagePreprocessor:
+def image_preprocessor(folder: str, config, image_size: int | None, layout: str,
+                       background=WHITE) -> ImagePreprocessor:
     settings = {}
     pre = Path(folder) / "preprocessor_config.json"
     if pre.exists():
-        settings = json.loads(pre.read_text())
+        settings = load_json(pre.read_bytes(), str(pre), what="preprocessor_config.json is not valid JSON")
     native = getattr(config, "image_size", None)
     if image_size is None:
         size = settings.get("size", {})
@@ -57,4 +66,4 @@ def image_preprocessor(folder: str, config, image_size: int | None, layout: str)
         raise PeftmmError(f"vision.image_size = {image_size} but this vision transformer was trained "
                           f"at {native} px; leave image_size unset or use {native}")
     return ImagePreprocessor(image_size, settings.get("image_mean", _IMAGENET_MEAN),
-                             settings.get("image_std", _IMAGENET_STD))
+                             settings.get("image_std", _IMAGENET_STD), background)

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from . import schema
 from .augment import AugmentSpec
+from .images import parse_background
 from .errors import RecipeError
+from .safe_load import load_yaml, short_repr, utf8_text
+from .schema import MAX_BATCH
 
 Precision = Literal["int8", "nf4", "bf16", "fp32"]
 
@@ -34,6 +35,16 @@ class TowerSpec:
     # Activation checkpointing in a tower with trainable modules: keep only each block's input
     # and run the block again in backward (less memory, one more forward pass; Tower.enable_checkpointing)
     gradient_checkpointing: bool = False
+    # Vision only: the colour transparent pixels are composited onto (a name, #rrggbb or rgb(...)).
+    # Saved with the bundle, so prediction sees images as training did; part of the feature-cache key.
+    background: str = "white"
+
+    def validate(self):
+        try:
+            parse_background(self.background)
+        except ValueError:
+            raise ValueError(f"background = {short_repr(self.background)} is not a colour: give a name such as "
+                             "white, #rrggbb or rgb(r, g, b)") from None
 
 
 @dataclass
@@ -78,15 +89,15 @@ class DataSpec:
 @dataclass
 class TrainSpec:
     epochs: int = field(default=3, metadata={"min": 1, "max": 1000})
-    batch_size: int = field(default=64, metadata={"min": 1})
-    eval_batch_size: int = field(default=256, metadata={"min": 1})
-    grad_accum: int = field(default=1, metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 1, "max": MAX_BATCH})
+    eval_batch_size: int = field(default=256, metadata={"min": 1, "max": MAX_BATCH})
+    grad_accum: int = field(default=1, metadata={"min": 1, "max": 10_000})
     lr: float = field(default=1e-3, metadata={"gt": 0.0, "max": 1.0})
     weight_decay: float = field(default=0.01, metadata={"min": 0.0, "max": 1.0})
     warmup_ratio: float = field(default=0.05, metadata={"min": 0.0, "max": 1.0})
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_steps: int | None = field(default=None, metadata={"min": 1})
-    patience: int = field(default=2, metadata={"min": 1})      # epochs without val gain before stopping
+    patience: int = field(default=2, metadata={"min": 1, "max": 1000})      # epochs without val gain before stopping
     seed: int = 0
     group_by_image: bool = False   # batch all questions of an image together (see sampling.py)
     # Threads decoding and resizing a training batch's images where the vision tower trains (no
@@ -184,16 +195,12 @@ def from_dict(data: dict, source: str | None = None, overrides: list[str] = ()) 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise RecipeError(f"cannot read recipe: {e.strerror}", str(path)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"not valid YAML{at}: {getattr(e, 'problem', e)}", str(path)) from None
+    data = load_yaml(utf8_text(raw, str(path), RecipeError), str(path), RecipeError)
     return from_dict(data, str(path), overrides)
+
 
 
 def apply_override(data: dict, item: str, source: str | None = None) -> None:
@@ -204,10 +211,10 @@ def apply_override(data: dict, item: str, source: str | None = None) -> None:
         raise RecipeError(f"--set {item!r}: a recipe must be a mapping of sections", source)
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"--set {key}: the value {raw!r} is not valid YAML ({getattr(e, 'problem', None) or e})",
-                          source) from None
+        value = load_yaml(raw, source, RecipeError) if raw.strip() else None
+    except RecipeError as e:
+        reason = e.message.split(": ", 1)[-1]
+        raise RecipeError(f"--set {key}: the value {short_repr(raw)} is not valid YAML ({reason})", source) from None
     parts = key.strip().split(".")
     node: Any = data
     for depth, part in enumerate(parts[:-1]):

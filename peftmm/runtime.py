@@ -28,7 +28,7 @@ import torch
 
 from .backbones import TOWERS, Tower, load_tower
 from .bundle import CONFIG, bundle_summary, check_adapter_name, load_bundle, read_config, resolve_bundle
-from .data.images import load_image
+from .images import load_image, parse_background
 from .errors import BundleError, DataError
 from .features import pad_tokens
 from .methods.base import NO_SLOT
@@ -234,7 +234,9 @@ class Runtime:
             model = entries[i].model
             slot = model.slot if model.methods[tower_name] else NO_SLOT
             if tower_name == "vision":
-                value = (images[i][0], entries[i].recipe.vision.image_size or model.towers["vision"].processor.size)
+                spec = entries[i].recipe.vision   # each bundle's own size and background (one shared tower)
+                value = (images[i][0], spec.image_size or model.towers["vision"].processor.size,
+                         parse_background(spec.background))
             else:
                 value = (texts[i], model.max_length)
             rows.setdefault((id(model.towers[tower_name]), slot, value), []).append(i)
@@ -266,8 +268,8 @@ class Runtime:
     def _forward(self, tower: Tower, chunk, entries, images) -> list[torch.Tensor]:
         slots = [key[1] for key, _ in chunk]
         if tower.name == "vision":
-            preprocess = tower.image_processor(chunk[0][0][2][1])
-            inputs = {"pixel_values": torch.stack([preprocess(images[users[0]][1]) for _, users in chunk])}
+            inputs = {"pixel_values": torch.stack([tower.image_processor(key[2][1], key[2][2])(images[users[0]][1])
+                                                   for key, users in chunk])}
         else:
             inputs = _tokenize(tower, [(key[2][0], key[2][1]) for key, _ in chunk])
         inputs = to_device(inputs, self.device)

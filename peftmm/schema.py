@@ -17,8 +17,17 @@ import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
 from .errors import RecipeError
+from .safe_load import short_repr
 
 _MISSING = dataclasses.MISSING
+
+# Upper bounds for the sizes a recipe allocates with (field metadata ``max``), so a typo or a
+# hostile --set is a plain error instead of an allocation traceback. The widest supported
+# backbone (SmolLM2-1.7B in hub_configs/) is 2,048 wide; 16,384 leaves 8x room and keeps one
+# square fp32 matrix of that width at 1 GiB.
+MAX_WIDTH = 16_384
+MAX_HEADS = 256
+MAX_BATCH = 65_536
 
 
 def build(cls: type, data: Any, path: str = "", where: str | None = None):
@@ -30,7 +39,7 @@ def build(cls: type, data: Any, path: str = "", where: str | None = None):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = difflib.get_close_matches(key[:200], list(fields), n=1) if isinstance(key, str) else None
             did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
             raise RecipeError(f"unknown key {_join(path, key)!r}{did_you_mean} "
                               f"(allowed: {', '.join(fields)})", where)
@@ -128,7 +137,8 @@ def _check_bounds(value, key, where, meta):
     if choices is not None:
         choices = choices() if callable(choices) else choices
         if value not in choices:
-            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = difflib.get_close_matches(short_repr(value) if not isinstance(value, str) else value[:200],
+                                             [str(c) for c in choices], n=1)
             did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise RecipeError(f"{key} = {_show(value)} is not allowed{did_you_mean}; choose one of: "
                               f"{', '.join(map(str, choices))}", where)
@@ -162,7 +172,8 @@ def _type_name(tp):
 
 
 def _join(path, key):
-    return f"{path}.{key}" if path else str(key)
+    key = key if isinstance(key, str) else short_repr(key)
+    return f"{path}.{key}" if path else key
 
 
 def _label(path):
@@ -170,5 +181,6 @@ def _label(path):
 
 
 def _show(value):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    # never repr() the whole value: an aliased YAML structure or a huge integer has a repr that
+    # takes unbounded time and memory (or raises) before it could be cut
+    return short_repr(value)

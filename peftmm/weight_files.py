@@ -7,10 +7,11 @@ transformers reads any weight.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import PeftmmError
+from .hub_access import local_only
+from .safe_load import load_json
 
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 _SAFE_SUFFIXES = (".safetensors", ".safetensors.index.json")
@@ -46,14 +47,14 @@ def check_safetensors_only(name: str, source: str, folder: str, config, tower_co
 
         try:
             found = cached_file(folder, SAFE_INDEX, _raise_exceptions_for_missing_entries=False,
-                                _raise_exceptions_for_connection_errors=False)
+                                _raise_exceptions_for_connection_errors=False, local_files_only=local_only(folder))
         except OSError:
             found = None
         index = Path(found) if found else None
     if index is not None:
         try:
-            shards = json.loads(index.read_text())["weight_map"].values()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = load_json(index.read_bytes(), str(index))["weight_map"].values()
+        except (OSError, PeftmmError, KeyError, TypeError, AttributeError):
             raise pickle_refused(name, source, folder, f"{SAFE_INDEX} has no readable weight_map") from None
         bad = sorted({str(s) for s in shards if not str(s).endswith(".safetensors")})
         if bad:

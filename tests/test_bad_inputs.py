@@ -8,8 +8,11 @@ damaged copies of a tiny run trained through the CLI (the ``cli_run`` fixture), 
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
+import math
 import pickle
 import random
 import shutil
@@ -31,7 +34,7 @@ from peftmm.cli import main
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text())
 DEFAULT_ERROR = {"recipes": "RecipeError", "data": "DataError", "bundles": "BundleError", "names": "BundleError",
-                 "resume": "PeftmmError"}
+                 "resume": "PeftmmError", "templates": "PeftmmError"}
 QUESTION = "what shape is it?"
 
 
@@ -64,6 +67,12 @@ def check_cli(result, message: str) -> None:
     assert lines and lines[-1].startswith("error: ") and message in lines[-1], \
         f"\n{message!r}\nnot in the last line of\n{result.output}"
     assert all(line.startswith("peftmm: ") for line in lines[:-1]), result.output
+
+
+def set_env(case: dict, monkeypatch) -> None:
+    """A case's ``env``: settings the bad input is tried under (HF_HUB_OFFLINE, the pixel limit)."""
+    for name, value in case.get("env", {}).items():
+        monkeypatch.setenv(name, value)
 
 
 def snapshot(folder: Path) -> dict:
@@ -99,11 +108,12 @@ def test_bad_recipe(case, tiny_models, tmp_path, monkeypatch, no_unpickling):
     (bin_only / "model.safetensors").unlink()
     recipe = tmp_path / case["file"]
     source = CORPUS / "recipes" / case["file"]
-    if source.exists():
-        recipe.write_text(_fill(source.read_text(), {"vision": tiny_models["mobilenet_v2"], "text": tiny_models["bert"],
-                                                     "text_bin_only": str(bin_only)}))
+    if source.exists():  # latin-1 both ways: bytes kept as they are, for a case that is not UTF-8
+        values = {"vision": tiny_models["mobilenet_v2"], "text": tiny_models["bert"], "text_bin_only": str(bin_only)}
+        recipe.write_bytes(_fill(source.read_bytes().decode("latin-1"), values).encode("latin-1"))
     kind, message = expected(case, "recipes", recipe=recipe, dir=tmp_path)
     overrides = case.get("set", [])
+    set_env(case, monkeypatch)
     monkeypatch.chdir(tmp_path)  # a default run directory would land here
     before = snapshot(tmp_path)
 
@@ -122,6 +132,7 @@ def _images(folder: Path) -> None:
     for i in range(9):
         Image.new("RGB", (32, 32), ((i * 37) % 256, (i * 91) % 256, 128)).save(folder / "img" / f"{i}.png")
     (folder / "img" / "corrupt.png").write_bytes(random.Random(0).randbytes(300))
+    Image.new("RGB", (100, 100), (200, 40, 40)).save(folder / "img" / "big.png")  # over a case's pixel limit
 
 
 @pytest.mark.parametrize("case", cases("data"))
@@ -139,6 +150,7 @@ def test_bad_data_file(case, tiny_models, tmp_path, monkeypatch):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(settings))
     kind, message = expected(case, "data", file=data, dir=tmp_path)
+    set_env(case, monkeypatch)
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path)
 
@@ -213,6 +225,53 @@ def _weights_as_bin(path):
     (path / WEIGHTS).unlink()
 
 
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _config_text(path: Path, change) -> None:
+    """Edit adapter_config.json as text: what json.dumps cannot write (5,000 levels, huge integers)."""
+    (path / CONFIG).write_text(change((path / CONFIG).read_text()))
+
+
+def _header_text(path: Path, header: str) -> dict:
+    _write_weights(path, struct.pack("<Q", len(header)) + header.encode())
+    return {"length": len(header)}
+
+
+def _non_finite(path: Path, values: list[float]) -> dict:
+    name = sorted(k for k in load_file(path / WEIGHTS) if k.startswith("head."))[0]
+
+    def poison(tensors):
+        flat = tensors[name].view(-1)
+        flat[: len(values)] = torch.tensor(values)
+    _resave(path, poison)
+    return {"tensor": repr(name)}
+
+
+def _symlink_out(path: Path, name: str) -> dict:
+    """Move a bundle file out of the folder and leave an absolute link to it in its place."""
+    outside = path.parent / f"{path.name}-elsewhere" / name
+    outside.parent.mkdir()
+    (path / name).rename(outside)
+    (path / name).symlink_to(outside)
+    return {"target": outside.resolve()}
+
+
+def _backbone(path: Path, source: str) -> None:
+    tower = "vision" if "mobilenet" in source else "text"
+
+    def change(config):
+        config["recipe"][tower]["backbone"] = config["towers"][tower]["backbone"] = source
+    _edit_config(path, change, resign=True)
+
+
+def _duplicate_labels(path: Path) -> dict:
+    labels = json.loads((path / CONFIG).read_text())["labels"]
+    _edit_config(path, lambda c: c["labels"].__setitem__(1, labels[0]))
+    return {"label": repr(labels[0])}
+
+
 DAMAGES = {
     "truncate": _truncate,
     "trailing_bytes": lambda p: _write_weights(p, (p / WEIGHTS).read_bytes() + b"\0" * 7) or {"extra": 7},
@@ -241,6 +300,22 @@ DAMAGES = {
     "weights_missing": lambda p: (p / WEIGHTS).unlink(),
     "weights_as_bin": _weights_as_bin,
     "config_missing": lambda p: (p / CONFIG).unlink(),
+    "tensor_nan": lambda p: _non_finite(p, [math.nan]),
+    "tensor_inf": lambda p: _non_finite(p, [math.inf, -math.inf]),
+    "config_deep": lambda p: _config_text(p, lambda text: '{"deep": {"x": ' + _nested(5000) + "}, " + text[1:]),
+    "config_huge_int": lambda p: _config_text(p, lambda text: '{"big": ' + "9" * 5000 + ", " + text[1:]),
+    "header_deep": lambda p: _header_text(p, '{"__metadata__": {"format": "peftmm"}, "x": ' + _nested(5001) + "}"),
+    "header_huge_int": lambda p: _header_text(
+        p, '{"head.x": {"dtype": "F32", "shape": [1], "data_offsets": [0, ' + "9" * 5000 + "]}}"),
+    "weights_symlink_out": lambda p: _symlink_out(p, WEIGHTS),
+    "config_symlink_out": lambda p: _symlink_out(p, CONFIG),
+    "format_negative": lambda p: _edit_config(p, lambda c: c.update(format_version=-1)),
+    "format_string": lambda p: _edit_config(p, lambda c: c.update(format_version="1")),
+    "format_float_newer": lambda p: _edit_config(p, lambda c: c.update(format_version=2.0)),
+    "duplicate_labels": _duplicate_labels,
+    "task_contradicts": lambda p: _edit_config(p, lambda c: c.update(task="captioning")),
+    "backbone_misspelt": lambda p: _backbone(p, "mobilenet-v3"),
+    "backbone_hub_id": lambda p: _backbone(p, "someone/not-in-the-cache"),
 }
 
 
@@ -279,6 +354,7 @@ def test_bad_bundle(case, cli_run, serving, tmp_path, monkeypatch, no_unpickling
     if case["damage"] == "fingerprint_mismatch":
         values["fingerprint"] = runtime._adapters["good"].model.towers["text"].info.fingerprint[:12]
     kind, message = expected(case, "bundles", dir=path, **values)
+    set_env(case, monkeypatch)
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path)
 
@@ -299,10 +375,18 @@ def test_bad_bundle(case, cli_run, serving, tmp_path, monkeypatch, no_unpickling
     # a serving runtime: the bundle is refused and nothing of it stays
     state = _serving_state(runtime, image)
     assert state[3] == answer
-    shutil.copytree(path, root / case["id"])
+    shutil.copytree(path, root / case["id"], symlinks=True)  # a link stays a link
     try:
-        with pytest.raises(errors.PeftmmError) as error:
-            runtime.register(case["id"])
+        if case.get("fresh_runtime"):
+            from peftmm.runtime import Runtime
+
+            fresh = Runtime(device="cpu", root=root)
+            with pytest.raises(errors.PeftmmError) as error:
+                fresh.register(case["id"])
+            assert fresh.names() == [] and fresh.backbones() == []
+        else:
+            with pytest.raises(errors.PeftmmError) as error:
+                runtime.register(case["id"])
         served = expected(case, "bundles", "runtime_message", dir=root / case["id"], **values)
         check_error(error.value, *served)
         assert _serving_state(runtime, image) == state
@@ -398,6 +482,75 @@ def test_bad_resume(case, cli_run, tmp_path, monkeypatch):
     assert snapshot(tmp_path) == before  # the run directory exactly as it was
 
 
+# -- label templates --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", cases("templates"))
+def test_bad_template(case, cli_run, serving, tmp_path, monkeypatch):
+    from peftmm.predict import check_template
+
+    _, _, image, _ = serving
+    kind, message = expected(case, "templates")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(errors.PeftmmError) as error:
+        check_template(case["template"])
+    check_error(error.value, kind, message)
+    check_cli(invoke("predict", cli_run[1] / "bundle", "--image", image, "--labels", "circle,square",
+                     "--template", case["template"]), message)
+    assert snapshot(tmp_path) == {}
+
+
+# -- HTTP requests ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def big_png() -> bytes:
+    """A one-colour 9400x9400 PNG (~23 KB): 88 MP, under Pillow's own limit, over peftmm's 40 MP."""
+    out = io.BytesIO()
+    Image.new("P", (9400, 9400), 3).save(out, "PNG")
+    return out.getvalue()
+
+
+def _bundle_in(root: Path, source: Path, name: str, damage) -> dict:
+    shutil.copytree(source, root / name)
+    damage(root / name)
+    return {"json": {"bundle": name}}
+
+
+BODIES = {
+    "deep_json": lambda ctx: {"content": _nested(100_000).encode(), "headers": {"content-type": "application/json"}},
+    "huge_int_json": lambda ctx: {"content": b'{"adapter": "good", "question": "what?", "image_base64": ' + b"1" * 5000
+                                  + b"}", "headers": {"content-type": "application/json"}},
+    "register_deep_bundle": lambda ctx: _bundle_in(ctx["root"], ctx["source"], "deep-config", DAMAGES["config_deep"]),
+    "register_nan_bundle": lambda ctx: _bundle_in(ctx["root"], ctx["source"], "nan-head", DAMAGES["tensor_nan"]),
+    "big_png": lambda ctx: {"json": {"adapter": "good", "question": QUESTION,
+                                     "image_base64": base64.b64encode(ctx["png"]).decode()}},
+    "big_png_upload": lambda ctx: {"data": {"adapter": "good", "question": QUESTION},
+                                   "files": {"image": ("big.png", ctx["png"], "image/png")}},
+}
+
+
+@pytest.mark.parametrize("case", cases("requests"))
+def test_bad_request(case, cli_run, serving, big_png):
+    """Each answered with its 4xx and message, as JSON; the server serves on as it did."""
+    from fastapi.testclient import TestClient
+
+    from peftmm.serve import create_app
+
+    root, runtime, image, _ = serving
+    state = _serving_state(runtime, image)
+    before = {p.name for p in root.iterdir()}
+    request = BODIES[case["body"]]({"root": root, "source": cli_run[1] / "bundle", "png": big_png})
+    try:
+        with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
+            response = client.post(case["path"], **request)
+            assert response.status_code == case["status"], response.text
+            assert case["message"] in response.json()["error"], response.text
+            assert client.get("/api/health").json()["adapters"] == ["good"]
+    finally:
+        for added in {p.name for p in root.iterdir()} - before:
+            shutil.rmtree(root / added)
+    assert _serving_state(runtime, image) == state
+
+
 # -- the corpus itself ------------------------------------------------------------------------
 
 def test_the_corpus_has_distinct_cases_and_no_unused_files():
@@ -408,10 +561,12 @@ def test_the_corpus_has_distinct_cases_and_no_unused_files():
     assert files <= used, f"files no case uses: {sorted(files - used)}"
     assert {case["damage"] for case in CASES["bundles"]} == set(DAMAGES)
     assert {case["setup"] for case in CASES["resume"]} <= set(SETUPS)
-    # the safety docs state the corpus size and its parts: they must say what the corpus holds
-    readme = (Path(__file__).resolve().parent.parent / "docs" / "bundle-format.md").read_text()
+    assert {case["body"] for case in CASES["requests"]} == set(BODIES)
+    # docs/input-safety.md states the corpus size and its parts: it must say what the corpus holds
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "input-safety.md").read_text()
     parts = {name: len(section) for name, section in CASES.items()}
     stated = (f"{len(ids)} bad inputs ({parts['recipes']} recipes and `--set` strings, {parts['data']} data files, "
               f"{parts['bundles']} damaged bundles, {parts['names']} adapter names or paths that escape their "
-              f"folder, {parts['resume']} resumes)")
-    assert stated in " ".join(readme.split()), f"docs/bundle-format.md should say: {stated}"
+              f"folder, {parts['resume']} resumes, {parts['templates']} label templates, {parts['requests']} HTTP "
+              "requests)")
+    assert stated in " ".join(doc.split()), f"docs/input-safety.md should say: {stated}"

@@ -15,7 +15,7 @@ import pytest
 
 from peftmm.data import load_splits
 from peftmm.data import emoji as E
-from peftmm.data.images import load_image
+from peftmm.images import load_image
 from peftmm.errors import DataError
 from peftmm.recipe import DataSpec
 

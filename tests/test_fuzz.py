@@ -251,6 +251,33 @@ def test_apply_override_on_any_data_raises_only_recipe_errors(item, data):
         pass
 
 
+# JSON-looking text: brackets, digits and quotes mixed, runs of them repeated (deep nests, long numbers)
+JSONISH = st.lists(st.sampled_from(['[', ']', '{', '}', '"', '\\', ':', ',', '1', '9' * 80, '-', 'e', '.', 'true',
+                                    'null', 'NaN', ' ', '\n', '"a"', '[' * 200, ']' * 200, '\xff']),
+                   max_size=40).map("".join)
+
+
+@FUZZ
+@given(JSONISH | st.text(max_size=60))
+def test_random_json_text_loads_within_bounds_or_raises_peftmm_errors(text):
+    """Whatever the text, the JSON loader returns a value no deeper than its bound and without
+    over-long integers, or raises its caller's error type; never RecursionError or ValueError."""
+    from peftmm.safe_load import MAX_DEPTH, MAX_INT_DIGITS, json_depth, load_json
+
+    with no_hang():
+        try:
+            value = load_json(text.encode("utf-8", "surrogatepass"), "fuzz.json", BundleError)
+        except BundleError:
+            return
+    assert json_depth(json.dumps(value)) <= MAX_DEPTH
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, int):
+            assert len(str(abs(item))) <= MAX_INT_DIGITS
+        stack.extend(item.values() if isinstance(item, dict) else item if isinstance(item, list) else [])
+
+
 # ---------------------------------------------------------------------------------------------
 # Bundles: a good tiny one, damaged at random
 

@@ -6,6 +6,7 @@ to :data:`main` here, so ``peftmm --help`` lists them all.
 
 from __future__ import annotations
 
+import os
 import sys
 from functools import wraps
 
@@ -34,9 +35,13 @@ def friendly(fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("--offline", is_flag=True,
+              help="Never contact the Hugging Face Hub (as HF_HUB_OFFLINE=1): hub ids load from the local cache only.")
 @click.version_option(package_name="peftmm")
-def main(debug):
+def main(debug, offline):
     """Parameter-efficient fine-tuning for multimodal (image + text) models."""
+    if offline:   # read by peftmm.backbones.hub_allowed, and by huggingface_hub when it is imported later
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 from . import bundles, interop, plan, serve, training  # noqa: E402  (each module's commands, attached below)

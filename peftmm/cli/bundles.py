@@ -69,11 +69,14 @@ def format_summary(summary: dict) -> str:
 
 
 def _run_records(run_dir: Path) -> list[dict]:
+    from ..errors import PeftmmError
+    from ..safe_load import load_json
+
     records = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(load_json(line))
+        except PeftmmError:
             continue  # a run killed mid-line: the complete lines still tell the curve
     return records
 
@@ -158,9 +161,12 @@ def inspect(bundle, as_json):
 
 def _foreign(config: Path) -> bool:
     """A readable JSON config that is not peftmm's: a peft adapter folder, say."""
+    from ..errors import PeftmmError
+    from ..safe_load import load_json
+
     try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
+        data = load_json(config.read_bytes(), str(config))
+    except (OSError, PeftmmError):
         return False  # missing or broken: listed with its error
     return isinstance(data, dict) and "format" not in data
 
@@ -185,7 +191,7 @@ def list_bundles(folder, as_json):
             continue  # not a bundle (or another library's adapter, such as a peft export)
         try:
             entries.append(bundle_summary(path))
-        except (PeftmmError, OSError) as e:
+        except (PeftmmError, OSError, ValueError, RecursionError) as e:  # one broken bundle: its line, then on
             entries.append({"path": str(path), "name": path.name, "error": str(getattr(e, "message", e))})
     if as_json:
         click.echo(json.dumps(entries, indent=2))

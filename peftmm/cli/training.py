@@ -82,12 +82,14 @@ def evaluate(adapter, split, batch_size, max_samples):
 def predict(adapter, image, question, text, labels, template, as_json):
     """Predict for an IMAGE with an ADAPTER bundle: answer a --question, classify it with its
     --text, or pick one of --labels."""
-    from ..predict import Predictor
+    from ..predict import Predictor, check_template
 
     if question is not None and text is not None:
         raise click.UsageError("--question and --text are the same input: give one")
     given = "text" if text is not None else "question"   # echoed back under the name it was given
     question = question if question is not None else text
+    if labels is not None:
+        check_template(template)   # before any backbone loads
     predictor = Predictor.load(adapter)
     if labels is not None:
         result = predictor.classify(image, labels.split(","), template)

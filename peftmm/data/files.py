@@ -31,10 +31,11 @@ Recipe::
 from __future__ import annotations
 
 import csv
-import json
+import io
 from pathlib import Path
 
 from ..errors import DataError
+from ..safe_load import load_json, short_repr, utf8_text
 from . import DATASETS, Splits, stable_fraction
 
 SPLITS = ("train", "val", "test")
@@ -61,9 +62,14 @@ def read_files(path: str | Path, val_fraction: float = 0.1, test_fraction: float
     if not path.is_file():
         raise DataError("data file not found", str(path))
     reader = _jsonl if path.suffix.lower() == ".jsonl" else _csv
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read the data file ({e.strerror})", str(path)) from None
+    text = utf8_text(raw, str(path), DataError)
     examples, has_split = [], False
     columns: list[str] | None = None      # text and/or label, fixed by the header or first record
-    for line, record, present in reader(path):
+    for line, record, present in reader(path, text):
         where = f"{path}:{line}"
         if columns is None:
             columns = _columns(present, where)
@@ -91,7 +97,7 @@ def _columns(present: list[str], where: str) -> list[str]:
 def _example(record: dict, columns: list[str], has_split: bool, path: Path, where: str, lenient: bool) -> dict:
     image = record["image"]
     if not isinstance(image, str) or not image.strip():
-        raise DataError(f"empty image path (image = {image!r})", where)
+        raise DataError(f"empty image path (image = {short_repr(image)})", where)
     image_path = (path.parent / image.strip()).absolute()
     if not image_path.is_file() and not lenient:
         raise DataError(f"image file not found: {image.strip()} (looked for {image_path})", where)
@@ -101,7 +107,7 @@ def _example(record: dict, columns: list[str], has_split: bool, path: Path, wher
         if column == "label" and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
         if not isinstance(value, str):
-            raise DataError(f"{column} must be a string, got {value!r}", where)
+            raise DataError(f"{column} must be a string, got {short_repr(value)}", where)
         if not value.strip() and not (lenient and column == "text"):
             raise DataError(f"empty {column}", where)
         example[column] = value.strip() if column == "label" else value
@@ -109,7 +115,7 @@ def _example(record: dict, columns: list[str], has_split: bool, path: Path, wher
         split = record.get("split")
         split = split.strip().lower() if isinstance(split, str) else split
         if split not in SPLITS:
-            raise DataError(f"split = {record.get('split')!r} is not allowed; choose one of: "
+            raise DataError(f"split = {short_repr(record.get('split'))} is not allowed; choose one of: "
                             f"{', '.join(SPLITS)}", where)
         example["split"] = split
     example["_key"], example["_where"] = image.strip(), where
@@ -158,22 +164,18 @@ def check_labels_in_train(splits: Splits) -> None:
                     "(or assign splits with a 'split' column)", where)
 
 
-def _jsonl(path: Path):
-    with open(path, encoding="utf-8-sig") as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", f"{path}:{line}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"a line must be a JSON object, got {type(record).__name__}", f"{path}:{line}")
-            yield line, record, list(record)
+def _jsonl(path: Path, text: str):
+    for line, content in enumerate(text.split("\n"), 1):   # not splitlines(): JSON strings may hold U+2028
+        if not content.strip():
+            continue
+        record = load_json(content, f"{path}:{line}", DataError)
+        if not isinstance(record, dict):
+            raise DataError(f"a line must be a JSON object, got {type(record).__name__}", f"{path}:{line}")
+        yield line, record, list(record)
 
 
-def _csv(path: Path):
-    with open(path, encoding="utf-8-sig", newline="") as f:
+def _csv(path: Path, text: str):
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         header = [c.strip() for c in reader.fieldnames or []]
         if not header:

@@ -1,7 +1,7 @@
 """Bad samples during training: what ``data.on_bad_sample`` does with an example it cannot use.
 
 An example is *bad* when its image is missing or cannot be decoded (a :class:`DataError` from
-:func:`peftmm.data.images.load_image`), or when the text the task needs is empty (a caption to
+:func:`peftmm.images.load_image`), or when the text the task needs is empty (a caption to
 learn, a retrieval text, a question). One bad file among thousands must not end a run hours in,
 so with ``skip`` (the default) it is left out of its batch, counted per split and reported once
 per epoch; with ``stop`` the first one ends the run with the file and the reason.

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..schema import MAX_WIDTH
 from . import FUSIONS, masked_mean
 
 
@@ -14,7 +15,7 @@ from . import FUSIONS, masked_mean
 class ConcatMLPFusion(nn.Module):
     @dataclass
     class Config:
-        dim: int = field(default=512, metadata={"min": 8})
+        dim: int = field(default=512, metadata={"min": 8, "max": MAX_WIDTH})
         dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 0.9})
 
     def __init__(self, config, vision_dim: int, text_dim: int):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..schema import MAX_WIDTH
 from . import FUSIONS, masked_mean
 
 
@@ -35,7 +36,7 @@ def _projection(in_dim: int, out_dim: int, kind: str) -> nn.Module:
 class DualProjection(nn.Module):
     @dataclass
     class Config:
-        dim: int = field(default=256, metadata={"min": 8})
+        dim: int = field(default=256, metadata={"min": 8, "max": MAX_WIDTH})
         projection: Literal["linear", "mlp"] = "linear"  # linear heads were 3 points better (NOTES)
         text_projection: bool = True   # false: texts stay in the text tower's space (dim = its width)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..schema import MAX_HEADS, MAX_WIDTH
 from . import FUSIONS, masked_mean
 
 
@@ -39,8 +40,8 @@ class GatedCrossAttentionBlock(nn.Module):
 class GatedCrossAttentionFusion(nn.Module):
     @dataclass
     class Config:
-        dim: int = field(default=256, metadata={"min": 8})
-        heads: int = field(default=4, metadata={"min": 1})
+        dim: int = field(default=256, metadata={"min": 8, "max": MAX_WIDTH})
+        heads: int = field(default=4, metadata={"min": 1, "max": MAX_HEADS})
         layers: int = field(default=1, metadata={"min": 1, "max": 24})
         dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 0.9})
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import PeftmmError
+from ..schema import MAX_WIDTH
 from . import FUSIONS
 
 
@@ -27,7 +28,8 @@ class ProjectorFusion(nn.Module):
     @dataclass
     class Config:
         layers: int = field(default=2, metadata={"min": 1, "max": 2})  # 2: mlp2x_gelu, 1: linear
-        hidden: int | None = field(default=None, metadata={"min": 8})  # MLP width; None: the LM's width
+        # MLP width; None: the LM's width
+        hidden: int | None = field(default=None, metadata={"min": 8, "max": MAX_WIDTH})
         max_tokens: int | None = field(default=None, metadata={"min": 1, "max": 4096})  # None: keep all
         input_norm: bool = True   # LayerNorm on the vision features first (their scale varies by tower)
         dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.9})

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import PeftmmError
+from ..schema import MAX_WIDTH
 from . import METHODS
 from .base import Method, match_targets
 
@@ -99,7 +100,8 @@ class Adapter(Method):
     @dataclass
     class Config:
         placement: Literal["houlsby", "pfeiffer"] = "pfeiffer"
-        reduction_factor: int = field(default=16, metadata={"min": 1})  # hidden units = width // factor
+        # hidden units = width // factor
+        reduction_factor: int = field(default=16, metadata={"min": 1, "max": MAX_WIDTH})
         non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
         layer_norm: bool = False           # a LayerNorm before the down-projection
         targets: list[str] | None = None   # None: the architecture's placement (architectures.json)

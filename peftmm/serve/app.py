@@ -13,10 +13,11 @@ captioning adapter takes none.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import ctypes
 import io
-import json
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,7 +33,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..bundle import CONFIG
-from ..errors import PeftmmError
+from ..images import ImageTooLarge, decode_bytes, finish, open_bounded, pixel_limit
+from ..errors import DataError, PeftmmError
+from ..safe_load import load_json
 from .batching import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,10 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+class ApiBodyError(PeftmmError):
+    """A request body that is not JSON peftmm reads (answered 400)."""
 
 
 class RegisterBody(BaseModel):
@@ -82,22 +89,67 @@ def status_of(error: PeftmmError) -> int:
 
 
 def decode_image(data: bytes, field: str = "image"):
-    """Bytes to an RGB PIL image, or an ApiError: 415 for non-images, 413 for decompression bombs."""
-    from PIL import Image, UnidentifiedImageError
+    """Bytes to a normalised PIL image (peftmm/images.py: the path every entry point takes), or an
+    ApiError: 415 for non-images, 413 over the pixel limit."""
+    with _image_errors(field):
+        return decode_bytes(data, field)
 
-    limit = Image.MAX_IMAGE_PIXELS
+
+class _image_errors:
+    def __init__(self, field: str):
+        self.field = field
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is not None and issubclass(kind, ImageTooLarge):
+            raise ApiError(413, f"{self.field}: {error.message}") from None
+        if kind is not None and issubclass(kind, DataError):
+            raise ApiError(415, f"{self.field}: not an image that can be read ({error.message})") from None
+        return False
+
+
+TRIM_AFTER_PIXELS = 4_000_000   # a decode this large leaves tens of MB in the allocator's free lists
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by decoded images back to the system (glibc's malloc_trim): glibc keeps
+    large freed blocks in its arenas, so a burst of big images would otherwise stay in the
+    server's RSS long after they were answered. A no-op on other C libraries."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if limit and image.width * image.height > limit:
-                raise ApiError(413, f"{field}: {image.width}x{image.height} pixels is over the limit of {limit}")
-            image.load()
-            return image.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise ApiError(413, f"{field}: {e}") from None
-    except UnidentifiedImageError:
-        raise ApiError(415, f"{field}: not an image (no image format recognised)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ApiError(415, f"{field}: not an image that can be read ({type(e).__name__}: {e})") from None
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PixelBudget:
+    """How many decoded pixels the server holds at once, across requests: a request waits for
+    its image's share (known from the header, before decoding) and gives it back when answered.
+    Small images pass freely, so batching still gathers them; large ones queue instead of
+    stacking up hundreds of MB each."""
+
+    def __init__(self, total: int):
+        self.total, self.used = total, 0
+        self._free: asyncio.Condition | None = None   # made in the server's event loop
+
+    @asynccontextmanager
+    async def hold(self, pixels: int):
+        pixels = min(pixels, self.total)   # one image over the budget still runs, alone
+        if self._free is None:
+            self._free = asyncio.Condition()
+        async with self._free:
+            await self._free.wait_for(lambda: self.used + pixels <= self.total)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            async with self._free:
+                self.used -= pixels
+                self._free.notify_all()
+                idle = self.used == 0
+            if idle and pixels >= TRIM_AFTER_PIXELS:
+                release_freed_memory()
 
 
 def register_all(runtime, report: Callable[[str], None] = log.warning) -> list[str]:
@@ -113,8 +165,11 @@ def register_all(runtime, report: Callable[[str], None] = log.warning) -> list[s
 
 
 def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20, max_batch: int = 16,
-               batch_wait_ms: float = 5) -> FastAPI:
+               batch_wait_ms: float = 5, decode_budget_pixels: int | None = None) -> FastAPI:
+    """``decode_budget_pixels``: decoded pixels held at once across requests (PixelBudget);
+    default twice the pixel limit (images.py), ~320 MB of RGBA at the default 40 MP."""
     allowed = [Path(d).resolve() for d in allowed_image_dirs]
+    budget = PixelBudget(decode_budget_pixels or 2 * pixel_limit())
     batcher = MicroBatcher(runtime.predict, max_batch=max_batch, wait_ms=batch_wait_ms)
     body_limit = max_image_bytes * 4 // 3 + FORM_SLACK  # base64 makes 4 bytes of 3
 
@@ -170,9 +225,13 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
                 pass
         return {"adapters": described, "backbones": runtime.backbones()}
 
-    @app.post("/api/adapters", status_code=201)
-    def register(body: RegisterBody):
-        return runtime.register(body.bundle, name=body.name)
+    @app.post("/api/adapters", status_code=201,
+              openapi_extra={"requestBody": {"content": {"application/json": {
+                  "schema": RegisterBody.model_json_schema()}}, "required": True}})
+    async def register(request: Request):
+        """JSON ``{bundle, name?}``: load a bundle from the adapters folder."""
+        body = parse_body(RegisterBody, await read_body(request))
+        return await run_in_threadpool(runtime.register, body.bundle, name=body.name)
 
     @app.delete("/api/adapters/{name}", status_code=204)
     def unregister(name: str):
@@ -194,6 +253,14 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def parse_body(model, body: bytes):
+        """A JSON body through the bounded loader (safe_load.py: depth and number size), then the model."""
+        data = load_json(body, None, ApiBodyError, "request body is not valid JSON")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise ApiError(422, _fields(e.errors())) from None
+
     async def read_inputs(request: Request) -> tuple[str, str | None, tuple[str, object]]:
         """(adapter, question or None, (kind, value)) from a JSON or a multipart body."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -201,14 +268,7 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
             raise ApiError(415, "send the request as application/json or multipart/form-data")
         body = await read_body(request)
         if kind == "application/json":
-            try:
-                data = json.loads(body)
-            except ValueError:
-                raise ApiError(400, "request body is not valid JSON") from None
-            try:
-                parsed = PredictBody.model_validate(data)
-            except ValidationError as e:
-                raise ApiError(422, _fields(e.errors())) from None
+            parsed = parse_body(PredictBody, body)
             if (parsed.image_base64 is None) == (parsed.image_path is None):
                 raise ApiError(422, "image_base64, image_path: give exactly one of them")
             source = ("base64", parsed.image_base64) if parsed.image_path is None else ("path", parsed.image_path)
@@ -268,7 +328,8 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
         return path.read_bytes()
 
     def prepare(adapter: str, question: str | None, source: tuple[str, object]):
-        """The decoded image and the question to send (None: the adapter reads none), or an ApiError."""
+        """The question to send (None: the adapter reads none) and the image opened within the pixel
+        limit (header read, nothing decoded yet), or an ApiError."""
         runtime.require(adapter)
         if question is not None and len(question) > MAX_QUESTION:
             raise ApiError(422, f"question: longer than {MAX_QUESTION} characters")
@@ -278,7 +339,13 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
             question = None
         # A question sent to an adapter that refuses one (captioning) is the runtime's to refuse:
         # its DataError becomes a 400 for this request alone (the micro-batcher retries the rest).
-        return question, decode_image(image_bytes(*source))
+        data = image_bytes(*source)
+        with _image_errors("image"):
+            return question, open_bounded(io.BytesIO(data), "image")
+
+    def decode(image):
+        with _image_errors("image"):
+            return finish(image, "image")
 
     @app.post("/api/predict")
     async def predict(request: Request):
@@ -288,8 +355,12 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
         Answers ``{adapter, question, ...}`` plus what the adapter's task decodes: ``answer`` and
         ``scores`` (VQA), ``caption`` (captioning), ``similarity`` (retrieval)."""
         adapter, question, source = await read_inputs(request)
-        question, image = await run_in_threadpool(prepare, adapter, question, source)
-        result = await batcher.predict({"adapter": adapter, "image": image, "text": question})
+        question, opened = await run_in_threadpool(prepare, adapter, question, source)
+        async with budget.hold(opened.width * opened.height):
+            image = await run_in_threadpool(decode, opened)
+            del opened
+            result = await batcher.predict({"adapter": adapter, "image": image, "text": question})
+            del image
         return {"adapter": result["adapter"], "question": question,
                 **{k: v for k, v in result.items() if k != "adapter"}}
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import DataError
+from ..schema import MAX_WIDTH
 from .base import Task
 
 
@@ -22,9 +23,9 @@ class LabelTask(Task):
 
     @dataclass
     class Config:
-        hidden: int = field(default=256, metadata={"min": 1})
+        hidden: int = field(default=256, metadata={"min": 1, "max": MAX_WIDTH})
         dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 0.9})
-        top_k: int = field(default=5, metadata={"min": 1})
+        top_k: int = field(default=5, metadata={"min": 1, "max": 1000})
 
     def __init__(self, config, labels: list[str]):
         super().__init__(config, labels)

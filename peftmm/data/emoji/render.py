@@ -4,7 +4,7 @@ Each emoji is drawn with OpenMoji's colour font (``glyf_colr0.ttf`` at 109 px, c
 white 160x160 canvas, resized to 224x224 with LANCZOS) and cached as a PNG under
 ``$PEFTMM_CACHE/data/emoji-<OpenMoji version>/<CODEPOINTS>.png``. Renders are written
 atomically; a missing or damaged file is drawn again when it is next read (the repairer
-registered with :mod:`peftmm.data.images`). Sequences (ZWJ, flags, keycaps) need Pillow's raqm
+registered with :mod:`peftmm.images`). Sequences (ZWJ, flags, keycaps) need Pillow's raqm
 layout. The renders are CC BY-SA 4.0 like the font: the font's LICENSE is copied beside them.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ...errors import DataError
 from ...io import atomic_write_bytes
-from ..images import register_repairer
+from ...images import register_repairer
 from .fetch import OPENMOJI_VERSION, data_cache_dir, font_path
 
 RENDER_DIR = f"emoji-{OPENMOJI_VERSION}"
