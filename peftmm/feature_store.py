@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from .images import NORMALISATION
+from .images import NORMALISATION, is_content_key
 from .errors import RecipeError
 from .io import atomic_write_bytes, fsync_dir
 
@@ -114,8 +114,14 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# The stamp of an embedded image (images.content_key): its key is its content, which cannot change.
+CONTENT_STAMP = (0, 0)
+
+
 def file_stamp(path: str) -> tuple[int, int] | None:
     """(size, mtime_ns) of an image file, or None when it cannot be stat-ed."""
+    if is_content_key(path):
+        return CONTENT_STAMP
     try:
         stat = os.stat(path)
     except (OSError, ValueError):
@@ -359,7 +365,7 @@ class DiskCache:
 
 def _entry_key(key: str, stamped: bool) -> str:
     """Images are stored under their absolute path (a relative one depends on the working folder)."""
-    return os.path.abspath(key) if stamped else key
+    return os.path.abspath(key) if stamped and not is_content_key(key) else key
 
 
 def _checked_manifest(data, digest: str) -> dict[str, dict]:

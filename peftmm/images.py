@@ -19,12 +19,21 @@ A data source whose images are generated (rendered emoji) can register a *repair
 folder they live in: when such a file is missing or cannot be decoded, :func:`load_image` asks
 the repairer to write it again and then reads it once more. That makes rendering lazy (only the
 images that are read get made) and heals a damaged cache.
+
+An image need not be a file: :func:`load_image` also takes its bytes, or an :class:`InMemoryImage`
+(a small reference that reads the bytes when asked: a row of a memory-mapped Arrow table, see
+data/hf.py). Examples carry such an image as a string key, ``embedded:sha256:<hex>`` of its
+bytes (:func:`content_key`), registered here with :func:`register_embedded`: every place that
+keys by ``str(example["image"])`` (the feature cache, batching, grouping) then keys embedded
+images by their content, and two rows with the same bytes are one image.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,7 +71,49 @@ def register_repairer(owns: Callable[[Path], bool], repair: Callable[[Path], Non
     _REPAIRERS.append((owns, repair))
 
 
-def load_image(path: str | Path):
+EMBEDDED_PREFIX = "embedded:sha256:"
+
+
+class InMemoryImage(ABC):
+    """An image whose bytes are read on demand (never held decoded); ``where`` names it in errors."""
+
+    where: str = "image"
+
+    @abstractmethod
+    def read(self) -> bytes:
+        """The encoded image (PNG, JPEG, ...); a DataError when it cannot be read."""
+
+
+# content key -> where its bytes are; one small reference per distinct embedded image
+_EMBEDDED: dict[str, InMemoryImage] = {}
+
+
+def content_key(data: bytes) -> str:
+    """The key of an embedded image: the sha256 of its encoded bytes."""
+    return EMBEDDED_PREFIX + hashlib.sha256(data).hexdigest()
+
+
+def is_content_key(source) -> bool:
+    """Whether ``source`` is an embedded image's key: its content, so it can never go stale."""
+    return isinstance(source, str) and source.startswith(EMBEDDED_PREFIX)
+
+
+def register_embedded(key: str, image: InMemoryImage) -> None:
+    """Make ``key`` (:func:`content_key` of ``image``'s bytes) loadable; the first reference stays."""
+    _EMBEDDED.setdefault(key, image)
+
+
+def load_image(path: str | Path | bytes | InMemoryImage):
+    """Decode a file path, an embedded image's key, its bytes or an :class:`InMemoryImage`."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        return decode_bytes(bytes(path))
+    if isinstance(path, InMemoryImage):
+        return decode_bytes(path.read(), path.where)
+    if is_content_key(path):
+        image = _EMBEDDED.get(path)
+        if image is None:
+            raise DataError("embedded image not known to this process (its data set was not loaded here)", path)
+        return decode_bytes(image.read(), image.where)
     try:
         return _read(path)
     except ImageTooLarge:

@@ -48,6 +48,25 @@ class TowerSpec:
 
 
 @dataclass
+class DataColumns:
+    """data.source hf: which column of the data set is which part of an example (null: the
+    column of that name when the data set has one; see data/hf.py)."""
+    image: str | None = None
+    text: str | None = None
+    label: str | None = None
+    conversation: str | None = None
+
+
+@dataclass
+class DataSplits:
+    """data.source hf: the data set's split for each of peftmm's (null: train, validation/val,
+    test when present; a missing val or test is cut from train)."""
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+
+
+@dataclass
 class DataSpec:
     source: str = "easy-vqa"
     val_fraction: float = field(default=0.1, metadata={"gt": 0.0, "max": 0.5})
@@ -68,9 +87,15 @@ class DataSpec:
     # An example whose image is missing or unreadable, or whose needed text is empty: "skip"
     # leaves it out and counts it (one warning per epoch and split), "stop" ends the run there.
     on_bad_sample: Literal["skip", "stop"] = "skip"
+    # hf: the configuration (data set "name") and revision of a Hub data set; the column and split mappings
+    name: str | None = None
+    revision: str | None = None
+    columns: DataColumns = field(default_factory=DataColumns)
+    splits: DataSplits = field(default_factory=DataSplits)
 
     def validate(self):
-        needs = {"files": "a .jsonl or .csv file", "llava": "a .json file", "messages": "a .jsonl file"}
+        needs = {"files": "a .jsonl or .csv file", "llava": "a .json file", "messages": "a .jsonl file",
+                 "hf": "a Hub data set id, a local data set folder or a data file"}
         if self.source in needs and not self.path:
             raise ValueError(f"data.path is required when data.source is {self.source!r} ({needs[self.source]})")
         if self.image_root is not None and not self.image_root.strip():
@@ -81,7 +106,10 @@ class DataSpec:
         folder without one."""
         base = Path(where).parent if where else Path()
         if self.path and not Path(self.path).is_absolute():
-            self.path = os.path.normpath(base.absolute() / self.path)
+            local = os.path.normpath(base.absolute() / self.path)
+            # hf: a path that is no local file or folder stays a Hub data set id
+            if self.source != "hf" or os.path.exists(local) or self.path.startswith((".", "~")):
+                self.path = local
         if self.image_root and not Path(self.image_root).is_absolute():
             self.image_root = os.path.normpath(base.absolute() / self.image_root)
 

@@ -105,13 +105,13 @@ def test_missing_file_and_unknown_extension(folder):
 def test_missing_columns_are_named_with_those_present(folder):
     path = folder / "data.jsonl"
     assert bad(folder, "data.jsonl", '{"picture": "img/0.png", "text": "x"}\n') == \
-        f"{path}:1: missing column 'image' (columns present: picture, text)"
+        f"{path}:1: missing column 'image' or 'file_name' (columns present: picture, text)"
     assert bad(folder, "data.jsonl", '{"image": "img/0.png", "caption": "x"}\n') == \
         f"{path}:1: missing column 'text' or 'label': a record needs at least one (columns present: image, caption)"
     message = bad(folder, "data.jsonl", '{"image": "img/0.png", "text": "x"}\n\n{"image": "img/1.png", "txt": "y"}\n')
     assert message == f"{path}:3: missing column 'text' (columns present: image, txt)"
     assert bad(folder, "data.csv", "img,text\nimg/0.png,x\n") == \
-        f"{folder / 'data.csv'}:2: missing column 'image' (columns present: img, text)"
+        f"{folder / 'data.csv'}:2: missing column 'image' or 'file_name' (columns present: img, text)"
 
 
 def test_missing_image_names_line_and_path(folder):
@@ -141,3 +141,10 @@ def test_malformed_records(folder):
         f"{folder / 'data.csv'}:2: split = 'training' is not allowed; choose one of: train, val, test"
     assert bad(folder, "data.csv", "") == f"{folder / 'data.csv'}: empty file: expected a header row (image, text and/or label)"
     assert bad(folder, "data.jsonl", "\n\n") == f"{path}: no records"
+
+
+def test_file_name_column_as_imagefolder_metadata_names_it(folder):
+    path = write_jsonl(folder / "metadata.jsonl", [{"file_name": f"img/{i}.png", "text": f"t{i}"} for i in range(4)])
+    splits = read_files(path, val_fraction=0.2, test_fraction=0.2)
+    images = sorted(e["image"] for name in ("train", "val", "test") for e in splits[name])
+    assert images == [str((folder / "img" / f"{i}.png").absolute()) for i in range(4)]

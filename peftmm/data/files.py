@@ -3,7 +3,8 @@
 Each record (a JSON object per line of a ``.jsonl`` file, or a row of a ``.csv`` file with a
 header) has:
 
-- ``image``: the image file, relative to the data file's folder (or absolute);
+- ``image`` (or ``file_name``, as an ``imagefolder``'s metadata names it): the image file,
+  relative to the data file's folder (or absolute);
 - ``text`` and/or ``label``: at least one; a text or label that is present must not be empty.
   Which of the two a file has is fixed by its CSV header, or by the first JSONL record;
 - ``split`` (optional): ``train``, ``val`` or ``test``.
@@ -74,6 +75,8 @@ def read_files(path: str | Path, val_fraction: float = 0.1, test_fraction: float
         if columns is None:
             columns = _columns(present, where)
             has_split = "split" in present
+        if "image" not in record and "file_name" in present:
+            record["image"] = record.pop("file_name", None)
         for column in ("image", *columns):
             if column not in record:
                 raise DataError(f"missing column {column!r} (columns present: {', '.join(present) or 'none'})",
@@ -85,8 +88,8 @@ def read_files(path: str | Path, val_fraction: float = 0.1, test_fraction: float
 
 
 def _columns(present: list[str], where: str) -> list[str]:
-    if "image" not in present:
-        raise DataError(f"missing column 'image' (columns present: {', '.join(present) or 'none'})", where)
+    if "image" not in present and "file_name" not in present:
+        raise DataError(f"missing column 'image' or 'file_name' (columns present: {', '.join(present) or 'none'})", where)
     columns = [c for c in ("text", "label") if c in present]
     if not columns:
         raise DataError(f"missing column 'text' or 'label': a record needs at least one "
