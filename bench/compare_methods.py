@@ -38,7 +38,7 @@ def train_cli(recipe, overrides: list[str], out: Path, *args: str) -> tuple[dict
 def run(recipe: Path, overrides: list[str], out: Path) -> dict:
     metrics, wall = train_cli(recipe, overrides, out)
     bundle = Path(metrics["bundle"])
-    methods = json.loads((out / "bundle" / "adapter_config.json").read_text())["recipe"]
+    methods = json.loads((out / "bundle" / "peftmm_config.json").read_text())["recipe"]
     return {
         "recipe": recipe.stem,
         "vision_methods": "+".join(m["type"] for m in methods["vision"]["methods"]) or "frozen",

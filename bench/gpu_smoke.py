@@ -261,7 +261,7 @@ class Smoke:
                            train={"max_steps": max(6, self.steps // 2), "eval_batch_size": 32})
         recipe = recipe_from_dict(data)
         result = train(recipe, self.scratch / "run", progress=False, log=lambda *a, **k: None)
-        config = json.loads((result.bundle_dir / "adapter_config.json").read_text())
+        config = json.loads((result.bundle_dir / "peftmm_config.json").read_text())
         again = evaluate_bundle(result.bundle_dir, "test", batch_size=32, progress=False, device=DEVICE)
         loss_diff = abs(again["loss"] - result.metrics["test_loss"])
         accuracy_diff = abs(again["accuracy"] - result.metrics["test_accuracy"])

@@ -227,7 +227,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
     torch.manual_seed(0)
-    bundles = sorted(p for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())
+    bundles = sorted(p for p in args.adapters.iterdir() if (p / "peftmm_config.json").is_file())
     lora = next(p for p in bundles if "lora" in p.name)
     repeat = 20 if args.quick else 100
     result = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},

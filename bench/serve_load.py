@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--screenshot", type=Path, help="also save a screenshot of the page here (needs chromium)")
     args = parser.parse_args()
 
-    adapters = sorted(p.name for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())[:3]
+    adapters = sorted(p.name for p in args.adapters.iterdir() if (p / "peftmm_config.json").is_file())[:3]
     items = workload(adapters, args.distinct)
     expected = references(args.adapters, items)
 

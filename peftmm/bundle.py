@@ -4,9 +4,12 @@ A bundle is a folder that rebuilds its trained modules on freshly loaded frozen 
 
 - ``adapter_model.safetensors``: the trainable tensors only (``vision.`` / ``text.`` /
   ``fusion.`` / ``head.`` keys); its header metadata holds the format version and the sha256
-  of ``adapter_config.json``, so a config edited or swapped after saving is detected.
-- ``adapter_config.json``: the recipe that built the model, the label set, and per tower the
-  backbone id, model type, precision and weight fingerprint.
+  of ``peftmm_config.json``, so a config edited or swapped after saving is detected.
+- ``peftmm_config.json``: the recipe that built the model, the label set, and per tower the
+  backbone id, model type, precision and weight fingerprint. Format 1 called it
+  ``adapter_config.json``, the name transformers and Hub tools take as the mark of a PEFT
+  adapter (which a bundle is not); such bundles still load, with a note, and ``peftmm
+  convert-bundle`` renames the file (its bytes, and so the weights' checksum, unchanged).
 - ``README.md``: a model card (Hugging Face front matter) with the measured metrics.
 
 Only safetensors is ever read: no pickle from a user-supplied file.
@@ -19,6 +22,7 @@ import json
 import math
 import re
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -30,14 +34,17 @@ from . import recipe as recipes
 from .backbones import TOWERS, architectures
 from .card import model_card
 from .errors import BundleError
+from .hub_bundles import HUB_SCHEME, pull
 from .io import atomic_directory
 from .methods.base import DEFAULT_SLOT
 from .model import MultimodalModel
 from .tasks.base import MEMORY   # the prefix of tensors a task built from data (Task.memory_tensors)
 from .safe_load import load_json, short_repr
 
-FORMAT_VERSION = 1
-WEIGHTS, CONFIG, CARD = "adapter_model.safetensors", "adapter_config.json", "README.md"
+FORMAT_VERSION = 2   # 2: the config is peftmm_config.json (1: adapter_config.json)
+WEIGHTS, CONFIG, CARD = "adapter_model.safetensors", "peftmm_config.json", "README.md"
+LEGACY_CONFIG = "adapter_config.json"   # format 1's name for CONFIG
+_noted: set[str] = set()
 REQUIRED_KEYS = ("name", "task", "labels", "towers", "recipe")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the cap safetensors itself applies
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -90,69 +97,103 @@ def save_bundle(model, recipe, path: str | Path, metrics: dict | None = None, ov
     return path
 
 
+def is_bundle(path: str | Path) -> bool:
+    """Whether ``path`` holds a bundle's config, in this layout or format 1's."""
+    return (Path(path) / CONFIG).is_file() or (Path(path) / LEGACY_CONFIG).is_file()
+
+
+def config_name(path: str | Path) -> str:
+    """The file name of the bundle's config: CONFIG, or format 1's where only that is there."""
+    path = Path(path)
+    return LEGACY_CONFIG if not (path / CONFIG).is_file() and (path / LEGACY_CONFIG).is_file() else CONFIG
+
+
+def _note_legacy(path: Path) -> None:
+    """One line per bundle and process: a format-1 bundle loads, and how to move it on."""
+    if str(path) not in _noted:
+        _noted.add(str(path))
+        print(f"peftmm: {path}: a bundle in the format-1 layout ({LEGACY_CONFIG}); it loads as it is, and "
+              f"`peftmm convert-bundle {path}` renames that file to {CONFIG}", file=sys.stderr)
+
+
+def config_path(path: str | Path) -> Path:
+    return Path(path) / config_name(path)
+
+
 def resolve_bundle(path: str | Path) -> Path:
-    """A bundle folder, a run directory (its ``bundle/``), or a name under ./adapters/."""
+    """A bundle folder, a run directory (its ``bundle/``), a name under ./adapters/, or a Hub
+    repository ``hf://OWNER/NAME[@REVISION]`` (downloaded to the Hugging Face cache: hub_bundles.py)."""
+    if isinstance(path, str) and path.startswith(HUB_SCHEME):
+        folder = pull(path, [WEIGHTS, CONFIG, LEGACY_CONFIG, CARD])
+        if not is_bundle(folder):
+            raise BundleError(f"the repository holds no peftmm bundle ({CONFIG} is missing)", path)
+        read_config(folder)    # checked as a local bundle is, before anything loads
+        read_tensors(folder)
+        return folder
     path = Path(path)
     for candidate in (path, path / "bundle", Path("adapters") / path):
-        if (candidate / CONFIG).is_file():
+        if is_bundle(candidate):
             return candidate
-    raise BundleError("no adapter bundle here (expected adapter_config.json in it, in its bundle/, "
+    raise BundleError(f"no adapter bundle here (expected {CONFIG} in it, in its bundle/, "
                       "or a bundle of that name under ./adapters)", str(path))
 
 
 def read_config(path: str | Path) -> dict:
     path = Path(path)
-    if not (path / CONFIG).is_file():
-        raise BundleError(f"not an adapter bundle: {CONFIG} is missing", str(path))
-    config = load_json(member(path, CONFIG).read_bytes(), str(path), BundleError, f"{CONFIG} is not valid JSON")
+    name = config_name(path)   # the messages below name the file read
+    if not (path / name).is_file():
+        raise BundleError(f"not an adapter bundle: {name} is missing", str(path))
+    config = load_json(member(path, name).read_bytes(), str(path), BundleError, f"{name} is not valid JSON")
     if not isinstance(config, dict) or config.get("format") != "peftmm":
-        raise BundleError(f"{CONFIG} is not a peftmm adapter config", str(path))
-    config["format_version"] = format_version(config.get("format_version"), path)
+        raise BundleError(f"{name} is not a peftmm adapter config", str(path))
+    if name == LEGACY_CONFIG:
+        _note_legacy(path)
+    config["format_version"] = format_version(config.get("format_version"), path, name)
     missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
-        raise BundleError(f"{CONFIG} lacks the key{'s' if len(missing) > 1 else ''} "
+        raise BundleError(f"{name} lacks the key{'s' if len(missing) > 1 else ''} "
                           f"{', '.join(repr(k) for k in missing)}", str(path))
     expected_types = {"name": str, "task": str, "labels": list, "towers": dict, "recipe": dict}
     for key, kind in expected_types.items():
         if not isinstance(config[key], kind):
-            raise BundleError(f"{CONFIG}: {key!r} must be a {kind.__name__}, "
+            raise BundleError(f"{name}: {key!r} must be a {kind.__name__}, "
                               f"got {type(config[key]).__name__}", str(path))
     if not all(isinstance(label, str) for label in config["labels"]):
-        raise BundleError(f"{CONFIG}: 'labels' must be a list of strings", str(path))
+        raise BundleError(f"{name}: 'labels' must be a list of strings", str(path))
     seen: set[str] = set()
     twice = next((label for label in config["labels"] if label in seen or seen.add(label)), None)
     if twice is not None:
-        raise BundleError(f"{CONFIG}: label {short_repr(twice)} is listed more than once in 'labels'", str(path))
+        raise BundleError(f"{name}: label {short_repr(twice)} is listed more than once in 'labels'", str(path))
     for tower in TOWERS:
         if not isinstance(config["towers"].get(tower), dict):
-            raise BundleError(f"{CONFIG}: towers lacks the {tower!r} tower", str(path))
+            raise BundleError(f"{name}: towers lacks the {tower!r} tower", str(path))
         for key in ("backbone", "fingerprint", "precision"):
             if not isinstance(config["towers"][tower].get(key), str):
-                raise BundleError(f"{CONFIG}: towers.{tower} lacks its {key!r} (a string)", str(path))
+                raise BundleError(f"{name}: towers.{tower} lacks its {key!r} (a string)", str(path))
         if not isinstance(config["recipe"].get(tower), dict):
-            raise BundleError(f"{CONFIG}: recipe lacks the {tower!r} section", str(path))
+            raise BundleError(f"{name}: recipe lacks the {tower!r} section", str(path))
     recorded = config.get("precision")
     if recorded is not None and (not isinstance(recorded, dict)
                                  or recorded.get("mixed_precision") not in ("no", "bf16", "fp16")):
-        raise BundleError(f"{CONFIG}: 'precision' must be an object whose mixed_precision is no, bf16 or fp16, "
+        raise BundleError(f"{name}: 'precision' must be an object whose mixed_precision is no, bf16 or fp16, "
                           f"got {recorded!r}", str(path))
     if "metrics" in config and not isinstance(config["metrics"], dict):
-        raise BundleError(f"{CONFIG}: 'metrics' must be a mapping", str(path))
+        raise BundleError(f"{name}: 'metrics' must be a mapping", str(path))
     recipe_task = config["recipe"].get("task", {"type": "vqa"})  # the recipe's default task
     recipe_task = recipe_task.get("type") if isinstance(recipe_task, dict) else recipe_task
     if recipe_task != config["task"]:
-        raise BundleError(f"{CONFIG}: 'task' is {short_repr(config['task'])} but its recipe's task.type is "
+        raise BundleError(f"{name}: 'task' is {short_repr(config['task'])} but its recipe's task.type is "
                           f"{short_repr(recipe_task)}", str(path))
     return config
 
 
-def format_version(version, path: Path) -> int:
+def format_version(version, path: Path, name: str = CONFIG) -> int:
     """The config's ``format_version`` as an int: 1.0 is 1 (a JSON writer may add the point);
     anything but a positive whole number is refused, and one newer than this peftmm reads."""
     if isinstance(version, float) and version.is_integer():
         version = int(version)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise BundleError(f"{CONFIG}: format_version {short_repr(version)} is not a version: it must be a "
+        raise BundleError(f"{name}: format_version {short_repr(version)} is not a version: it must be a "
                           f"positive whole number (this peftmm reads up to {FORMAT_VERSION})", str(path))
     if version > FORMAT_VERSION:
         raise BundleError(f"bundle format version {version} is newer than this peftmm reads "
@@ -246,10 +287,11 @@ def read_header(path: str | Path) -> dict:
 
 
 def _check_checksum(path: Path, header: dict) -> None:
+    name = config_name(path)
     expected = header.get("__metadata__", {}).get("config_sha256")
-    actual = hashlib.sha256(member(path, CONFIG).read_bytes()).hexdigest()
+    actual = hashlib.sha256(member(path, name).read_bytes()).hexdigest()
     if expected != actual:
-        raise BundleError(f"{CONFIG} does not match {WEIGHTS} (config sha256 {actual[:12]}, "
+        raise BundleError(f"{name} does not match {WEIGHTS} (config sha256 {actual[:12]}, "
                           f"weights were saved with {str(expected)[:12]})", str(path))
 
 
@@ -257,7 +299,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Load the adapter tensors after checking the header against the config on disk."""
     path = Path(path)
     header = read_header(path)
-    if not (path / CONFIG).is_file():
+    if not is_bundle(path):
         raise BundleError(f"not an adapter bundle: {CONFIG} is missing", str(path))
     _check_checksum(path, header)
     try:
@@ -314,7 +356,8 @@ def bundle_summary(path: str | Path) -> dict:
                                                          "hidden_size")}
         towers[tower]["methods"] = _methods(recipe[tower], info.get("model_type"))
         towers[tower]["trainable_params"] = groups[tower]
-    files = {name: member(path, name).stat().st_size for name in (WEIGHTS, CONFIG, CARD) if (path / name).is_file()}
+    files = {name: member(path, name).stat().st_size for name in (WEIGHTS, config_name(path), CARD)
+             if (path / name).is_file()}
     fusion = recipe.get("fusion") if isinstance(recipe.get("fusion"), dict) else {}
     head = recipe.get("task") if isinstance(recipe.get("task"), dict) else {}
     return {
@@ -344,7 +387,7 @@ def load_bundle(path: str | Path, device="cpu", backbones: dict[str, str] | None
     data = config["recipe"]
     for tower, source in (backbones or {}).items():
         data[tower]["backbone"] = source
-    recipe = recipes.from_dict(data, source=str(path / CONFIG))
+    recipe = recipes.from_dict(data, source=str(config_path(path)))
     check_fingerprints(config, towers or {}, path)
     model = MultimodalModel.build(recipe, config["labels"], device=device, towers=towers, slot=slot or DEFAULT_SLOT)
     try:

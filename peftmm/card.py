@@ -1,11 +1,21 @@
-"""Model cards for bundles: Hugging Face front matter plus what was trained and measured."""
+"""Model cards for bundles: Hugging Face front matter plus what was trained and measured.
+
+The front matter is what the Hub reads: ``base_model`` as Hub ids (a zoo name becomes its
+upstream model's id, zoo.hub_id; a local folder, or a zoo model with no Hub model, is left
+out), ``base_model_relation: adapter``, ``datasets`` as Hub ids where the data has one (a
+``data.source: hf`` Hub data set), and ``model-index`` with the measured test metrics.
+"""
 
 from __future__ import annotations
 
+import os
+
 import yaml
 
+from .hub_bundles import REPO_ID
 from .tasks import TASKS
 from .tasks.base import MEMORY
+from .zoo import hub_id, is_zoo_name
 
 _DATASETS = {
     "easy-vqa": "easy-vqa (PyPI easy-vqa 1.0, MIT)",
@@ -27,16 +37,22 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
     front = {"library_name": "peftmm"}
     if task.pipeline_tag:
         front["pipeline_tag"] = task.pipeline_tag
+    bases = list(dict.fromkeys(b for b in (hub_base(t["backbone"]) for t in config["towers"].values()) if b))
+    if bases:
+        front |= {"base_model": bases, "base_model_relation": "adapter"}
+    dataset = hub_dataset(recipe["data"])
     front |= {
-        "base_model": [t["backbone"] for t in config["towers"].values()],
         "tags": ["peftmm", "multimodal", config["task"], *sorted({m["type"] for t in ("vision", "text")
                                                                   for m in recipe[t]["methods"]})],
-        "datasets": [recipe["data"]["source"]],
+        **({"datasets": [dataset]} if dataset else {}),
         # Hugging Face metric ids ("accuracy"), not the split-prefixed keys of the Measured table
         "metrics": sorted({k.split("_", 1)[1] for k, v in metrics.items()  # not counts (test_images)
                            if k.startswith(("test_", "val_")) and not k.endswith("_loss") and isinstance(v, float)}),
         "license": "apache-2.0",
     }
+    index = model_index(config, task.pipeline_tag, dataset)
+    if index:
+        front["model-index"] = index
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {config['name']}", "",
              f"A peftmm adapter bundle for **{config['task']}**: only the small trained modules, "
@@ -76,6 +92,38 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
     arguments = task.predict_arguments(recipe["task"])
     lines += ["## Use", "", "```bash", f"peftmm predict {config['name']} --image IMAGE{arguments}", "```", ""]
     return "\n".join(lines)
+
+
+def hub_base(backbone: str) -> str | None:
+    """A tower's backbone as a Hub model id, or None (a local folder, a zoo model with no Hub model)."""
+    if is_zoo_name(backbone):
+        return hub_id(backbone)
+    if os.path.isabs(backbone) or backbone.startswith(".") or not REPO_ID.fullmatch(backbone):
+        return None
+    return backbone
+
+
+def hub_dataset(data: dict) -> str | None:
+    """The data set's Hub id: only a ``data.source: hf`` Hub data set has one."""
+    path = data.get("path")
+    if data.get("source") != "hf" or not isinstance(path, str) or os.path.isabs(path) or not REPO_ID.fullmatch(path):
+        return None
+    return path
+
+
+def model_index(config: dict, pipeline_tag: str | None, dataset: str | None) -> list[dict] | None:
+    """The Hub's ``model-index``: the test metrics, on the data set they were measured on."""
+    metrics = config.get("metrics", {})
+    measured = [{"type": k.split("_", 1)[1], "name": f"test {k.split('_', 1)[1]}", "value": round(v, 6)}
+                for k, v in metrics.items()
+                if k.startswith("test_") and not k.endswith("_loss") and isinstance(v, float)]
+    if not measured:
+        return None
+    source = config["recipe"]["data"].get("source", "data")
+    return [{"name": config["name"],
+             "results": [{"task": {"type": pipeline_tag or config["task"], "name": config["task"]},
+                          "dataset": {"name": dataset or source, "type": dataset or source, "split": "test"},
+                          "metrics": measured}]}]
 
 
 def curve_summary(records: list[dict], metric: str | None = None) -> dict | None:

@@ -6,6 +6,10 @@ injects LoRA with peft itself, under the adapter name ``default``, and names its
 ``<tower>.<module>.lora_A.default.weight`` relative to the tower's transformers model, so the
 conversion is a renaming; the module names are read from the tensors, never re-resolved from
 patterns, so both sides act on exactly the same layers.
+
+An export names its base as ``AutoPeftModel.from_pretrained(folder)`` resolves it: the tower's
+upstream Hub id (a zoo name's ``hub_id``, or the hub id the recipe named), or the local folder
+given as ``base_path`` (``--base-path``); ``auto_mapping`` names the tower's transformers class.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import re
 from pathlib import Path
 
 from .backbones import TOWERS, load_tower
-from .bundle import CONFIG, WEIGHTS, bundle_config, read_config, read_tensors, save_bundle
-from .card import model_card
+from .bundle import WEIGHTS, bundle_config, config_path, read_config, read_tensors, save_bundle
+from .card import hub_base, model_card
 from .errors import BundleError
 from .io import atomic_directory
 from .methods.base import PLAIN_NAME  # what recipe targets read as a suffix, not a regex
@@ -36,8 +40,10 @@ _UNDERSTOOD = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_m
 _PLAIN_INITS = (True, False, "gaussian", "eva")  # initialisations that leave the base weights alone
 
 
-def export_peft(bundle_path, tower: str, out_dir, overwrite: bool = False, allow_partial: bool = False) -> Path:
-    """Write ``tower``'s LoRA as a folder ``peft.PeftModel.from_pretrained`` loads onto that backbone."""
+def export_peft(bundle_path, tower: str, out_dir, overwrite: bool = False, allow_partial: bool = False,
+                base_path: str | None = None) -> Path:
+    """Write ``tower``'s LoRA as a folder ``peft.PeftModel.from_pretrained`` loads onto that backbone
+    (and ``AutoPeftModel.from_pretrained`` alone, finding the base by Hub id or ``base_path``)."""
     from peft import LoraConfig
     from safetensors.torch import save as save_tensors
 
@@ -73,10 +79,18 @@ def export_peft(bundle_path, tower: str, out_dir, overwrite: bool = False, allow
                           f"{lora['r']}", str(bundle_path))
     modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in out_tensors})
     info = config["towers"][tower]
+    if base_path is not None and not Path(base_path).is_dir():
+        raise BundleError(f"--base-path {base_path}: no such folder (the {tower} backbone, saved with "
+                          "save_pretrained)", str(bundle_path))
+    base = str(Path(base_path).absolute()) if base_path is not None else hub_base(info["backbone"]) or info["backbone"]
+    spec = config["recipe"][tower]
+    model_class = type(load_tower(tower, spec["backbone"], spec.get("precision", "fp32")).model)
     alpha = lora["alpha"]
     peft_config = LoraConfig(r=lora["r"], lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
                              lora_dropout=lora["dropout"], target_modules=modules, bias="none", task_type=None,
-                             base_model_name_or_path=info["backbone"], inference_mode=True)
+                             base_model_name_or_path=base, inference_mode=True)
+    # what AutoPeftModel instantiates the base with (peft writes it only for models it wrapped itself)
+    peft_config.auto_mapping = {"base_model_class": model_class.__name__, "parent_library": model_class.__module__}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         peft_config.save_pretrained(str(tmp))
         (tmp / WEIGHTS).write_bytes(save_tensors(out_tensors, metadata={"format": "pt"}))
@@ -120,7 +134,7 @@ def import_peft(peft_dir, bundle_path, tower: str, out_dir, overwrite: bool = Fa
     methods = spec["methods"]  # the LoRA entry is replaced in place, or added last
     at = next((i for i, m in enumerate(methods) if m.get("type") == "lora"), len(methods))
     methods[at:at + 1] = [lora]
-    recipe = from_dict(data, source=str(bundle_path / CONFIG))
+    recipe = from_dict(data, source=str(config_path(bundle_path)))
     model = MultimodalModel.build(recipe, config["labels"])
     for name, built in model.towers.items():
         if built.info.fingerprint != config["towers"][name]["fingerprint"]:

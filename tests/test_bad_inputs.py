@@ -230,7 +230,7 @@ def _nested(depth: int) -> str:
 
 
 def _config_text(path: Path, change) -> None:
-    """Edit adapter_config.json as text: what json.dumps cannot write (5,000 levels, huge integers)."""
+    """Edit peftmm_config.json as text: what json.dumps cannot write (5,000 levels, huge integers)."""
     (path / CONFIG).write_text(change((path / CONFIG).read_text()))
 
 

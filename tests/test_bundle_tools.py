@@ -200,15 +200,15 @@ BAD_BUNDLES = {
                      "tensor 'head.x' has dtype 'F8_E4M3'"),
     "offsets-disagree-with-shape": (_forged({"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}, b"\0" * 8),
                                     "tensor 'head.x' (F32 (4,)) needs 16 bytes, its offsets span 8"),
-    "missing-config": (lambda p: (p / CONFIG).unlink(), "not an adapter bundle: adapter_config.json is missing"),
+    "missing-config": (lambda p: (p / CONFIG).unlink(), "not an adapter bundle: peftmm_config.json is missing"),
     "missing-weights": (lambda p: (p / WEIGHTS).unlink(), "adapter_model.safetensors is missing"),
     "future-format": (lambda p: _edit_config(p, lambda c: c.update(format_version=99)),
                       "bundle format version 99 is newer than this peftmm reads (1)"),
-    "no-towers": (lambda p: _edit_config(p, lambda c: c.pop("towers")), "adapter_config.json lacks the key 'towers'"),
+    "no-towers": (lambda p: _edit_config(p, lambda c: c.pop("towers")), "peftmm_config.json lacks the key 'towers'"),
     "no-labels-or-recipe": (lambda p: _edit_config(p, lambda c: [c.pop("labels"), c.pop("recipe")]),
                             "lacks the keys 'labels', 'recipe'"),
     "config-edited": (lambda p: _edit_config(p, lambda c: c["metrics"].update(test_accuracy=1.0)),
-                      "adapter_config.json does not match adapter_model.safetensors"),
+                      "peftmm_config.json does not match adapter_model.safetensors"),
 }
 
 

@@ -17,7 +17,7 @@ def test_train_writes_run_directory(trained):
     _, run, summary = trained
     assert summary["bundle"] == str(run / "bundle")
     for name in ("metrics.jsonl", "curves.png", "recipe.yaml", "bundle/adapter_model.safetensors",
-                 "bundle/adapter_config.json", "bundle/README.md"):
+                 "bundle/peftmm_config.json", "bundle/README.md"):
         assert (run / name).is_file(), name
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines if "val_accuracy" in r] == [1, 2]

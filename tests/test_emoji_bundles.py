@@ -1,5 +1,5 @@
 """The published emoji bundles on the real zoo backbones: each reproduces, on the emoji test split,
-the test metrics its card (adapter_config.json) recorded at the end of training, and answers
+the test metrics its card (peftmm_config.json) recorded at the end of training, and answers
 through the CLI. Retrieval, classification from the image alone and from image and name;
 captioning on the real zoo models is covered by tests/test_captioning.py (no captioning bundle
 is published yet)."""
@@ -17,7 +17,7 @@ ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 
 
 def _card(name: str) -> dict:
-    return json.loads((ADAPTERS / name / "adapter_config.json").read_text())
+    return json.loads((ADAPTERS / name / "peftmm_config.json").read_text())
 
 
 def _cli(*args: str) -> dict:

@@ -9,11 +9,11 @@ peftmm answers with its own error type, never another exception and never a hang
 - Bundle reader: a good tiny bundle's ``adapter_model.safetensors`` truncated at random offsets,
   with random bytes of its header replaced, with a random header length, and with header entries
   edited as JSON (dtype, shape, offsets, names, metadata; the length kept right), plus the one
-  edit that keeps every size (F32 -> I32); its ``adapter_config.json`` edited at random (text and JSON
+  edit that keeps every size (F32 -> I32); its ``peftmm_config.json`` edited at random (text and JSON
   level, with and without re-signing the checksum). ``read_header`` / ``bundle_summary`` /
   ``load_bundle`` either succeed with tensors identical to the saved ones or raise BundleError
   (a re-signed config whose recipe no longer validates or builds may also raise the
-  RecipeError / PeftmmError that names the bundle's adapter_config.json); a failed load leaves
+  RecipeError / PeftmmError that names the bundle's peftmm_config.json); a failed load leaves
   nothing in the shared backbones. The same config edits through ``Runtime.register``: the
   bundle is registered whole or refused, the runtime's adapters and backbones unchanged.
 
@@ -447,7 +447,7 @@ def _paths(value, prefix=()) -> list[tuple]:
 
 @st.composite
 def edited_configs(draw, config: bytes) -> tuple[bytes, bool]:
-    """(new adapter_config.json, whether to re-sign the weights for it)."""
+    """(new peftmm_config.json, whether to re-sign the weights for it)."""
     if draw(st.integers(0, 3)) == 0:  # text-level damage
         out = bytearray(config)
         if draw(st.booleans()):

@@ -30,9 +30,9 @@ def test_a_bundle_records_its_training_precision_and_cpu_inference_stays_fp32(cl
 
 def test_a_damaged_precision_record_is_refused(cli_run, tmp_path):
     bundle = shutil.copytree(cli_run[1] / "bundle", tmp_path / "bundle")
-    config = json.loads((bundle / "adapter_config.json").read_text())
+    config = json.loads((bundle / "peftmm_config.json").read_text())
     config["precision"] = {"mixed_precision": "int4"}
-    (bundle / "adapter_config.json").write_text(json.dumps(config))
+    (bundle / "peftmm_config.json").write_text(json.dumps(config))
     with pytest.raises(BundleError, match="'precision' must be an object whose mixed_precision is no, bf16 or fp16"):
         read_config(bundle)
 

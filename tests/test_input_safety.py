@@ -257,12 +257,12 @@ def test_format_version_written_as_a_float_is_read_as_that_version(cli_run, tmp_
 
     path = tmp_path / "bundle"
     shutil.copytree(cli_run[1] / "bundle", path)
-    (path / CONFIG).write_text((path / CONFIG).read_text().replace('"format_version": 1,', '"format_version": 1.0,'))
-    assert '"format_version": 1.0' in (path / CONFIG).read_text()
+    (path / CONFIG).write_text((path / CONFIG).read_text().replace('"format_version": 2,', '"format_version": 2.0,'))
+    assert '"format_version": 2.0' in (path / CONFIG).read_text()
     digest = hashlib.sha256((path / CONFIG).read_bytes()).hexdigest()
     save_file(load_file(path / WEIGHTS), path / WEIGHTS,
-              metadata={"format": "peftmm", "format_version": "1", "config_sha256": digest})
-    assert read_config(path)["format_version"] == 1
+              metadata={"format": "peftmm", "format_version": "2", "config_sha256": digest})
+    assert read_config(path)["format_version"] == 2
     load_bundle(path)
 
 
@@ -277,7 +277,7 @@ def test_list_reports_a_broken_bundle_on_its_line_and_goes_on(cli_run, tmp_path)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert len(lines) == 3 and lines[1].startswith("b-deep") and all("error" not in lines[i] for i in (0, 2))
-    assert "error: adapter_config.json is not valid JSON: nested 100001 levels deep" in lines[1]
+    assert "error: peftmm_config.json is not valid JSON: nested 100001 levels deep" in lines[1]
 
 
 # -- the loaders --------------------------------------------------------------------------------

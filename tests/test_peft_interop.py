@@ -231,3 +231,21 @@ def test_cli_commands(base, vit_peft, tmp_path):
         assert result.exit_code == 2 and result.output.startswith("error: ") and message in result.output, \
             result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_auto_peft_model_finds_the_base_from_the_export_alone(base, tiny_models, tmp_path):
+    """Vanilla peft, given only the exported folder: the base comes from base_model_name_or_path
+    (here a local folder, --base-path) and the class from auto_mapping; outputs equal peftmm's tower."""
+    from peft import AutoPeftModel
+
+    path, model = base
+    copy = tmp_path / "bert-base"
+    shutil.copytree(tiny_models["bert"], copy)
+    out = export_peft(path, "text", tmp_path / "peft", base_path=str(copy))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(copy)
+    assert config["auto_mapping"] == {"base_model_class": "BertModel",
+                                      "parent_library": "transformers.models.bert.modeling_bert"}
+    _same(model.towers["text"], AutoPeftModel.from_pretrained(str(out)).eval(), TEXT)
+    with pytest.raises(BundleError, match="--base-path .*: no such folder"):
+        export_peft(path, "text", tmp_path / "peft2", base_path=str(tmp_path / "nowhere"))

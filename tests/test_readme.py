@@ -66,8 +66,8 @@ def test_documented_command_lines_exist(page, line):
 
 # The easy-VQA bundles (the emoji ones are checked in tests/test_emoji_bundles.py).
 SHIPPED = sorted(p.name for p in (ROOT / "adapters").iterdir()
-                 if (p / "adapter_config.json").is_file()
-                 and json.loads((p / "adapter_config.json").read_text())["task"] == "vqa")
+                 if (p / "peftmm_config.json").is_file()
+                 and json.loads((p / "peftmm_config.json").read_text())["task"] == "vqa")
 
 
 @pytest.mark.integration

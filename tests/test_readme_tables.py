@@ -63,7 +63,7 @@ def test_the_default_recipes_table_is_the_shipped_bundle(tables):
     that ships: republishing it without rerunning the report fails here."""
     data = json.loads((ROOT / "bench/results/default_bundle.json").read_text())
     bundle = ROOT / "adapters" / data["bundle"]
-    config = json.loads((bundle / "adapter_config.json").read_text())
+    config = json.loads((bundle / "peftmm_config.json").read_text())
     assert data["metrics"] == {k: config["metrics"][k] for k in data["metrics"]}
     assert data["adapter_bytes"] == (bundle / "adapter_model.safetensors").stat().st_size
     assert {name: b["source"] for name, b in data["backbones"].items()} == \

@@ -90,8 +90,8 @@ def _run_records(run_dir: Path) -> list[dict]:
 @friendly
 def publish(run_dir, name, to, force):
     """Publish the bundle of RUN_DIR (a run directory or a bundle) as TO/NAME, checked and renamed."""
-    from ..bundle import (CARD, CONFIG, check_adapter_name, load_bundle, read_config, read_tensors, resolve_bundle,
-                          save_bundle)
+    from ..bundle import (CARD, check_adapter_name, config_path, load_bundle, read_config, read_tensors,
+                          resolve_bundle, save_bundle)
     from ..card import curve_summary, model_card
     from ..errors import BundleError
     from ..io import atomic_directory
@@ -115,7 +115,7 @@ def publish(run_dir, name, to, force):
     model, _, config = load_bundle(source)
     data = json.loads(json.dumps(config["recipe"]))
     data["name"] = name
-    recipe = from_dict(data, source=str(source / CONFIG))
+    recipe = from_dict(data, source=str(config_path(source)))
     training = None
     parent = source.parent
     if source.name == "bundle" and (parent / "metrics.jsonl").is_file():
@@ -177,7 +177,7 @@ def _foreign(config: Path) -> bool:
 @friendly
 def list_bundles(folder, as_json):
     """List the bundles in FOLDER (default ./adapters), one line each; broken ones show their error."""
-    from ..bundle import CONFIG, WEIGHTS, bundle_summary
+    from ..bundle import WEIGHTS, bundle_summary, config_path, is_bundle
     from ..errors import BundleError, PeftmmError
 
     root = Path(folder)
@@ -187,7 +187,7 @@ def list_bundles(folder, as_json):
     for path in sorted(root.iterdir()):
         if path.name.startswith(".") or not path.is_dir():
             continue  # hidden: an atomic write in progress, or not ours
-        if not ((path / CONFIG).exists() or (path / WEIGHTS).exists()) or _foreign(path / CONFIG):
+        if not (is_bundle(path) or (path / WEIGHTS).exists()) or _foreign(config_path(path)):
             continue  # not a bundle (or another library's adapter, such as a peft export)
         try:
             entries.append(bundle_summary(path))
@@ -216,4 +216,28 @@ def list_bundles(folder, as_json):
         click.echo("  ".join(cell.ljust(widths[i]) if i < len(row) - 1 else cell for i, cell in enumerate(row)))
 
 
-COMMANDS = [publish, inspect, list_bundles]
+@click.command("convert-bundle")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@friendly
+def convert_bundle(bundle):
+    """Move a format-1 BUNDLE folder to the current layout in place: its adapter_config.json is
+    renamed peftmm_config.json (the bytes, and the weights' checksum of them, unchanged)."""
+    from ..bundle import CONFIG, LEGACY_CONFIG, read_config, read_tensors
+    from ..errors import BundleError
+    from ..io import fsync_dir
+
+    path = Path(bundle)
+    if (path / CONFIG).is_file():
+        click.echo(f"{path} is in the current layout already ({CONFIG})")
+        return
+    if not (path / LEGACY_CONFIG).is_file():
+        raise BundleError(f"not an adapter bundle: neither {CONFIG} nor {LEGACY_CONFIG} is here", str(path))
+    read_config(path)    # a peft folder, or a damaged bundle, is refused before anything moves
+    read_tensors(path)
+    os.replace(path / LEGACY_CONFIG, path / CONFIG)   # one rename: the old layout or the new one, never neither
+    fsync_dir(path)
+    read_config(path)
+    click.echo(f"converted {path}: {LEGACY_CONFIG} -> {CONFIG}")
+
+
+COMMANDS = [publish, inspect, list_bundles, convert_bundle]

@@ -18,8 +18,11 @@ _FORCE = click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @_FORCE
 @click.option("--allow-partial", is_flag=True,
               help="Export the LoRA part even if the tower has other methods (outputs then differ).")
+@click.option("--base-path", type=click.Path(file_okay=False),
+              help="Name this local folder (the backbone, saved with save_pretrained) as the base model, "
+                   "instead of its Hub id.")
 @friendly
-def export_peft(bundle, out, tower, force, allow_partial):
+def export_peft(bundle, out, tower, force, allow_partial, base_path):
     """Export one tower's LoRA of a BUNDLE as a vanilla peft adapter folder OUT.
 
     BUNDLE is a folder, a run directory or a name under ./adapters; peft.PeftModel.from_pretrained(
@@ -27,7 +30,7 @@ def export_peft(bundle, out, tower, force, allow_partial):
     from ..bundle import resolve_bundle
     from ..peft_interop import export_peft as run
 
-    path = run(resolve_bundle(bundle), tower, out, overwrite=force, allow_partial=allow_partial)
+    path = run(resolve_bundle(bundle), tower, out, overwrite=force, allow_partial=allow_partial, base_path=base_path)
     click.echo(f"wrote peft adapter {path}")
 
 

@@ -20,9 +20,9 @@ Images are never written out nor held decoded. An image cell is a path (a string
 ``Image`` feature's ``{"path", "bytes": None}``) or embedded bytes (``{"bytes"}``, or a binary
 column). An embedded image becomes a content key (images.content_key) and a reference to its
 row (:class:`ArrowImage`): its bytes are read from the memory-mapped Arrow table only when a
-batch or the feature cache needs them. Hashing reads every image's bytes once at load time,
-with ordinary reads of the Arrow files rather than through the memory map, so the pages read
-are not kept resident by this process.
+batch or the feature cache needs them. Hashing reads every image's bytes once at load time;
+the pages read are handed back to the kernel as it goes (:class:`ArrowImages`), so neither that
+pass nor the feature cache's leaves the data set resident in the process.
 
 Bad rows (a cell of the wrong type, an image cell that is neither a path nor bytes, a
 conversation that does not parse) are :class:`DataError`\\ s naming the split and row; with
@@ -33,8 +33,10 @@ naming the key and the columns there are.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -50,6 +52,7 @@ BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl":
 DEFAULT_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 DEFAULT_COLUMNS = {"image": ("image", "file_name"), "text": ("text",), "label": ("label",),
                    "conversation": ("conversation", "conversations", "messages")}
+DONTNEED = getattr(mmap, "MADV_DONTNEED", None)   # Linux and most Unixes; elsewhere the kernel decides
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
 
 
@@ -69,7 +72,7 @@ def load_hf(spec) -> Splits:
         has_labels = "label" in columns if has_labels is None else has_labels
         has_conversation = "conversation" in columns
         source = ArrowImages(dataset, columns["image"], f"{where} [{theirs}")
-        for row, record in enumerate(_rows(dataset, columns)):
+        for row, record in enumerate(_rows(dataset, columns, source)):
             seen += 1
             at = f"{where} [{theirs} row {row}]"
             try:
@@ -179,15 +182,15 @@ def _prepared(dataset, given, where: str):
     return dataset, columns
 
 
-def _rows(dataset, columns: dict):
-    """Each row's cells of the mapped columns: the image cells from ordinary reads of the Arrow
-    files (see the module docstring), the others through ``datasets`` (class labels as names)."""
+def _rows(dataset, columns: dict, source: ArrowImages):
+    """Each row's cells of the mapped columns: the image cells from ``source``, the others
+    through ``datasets`` (class labels as names)."""
     import datasets
 
     others = [c for part, c in columns.items() if part != "image"]
     label = columns.get("label")
     names = dataset.features[label] if label and isinstance(dataset.features[label], datasets.ClassLabel) else None
-    images = _image_cells(dataset, columns["image"])
+    images = source.cells()
     for batch in dataset.select_columns(others).iter(batch_size=1000):
         for i in range(len(batch[others[0]])):
             record = {c: batch[c][i] for c in others}
@@ -195,32 +198,6 @@ def _rows(dataset, columns: dict):
                 record[label] = names.int2str(record[label])
             record[columns["image"]] = next(images)
             yield record
-
-
-def _image_cells(dataset, column: str):
-    import pyarrow as pa
-
-    files = [f["filename"] for f in dataset.cache_files]
-    try:
-        rows = sum(_count(name) for name in files)
-    except (OSError, pa.ArrowException):
-        files = []
-    # the files' rows are the data set's rows only without an indices mapping (select, shuffle)
-    if files and rows == len(dataset):
-        for name in files:
-            with pa.OSFile(name) as f:   # not a memory map: the pages read once are not kept resident
-                for batch in pa.ipc.open_stream(f):
-                    yield from batch.column(column).to_pylist()
-        return
-    for batch in dataset.select_columns([column]).with_format("arrow").iter(batch_size=100):
-        yield from batch.column(column).to_pylist()
-
-
-def _count(name: str) -> int:
-    import pyarrow as pa
-
-    with pa.memory_map(name) as f:   # only the batches' headers are read
-        return sum(batch.num_rows for batch in pa.ipc.open_stream(f))
 
 
 def _example(record: dict, columns: dict, source: ArrowImages, row: int, root: Path, where: str,
@@ -304,11 +281,60 @@ def _cut_missing_splits(examples: list[dict], chosen: dict, val_fraction: float,
 
 
 class ArrowImages:
-    """The image column of one split, read from the data set's (memory-mapped) Arrow table."""
+    """The image column of one split, over the data set's Arrow files mapped into memory.
+
+    The files are mapped here (not through ``datasets``' own mapping) so that the pages read can
+    be handed back: after every :data:`RELEASE_BYTES` read, ``madvise(MADV_DONTNEED)`` drops them
+    from this process (they stay in the page cache, shared, and are read again if needed). So a
+    pass over every image (the hashing at load time, the feature cache's fill) does not leave the
+    whole data set resident in the process. A data set without Arrow files (built in memory) is
+    read from its own table.
+    """
+
+    RELEASE_BYTES = 32 * 2**20
 
     def __init__(self, dataset, column: str, where: str):
-        self.column = dataset.data.column(column)   # a ChunkedArray over the memory map: nothing copied
-        self.where = where
+        import pyarrow as pa
+
+        self.where, self.maps, self.pending, self.lock = where, [], 0, threading.Lock()
+        chunks = []
+        try:
+            for entry in dataset.cache_files:
+                with open(entry["filename"], "rb") as f:
+                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self.maps.append(mapped)
+                chunks += pa.ipc.open_stream(pa.py_buffer(mapped)).read_all().column(column).chunks
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            chunks = []
+        # the files' rows are the data set's rows only without an indices mapping (select, shuffle)
+        if chunks and sum(len(c) for c in chunks) == len(dataset):
+            self.column = pa.chunked_array(chunks)
+        else:
+            self.maps = []
+            self.column = dataset.data.column(column)
+
+    def cells(self):
+        """Every row's cell, in order (the bytes of one slice at a time)."""
+        for chunk in self.column.chunks:
+            for start in range(0, len(chunk), 64):
+                part = chunk.slice(start, 64)
+                cells = part.to_pylist()
+                self._read(part.nbytes)
+                yield from cells
+
+    def cell(self, row: int):
+        value = self.column[row].as_py()
+        self._read(len(value["bytes"] or b"") if isinstance(value, dict) else len(value or b""))
+        return value
+
+    def _read(self, size: int) -> None:
+        with self.lock:
+            self.pending += size
+            if self.pending < self.RELEASE_BYTES or not self.maps:
+                return
+            self.pending = 0
+            for mapped in self.maps if DONTNEED is not None else ():
+                mapped.madvise(DONTNEED)
 
 
 class ArrowImage(InMemoryImage):
@@ -324,10 +350,8 @@ class ArrowImage(InMemoryImage):
         return f"{self.images.where} row {self.row}]"
 
     def read(self) -> bytes:
-        import pyarrow as pa
-
-        cell = self.images.column[self.row]
-        data = (cell["bytes"] if isinstance(cell, pa.StructScalar) else cell).as_py()
+        cell = self.images.cell(self.row)
+        data = cell.get("bytes") if isinstance(cell, dict) else cell
         if not data:
             raise DataError("the embedded image has no bytes", self.where)
         return data
