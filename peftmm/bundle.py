@@ -34,7 +34,7 @@ from . import recipe as recipes
 from .backbones import TOWERS, architectures
 from .card import model_card
 from .errors import BundleError
-from .hub_bundles import HUB_SCHEME, pull
+from .hub_bundles import HUB_SCHEME, cache_blobs, pull
 from .io import atomic_directory
 from .methods.base import DEFAULT_SLOT
 from .model import MultimodalModel
@@ -205,7 +205,8 @@ def member(path: Path, name: str) -> Path:
     """``path / name``, refused when it resolves outside the bundle folder: a file symlink in a
     bundle must not make peftmm read (or serve) a file from elsewhere."""
     target = (path / name).resolve()
-    if not target.is_relative_to(path.resolve()):
+    blobs = cache_blobs(path)   # a pulled bundle's files link into its repository's blobs: that is no escape
+    if not target.is_relative_to(path.resolve()) and not (blobs is not None and target.is_relative_to(blobs)):
         raise BundleError(f"{name} leads outside the bundle folder (to {target}); a bundle's files must be "
                           "inside it", str(path))
     return target

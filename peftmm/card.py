@@ -34,25 +34,7 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
     recipe = config["recipe"]
     metrics = config.get("metrics", {})
     task = TASKS.get(config["task"], "task")
-    front = {"library_name": "peftmm"}
-    if task.pipeline_tag:
-        front["pipeline_tag"] = task.pipeline_tag
-    bases = list(dict.fromkeys(b for b in (hub_base(t["backbone"]) for t in config["towers"].values()) if b))
-    if bases:
-        front |= {"base_model": bases, "base_model_relation": "adapter"}
-    dataset = hub_dataset(recipe["data"])
-    front |= {
-        "tags": ["peftmm", "multimodal", config["task"], *sorted({m["type"] for t in ("vision", "text")
-                                                                  for m in recipe[t]["methods"]})],
-        **({"datasets": [dataset]} if dataset else {}),
-        # Hugging Face metric ids ("accuracy"), not the split-prefixed keys of the Measured table
-        "metrics": sorted({k.split("_", 1)[1] for k, v in metrics.items()  # not counts (test_images)
-                           if k.startswith(("test_", "val_")) and not k.endswith("_loss") and isinstance(v, float)}),
-        "license": "apache-2.0",
-    }
-    index = model_index(config, task.pipeline_tag, dataset)
-    if index:
-        front["model-index"] = index
+    front = front_matter(config)
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {config['name']}", "",
              f"A peftmm adapter bundle for **{config['task']}**: only the small trained modules, "
@@ -92,6 +74,40 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
     arguments = task.predict_arguments(recipe["task"])
     lines += ["## Use", "", "```bash", f"peftmm predict {config['name']} --image IMAGE{arguments}", "```", ""]
     return "\n".join(lines)
+
+
+def front_matter(config: dict) -> dict:
+    """The Hugging Face front matter of a bundle's card (see the module docstring)."""
+    recipe = config["recipe"]
+    metrics = config.get("metrics", {})
+    task = TASKS.get(config["task"], "task")
+    front = {"library_name": "peftmm"}
+    if task.pipeline_tag:
+        front["pipeline_tag"] = task.pipeline_tag
+    bases = list(dict.fromkeys(b for b in (hub_base(t["backbone"]) for t in config["towers"].values()) if b))
+    if bases:
+        front |= {"base_model": bases, "base_model_relation": "adapter"}
+    dataset = hub_dataset(recipe["data"])
+    front |= {
+        "tags": ["peftmm", "multimodal", config["task"], *sorted({m["type"] for t in ("vision", "text")
+                                                                  for m in recipe[t]["methods"]})],
+        **({"datasets": [dataset]} if dataset else {}),
+        # Hugging Face metric ids ("accuracy"), not the split-prefixed keys of the Measured table
+        "metrics": sorted({k.split("_", 1)[1] for k, v in metrics.items()  # not counts (test_images)
+                           if k.startswith(("test_", "val_")) and not k.endswith("_loss") and isinstance(v, float)}),
+        "license": "apache-2.0",
+    }
+    index = model_index(config, task.pipeline_tag, dataset)
+    if index:
+        front["model-index"] = index
+    return front
+
+
+def with_front_matter(card: str, config: dict) -> str:
+    """``card`` with its front matter written afresh from ``config`` (the rest kept): what
+    ``peftmm push`` uploads, so a card written by an older peftmm names Hub ids too."""
+    body = card.split("---", 2)[2].lstrip("\n") if card.startswith("---") and card.count("---") >= 2 else card
+    return "\n".join(["---", yaml.safe_dump(front_matter(config), sort_keys=False).strip(), "---", "", body])
 
 
 def hub_base(backbone: str) -> str | None:

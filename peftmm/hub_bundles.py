@@ -46,11 +46,28 @@ def parse_reference(reference: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
+def cache_blobs(folder: Path) -> Path | None:
+    """The ``blobs`` folder of a snapshot folder in huggingface_hub's cache (whose files are links
+    into it), or None for any other folder."""
+    from huggingface_hub import constants
+
+    folder = Path(folder).resolve()
+    cache = Path(constants.HF_HUB_CACHE).resolve()
+    if folder.parent.name != "snapshots" or not folder.is_relative_to(cache) or folder.parent.parent.parent != cache:
+        return None
+    return folder.parent.parent / "blobs"
+
+
 def pull(reference: str, files: list[str]) -> Path:
     """The local folder of a Hub bundle's ``files`` (those it has), downloaded into the cache."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     repo, revision = parse_reference(reference)
     offline = not hub_allowed()

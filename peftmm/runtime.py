@@ -29,7 +29,7 @@ import torch
 from .backbones import TOWERS, Tower, load_tower
 from .bundle import (bundle_summary, check_adapter_name, config_path, is_bundle, load_bundle, read_config,
                      resolve_bundle)
-from .hub_bundles import HUB_SCHEME
+from .hub_bundles import HUB_SCHEME, parse_reference
 from .images import load_image, parse_background
 from .errors import BundleError, DataError
 from .features import pad_tokens
@@ -71,7 +71,10 @@ class Runtime:
         with self._lock:
             path = self._locate(bundle)
             config = read_config(path)
-            name = check_adapter_name(name if name is not None else path.name)
+            if name is None:   # a Hub bundle's folder is a commit hash: its repository's name says more
+                name = parse_reference(str(bundle))[0].split("/")[1] if str(bundle).startswith(HUB_SCHEME) \
+                    else path.name
+            name = check_adapter_name(name)
             if name in self._adapters:
                 raise BundleError(f"an adapter named {name!r} is already registered; unregister it first",
                                   kind="conflict")

@@ -311,7 +311,7 @@ DAMAGES = {
     "config_symlink_out": lambda p: _symlink_out(p, CONFIG),
     "format_negative": lambda p: _edit_config(p, lambda c: c.update(format_version=-1)),
     "format_string": lambda p: _edit_config(p, lambda c: c.update(format_version="1")),
-    "format_float_newer": lambda p: _edit_config(p, lambda c: c.update(format_version=2.0)),
+    "format_float_newer": lambda p: _edit_config(p, lambda c: c.update(format_version=3.0)),
     "duplicate_labels": _duplicate_labels,
     "task_contradicts": lambda p: _edit_config(p, lambda c: c.update(task="captioning")),
     "backbone_misspelt": lambda p: _backbone(p, "mobilenet-v3"),

@@ -203,7 +203,7 @@ BAD_BUNDLES = {
     "missing-config": (lambda p: (p / CONFIG).unlink(), "not an adapter bundle: peftmm_config.json is missing"),
     "missing-weights": (lambda p: (p / WEIGHTS).unlink(), "adapter_model.safetensors is missing"),
     "future-format": (lambda p: _edit_config(p, lambda c: c.update(format_version=99)),
-                      "bundle format version 99 is newer than this peftmm reads (1)"),
+                      "bundle format version 99 is newer than this peftmm reads (2)"),
     "no-towers": (lambda p: _edit_config(p, lambda c: c.pop("towers")), "peftmm_config.json lacks the key 'towers'"),
     "no-labels-or-recipe": (lambda p: _edit_config(p, lambda c: [c.pop("labels"), c.pop("recipe")]),
                             "lacks the keys 'labels', 'recipe'"),
