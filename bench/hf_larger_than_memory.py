@@ -1,12 +1,18 @@
 """A parquet data set several times larger than the training process's peak RSS trains.
 
 Writes ``--images`` random-noise PNGs (``--size`` px a side, so they do not compress) embedded
-in one parquet file, then trains on it (``data.source: hf``) in a fresh process: tiny random
-MobileNetV2 + BERT built from configs, the vision tower frozen, so its feature cache reads every
-train and val image once, besides the load-time pass that hashes every image. The child samples
-its own ``/proc/self/status`` (VmRSS, RssAnon, RssFile) every 0.1 s and reports ``ru_maxrss``.
+in one parquet file. A first process has ``datasets`` convert it to its Arrow cache (what the
+first load of a data file does; measured apart, see below); a second one trains on it
+(``data.source: hf``): tiny random MobileNetV2 + BERT built from configs, the vision tower
+frozen, so its feature cache reads every train and val image once, besides the load-time pass
+that hashes every image. Each child samples its own ``/proc/self/status`` (VmRSS, RssAnon,
+RssFile) every 0.1 s and reports ``ru_maxrss``.
 
-    PYTHONPATH=. python bench/hf_larger_than_memory.py            # ~3 GB of parquet, a few minutes
+The conversion is measured apart because it is ``datasets``' own: converting a data file to
+Arrow held about 1.2x the file in (anonymous) memory here, with any Arrow memory pool (a Hub
+data set or a ``save_to_disk`` folder is Arrow already and skips it).
+
+    PYTHONPATH=. python bench/hf_larger_than_memory.py            # ~3.5 GB of parquet, ~8 minutes
     PYTHONPATH=. python bench/hf_larger_than_memory.py --images 600 --size 256   # quick look
 
 Writes bench/results/hf_memory.json: bytes on disk (the parquet and the Arrow cache ``datasets``
@@ -29,9 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-CHILD = r"""
+SAMPLER = r"""
 import json, resource, sys, threading, time
-from pathlib import Path
 
 peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
 def sample():
@@ -42,15 +47,27 @@ def sample():
                 peaks[name] = max(peaks[name], int(value.split()[0]) * 1024)
         time.sleep(0.1)
 threading.Thread(target=sample, daemon=True).start()
+def peaks_now():
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_sampled_bytes": dict(peaks)}
+"""
 
+CONVERT = SAMPLER + r"""
+from peftmm.data.hf import open_dataset
+started = time.perf_counter()
+open_dataset(sys.argv[1])
+time.sleep(0.2)
+print(json.dumps({**peaks_now(), "seconds": round(time.perf_counter() - started, 1)}))
+"""
+
+CHILD = SAMPLER + r"""
 from peftmm import recipe_from_dict
 from peftmm.trainer import train
 recipe = json.loads(sys.argv[1])
 started = time.perf_counter()
 result = train(recipe_from_dict(recipe), sys.argv[2], progress=False, log=lambda m: print(m, file=sys.stderr))
 time.sleep(0.2)
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "peak_sampled_bytes": peaks, "seconds": round(time.perf_counter() - started, 1),
+print(json.dumps({**peaks_now(), "seconds": round(time.perf_counter() - started, 1),
                   "steps": result.metrics["steps"], "test_examples": result.metrics["test_examples"],
                   "train_examples_cached": True}))
 """
@@ -77,13 +94,20 @@ def write_parquet(path: Path, images: int, size: int, seed: int = 0) -> None:
             writer.write_table(pa.Table.from_pylist(rows, schema=schema), row_group_size=64)
 
 
+def run_child(args: list[str], env: dict, what: str) -> dict:
+    child = subprocess.run([sys.executable, "-c", *args], env=env, capture_output=True, text=True)
+    if child.returncode:
+        sys.exit(f"{what} failed:\n{child.stderr[-4000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=4000)
+    parser.add_argument("--images", type=int, default=4500)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "hf_memory.json"))
@@ -105,21 +129,20 @@ def main() -> None:
                   "train": {"epochs": 1, "batch_size": 16, "eval_batch_size": 64, "max_steps": args.max_steps}}
         env = dict(os.environ, HF_DATASETS_CACHE=str(work / "datasets-cache"), HF_HUB_OFFLINE="1",
                    PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-        child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(recipe), str(work / "run")], env=env,
-                               capture_output=True, text=True)
-        if child.returncode:
-            sys.exit(f"the training process failed:\n{child.stderr[-4000:]}")
-        measured = json.loads(child.stdout.strip().splitlines()[-1])
+        converted = run_child([CONVERT, str(data)], env, "the conversion")
+        measured = run_child([CHILD, json.dumps(recipe), str(work / "run")], env, "the training process")
         parquet_bytes, arrow_bytes = data.stat().st_size, folder_bytes(work / "datasets-cache")
         report = {
             "command": "PYTHONPATH=. python bench/hf_larger_than_memory.py " + " ".join(sys.argv[1:]),
             "images": args.images, "image_px": args.size, "parquet_bytes": parquet_bytes,
-            "arrow_cache_bytes": arrow_bytes, **measured,
-            "parquet_over_peak_rss": round(parquet_bytes / measured["peak_rss_bytes"], 2),
+            "arrow_cache_bytes": arrow_bytes, "training": measured,
+            "parquet_over_training_peak_rss": round(parquet_bytes / measured["peak_rss_bytes"], 2),
+            "conversion": converted,
             "write_seconds": round(written, 1),
-            "note": "peak RSS is the training process's ru_maxrss (anonymous and file-backed pages); the Arrow "
-                    "files are memory-mapped and the pages read are handed back (data/hf.py ArrowImages). The "
-                    "frozen vision tower's feature cache reads every train and val image.",
+            "note": "peak RSS is each process's ru_maxrss (anonymous and file-backed pages). Training: the Arrow "
+                    "files are memory-mapped and the pages read are handed back (data/hf.py ArrowImages); the "
+                    "frozen vision tower's feature cache reads every train and val image. Conversion: datasets' "
+                    "first load of the parquet file into its Arrow cache, in a process of its own.",
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

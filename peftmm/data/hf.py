@@ -52,6 +52,10 @@ BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl":
 DEFAULT_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 DEFAULT_COLUMNS = {"image": ("image", "file_name"), "text": ("text",), "label": ("label",),
                    "conversation": ("conversation", "conversations", "messages")}
+# Rows per Arrow record batch when datasets converts data files: its default (1,000 rows, unless
+# it knows the column holds images) held ~2x a 3 GB parquet of embedded images in memory while
+# converting; 100 rows (datasets' own size for image data sets) keeps that to a few batches.
+WRITER_BATCH = 100
 DONTNEED = getattr(mmap, "MADV_DONTNEED", None)   # Linux and most Unixes; elsewhere the kernel decides
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
 
@@ -109,15 +113,15 @@ def open_dataset(path: str, name: str | None = None, revision: str | None = None
             if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
                 loaded = datasets.load_from_disk(str(folder))
             else:
-                loaded = datasets.load_dataset(str(folder), name=name)
+                loaded = datasets.load_dataset(str(folder), name=name, writer_batch_size=WRITER_BATCH)
         elif folder.is_file():
             builder = BUILDERS.get(folder.suffix.lower())
             if builder is None:
                 raise DataError(f"unknown data file type {folder.suffix or '(none)'!r}; use one of: "
                                 f"{', '.join(BUILDERS)}, or a folder", path)
-            loaded = datasets.load_dataset(builder, data_files={"train": str(folder)})
+            loaded = datasets.load_dataset(builder, data_files={"train": str(folder)}, writer_batch_size=WRITER_BATCH)
         else:
-            loaded = datasets.load_dataset(_hub_id(path), name=name, revision=revision)
+            loaded = datasets.load_dataset(_hub_id(path), name=name, revision=revision, writer_batch_size=WRITER_BATCH)
     except DatasetNotFoundError:
         raise DataError("no such data set on the Hugging Face Hub (or it is private and no token was given: "
                         "`hf auth login` or HF_TOKEN)", path) from None
