@@ -144,9 +144,10 @@ def check_engine(accelerator) -> None:
                           "`peftmm train --num-processes N`)")
 
 
-def make_accelerator(spec):
+def make_accelerator(spec, logging_dir=None):
     """accelerate's Accelerator for the recipe's train section (``spec``): its precision
-    (``auto``: precision.mixed_precision) and accumulation, processes sharing each batch."""
+    (``auto``: precision.mixed_precision) and accumulation, processes sharing each batch, and
+    the trackers of ``spec.report_to`` (trackers.py) logging under ``logging_dir``."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
@@ -155,8 +156,11 @@ def make_accelerator(spec):
     if facts.type == "cuda":
         torch.set_float32_matmul_precision("high")   # TF32 for whatever runs in fp32
     # split_batches: processes share each batch (ProcessSlices), so the scheduler steps once per step
+    report_to = list(spec.report_to)
     return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=spec.grad_accum,
-                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+                       dataloader_config=DataLoaderConfiguration(split_batches=True),
+                       log_with=report_to or None,
+                       project_dir=str(logging_dir) if report_to and logging_dir is not None else None)
 
 
 def prepare_for_training(accelerator, model, optimizer, loader, scheduler):

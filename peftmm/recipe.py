@@ -144,6 +144,9 @@ class TrainSpec:
     # weights, precision and preprocessing, checked and rebuilt when damaged (feature_store.py). A
     # relative path is relative to the recipe file (to the working folder without one); ~ is home.
     feature_cache_dir: str | None = None
+    # Experiment trackers the run's metrics.jsonl scalars and recipe go to (trackers.py), each an
+    # optional extra; [] (default): none
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(default_factory=list)
 
     def validate(self):
         if self.feature_cache_dir is not None and not self.feature_cache_dir.strip():

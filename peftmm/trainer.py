@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import trackers
 from .backbones import TOWERS
 from .batching import Batcher, image_workers
 from .bundle import initialise_from, resolve_bundle, save_bundle
@@ -46,6 +47,7 @@ from .precision import device_facts, inference_context, record as precision_reco
 from .sampling import train_loader
 from .tasks import TASKS
 from .tensors import to_device
+from .trackers import check_installed
 
 
 @dataclass
@@ -198,7 +200,15 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
 
     The steps below run in this order on purpose: each one that draws random numbers (building
     the model, the loader, the epochs) must draw them as the run that is resumed did."""
+    check_installed(recipe.train.report_to, recipe.source)   # before anything of the run is made
     ctx = _set_up(recipe, run_dir, progress, log)
+    try:
+        return _run(ctx, recipe, resume)
+    finally:
+        trackers.finish(ctx.accelerator, recipe.train.report_to)
+
+
+def _run(ctx: _Context, recipe, resume: bool) -> TrainResult:
     saved = resume_point(ctx.run_dir, recipe, ctx.log) if resume else None
     splits = _load_checked_splits(recipe)
     model = MultimodalModel.build(recipe, splits.labels, device=ctx.device)
@@ -241,14 +251,16 @@ def _set_up(recipe, run_dir, progress: bool, log) -> _Context:
     clocks may tick between processes)."""
     from accelerate.utils import set_seed
 
-    accelerator = make_accelerator(recipe.train)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
+    # the trackers' folder: only the main process's counts (no other one starts a tracker)
+    accelerator = make_accelerator(recipe.train, run_dir / "trackers")
     set_seed(recipe.train.seed)
     main = accelerator.is_main_process
-    run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+    trackers.start(accelerator, recipe.train.report_to, recipe.to_dict(), run_dir)
     precision = precision_record(accelerator.mixed_precision, device_facts(accelerator.device))
     return _Context(recipe, recipe.train, accelerator, accelerator.device, main, run_dir,
                     log if main else _silent, progress and main, precision)
@@ -335,6 +347,7 @@ class _Epochs:
         if self.ctx.main:  # appended entry by entry: a run that stops early keeps what it logged, no file left open
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+        trackers.log(self.ctx.accelerator, self.ctx.spec.report_to, entry)   # the main process's trackers
 
     def train(self, saved) -> None:
         """Until the last epoch, early stopping or ``train.max_steps``; ``saved``: the checkpoint
