@@ -37,7 +37,7 @@ def bundle(tmp_path_factory):
     path = save_bundle(model, recipe, root / "tiny-vqa", metrics={"test_accuracy": 0.5})
     image = root / "red.png"
     Image.new("RGB", (20, 20), (200, 30, 30)).save(image)
-    return path, image
+    return path, image, models
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def push(*args):
 
 
 def test_push_then_pull_round_trip(bundle, hub):
-    path, image = bundle
+    path, image, _ = bundle
     result = push(path, "me/tiny-vqa", "--commit-message", "first")
     assert result.exit_code == 0, result.output
     assert "use it as hf://me/tiny-vqa" in result.output
@@ -86,7 +86,7 @@ def hub_cache():
 
 
 def test_revisions(bundle, hub):
-    path, _ = bundle
+    path, _, _ = bundle
     assert push(path, "me/tiny-vqa").exit_code == 0
     result = push(path, "me/tiny-vqa", "--revision", "dev")
     assert result.exit_code == 0, result.output
@@ -153,3 +153,15 @@ def test_offline_pulls_come_from_the_cache_only(bundle, hub, monkeypatch):
         resolve_bundle("hf://me/never-pulled")
     result = push(bundle[0], "me/tiny-vqa")
     assert result.exit_code == 2 and "pushing needs the Hugging Face Hub, which is off here" in result.output
+
+
+def test_init_from_a_hub_bundle(bundle, hub, tmp_path):
+    from peftmm import recipe_from_dict
+    from peftmm.trainer import train
+
+    path, _, models = bundle
+    assert push(path, "me/tiny-vqa").exit_code == 0
+    recipe = tiny.recipe(models["vit"], models["bert"], text_methods=[{"type": "lora", "r": 2, "alpha": 4}],
+                         init_from="hf://me/tiny-vqa", train={"max_steps": 1})
+    result = train(recipe_from_dict(recipe), tmp_path / "run", progress=False, log=lambda _: None)
+    assert result.metrics["init_from"] == str(resolve_bundle("hf://me/tiny-vqa"))
