@@ -16,6 +16,7 @@ from PIL import Image
 
 from peftmm import DataError, RecipeError, recipe_from_dict
 from peftmm.data import load_splits
+from peftmm.data.conversations import skipped_line
 from peftmm.images import InMemoryImage, content_key, load_image
 from peftmm.recipe import DataColumns, DataSpec, DataSplits
 from peftmm.trainer import train
@@ -170,6 +171,7 @@ def test_bad_image_cells_name_split_and_row(tmp_path, cell, message):
         load_splits(DataSpec(source="hf", path=str(data), on_bad_sample="stop"))
     splits = load_splits(DataSpec(source="hf", path=str(data), on_bad_sample="skip"))
     assert len(every(splits)) == 4
+    assert skipped_line(splits).startswith(f"peftmm: data: skipped 1 of 5 records of {data} (not an image: 1)")
     assert splits.metadata["skipped_records"]["skipped"] == 1
     assert "[train row 3]" in splits.metadata["skipped_records"]["first"]
 
