@@ -112,6 +112,8 @@ def open_dataset(path: str, name: str | None = None, revision: str | None = None
         if folder.is_dir():
             if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
                 loaded = datasets.load_from_disk(str(folder))
+            elif _only_parquet(folder):
+                loaded = datasets.load_dataset("parquet", data_dir=str(folder), **_parquet_options())
             else:
                 loaded = datasets.load_dataset(str(folder), name=name, writer_batch_size=WRITER_BATCH)
         elif folder.is_file():
@@ -119,7 +121,8 @@ def open_dataset(path: str, name: str | None = None, revision: str | None = None
             if builder is None:
                 raise DataError(f"unknown data file type {folder.suffix or '(none)'!r}; use one of: "
                                 f"{', '.join(BUILDERS)}, or a folder", path)
-            loaded = datasets.load_dataset(builder, data_files={"train": str(folder)}, writer_batch_size=WRITER_BATCH)
+            options = _parquet_options() if builder == "parquet" else {"writer_batch_size": WRITER_BATCH}
+            loaded = datasets.load_dataset(builder, data_files={"train": str(folder)}, **options)
         else:
             loaded = datasets.load_dataset(_hub_id(path), name=name, revision=revision, writer_batch_size=WRITER_BATCH)
     except DatasetNotFoundError:
@@ -130,6 +133,20 @@ def open_dataset(path: str, name: str | None = None, revision: str | None = None
     if isinstance(loaded, datasets.Dataset):
         loaded = {"train": loaded}
     return dict(loaded)
+
+
+def _only_parquet(folder: Path) -> bool:
+    files = [f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".") and f.name != "README.md"]
+    return bool(files) and all(f.suffix.lower() == ".parquet" for f in files)
+
+
+def _parquet_options() -> dict:
+    """How datasets converts parquet here: pyarrow's pre-buffering of whole column chunks kept
+    ~1.5x a 0.9 GB file of embedded images in memory while converting it, without it ~0.4x."""
+    import pyarrow.dataset as pds
+
+    return {"writer_batch_size": WRITER_BATCH,
+            "fragment_scan_options": pds.ParquetFragmentScanOptions(pre_buffer=False)}
 
 
 def _hub_id(path: str) -> str:
