@@ -9,9 +9,9 @@ that hashes every image. Each child samples its own ``/proc/self/status`` (VmRSS
 RssFile) every 0.1 s and reports ``ru_maxrss``.
 
 The conversion is measured apart because it is ``datasets``' own (pyarrow reads the parquet
-file, datasets writes Arrow): with pyarrow's default pre-buffering it held about 1.2x a 3.5 GB
-file in memory; data/hf.py turns pre-buffering off, which measured 0.4x on a 0.9 GB file. A Hub
-data set or a ``save_to_disk`` folder is Arrow already and skips it.
+file, datasets writes Arrow): with pyarrow's default pre-buffering it peaked at 4.26 GB for a
+3.54 GB file; data/hf.py turns pre-buffering off, and it peaks at 0.90 GB. A Hub data set or a
+``save_to_disk`` folder is Arrow already and skips it.
 
     PYTHONPATH=. python bench/hf_larger_than_memory.py            # ~3.5 GB of parquet, ~8 minutes
     PYTHONPATH=. python bench/hf_larger_than_memory.py --images 600 --size 256   # quick look
