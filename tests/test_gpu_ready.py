@@ -14,8 +14,8 @@ from peftmm.bundle import read_config
 from peftmm.data.skips import SplitLog
 from peftmm.errors import BundleError, DataError
 from peftmm.predict import Predictor
-from peftmm.tasks.caption_memory import CaptionMemory
-from peftmm.tasks.pair_memory import PairMemory
+from peftmm.tasks.captioning.memory import CaptionMemory
+from peftmm.tasks.retrieval.memory import PairMemory
 
 
 def test_a_bundle_records_its_training_precision_and_cpu_inference_stays_fp32(cli_run):
