@@ -77,3 +77,11 @@ class Task:
 
     def decode(self, outputs: torch.Tensor) -> list[dict]:
         raise NotImplementedError
+
+    def generate_text(self, model, batch: dict, options=None, streams=None):
+        """For a task that writes text with its text tower as a causal LM (``text_tower_causal_lm``):
+        generate for the rows of ``batch`` under ``options`` (a GenerationOptions; None: the
+        bundle's own settings), sending each row's new text to ``streams[row]`` where given, and
+        return a :class:`~peftmm.generation.Generated` whose ``ids`` ``decode`` reads. The whole
+        contract, which the runtime and the OpenAI-compatible API rely on, is in generation.py."""
+        raise NotImplementedError(f"task {self.registry_name} answers without generating text")
