@@ -293,3 +293,69 @@ def test_stop_cuts_the_text_in_plain_and_streamed_answers(client, setup):
     assert plain.choices[0].finish_reason == "stop"
     _, pieces = _streamed(client, "caption", images / "2.png", stop=stop)
     assert "".join(pieces) == plain.choices[0].message.content
+
+
+# -- without a live server ------------------------------------------------------------------------
+def test_candidate_syntax_and_stop_helpers():
+    from peftmm.generation import cut_at_stop, safe_prefix
+    from peftmm.serve.chat_kinds import candidates
+
+    assert candidates("candidates: a red circle, a blue square") == ["a red circle", "a blue square"]
+    assert candidates("Candidates:\na red circle\n\na blue, square\na red circle") == ["a red circle", "a blue, square"]
+    assert candidates("   ") == [] and candidates("one") == ["one"]
+    assert cut_at_stop("a cat. a dog.", [".", "dog"]) == ("a cat", True)
+    assert cut_at_stop("a cat", ["dog"]) == ("a cat", False)
+    assert safe_prefix("a cat do", ["dog"]) == "a cat " and safe_prefix("a cat dog x", ["dog"]) == "a cat "
+    assert safe_prefix("a cat", ()) == "a cat"
+
+
+def test_generation_options_refuse_values_out_of_range():
+    from peftmm.errors import DataError
+
+    assert GenerationOptions(temperature=0.0).sampling is False and GenerationOptions(temperature=0.7).sampling
+    for bad in (dict(max_tokens=0), dict(max_tokens=True), dict(temperature=float("nan")), dict(top_p=1.5),
+                dict(seed=2**63), dict(stop=("",)), dict(stop=["x"])):
+        with pytest.raises(DataError, match=next(iter(bad))):
+            GenerationOptions(**bad)
+
+
+def test_classifier_with_a_fixed_prompt_reads_no_question(setup, tiny_models, tmp_path):
+    from fastapi.testclient import TestClient
+
+    runtime, images, _, _ = setup
+    data = tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"], name="shapes")
+    data["task"] = {"type": "classification", "hidden": 16, "prompt": "which shape?"}
+    recipe, model, _ = build(data)
+    save_bundle(model, recipe, tmp_path / "shapes")
+    alone = Runtime(device="cpu", root=tmp_path)
+    alone.register("shapes")
+    expected = alone.predict([{"adapter": "shapes", "image": str(images / "0.png")}])[0]
+    with TestClient(create_app(alone)) as http:
+        for text in (None, "ignored words"):
+            body = http.post("/v1/chat/completions", json={"model": "shapes", "messages": _messages(
+                _data_url(images / "0.png"), text)}).json()
+            assert body["choices"][0]["message"]["content"] == expected["answer"]
+            assert body["peftmm"]["question"] is None and body["peftmm"]["task"] == "classification"
+            tokens = len(alone._get("shapes").model.towers["text"].processor("which shape?")["input_ids"])
+            assert body["usage"]["prompt_tokens"] == tokens
+
+
+def test_a_bug_answers_in_openai_shape_before_and_during_a_stream(setup):
+    from fastapi.testclient import TestClient
+
+    class Broken(Runtime):  # a runtime whose predict fails for reasons of its own
+        def predict(self, requests):
+            raise RuntimeError("boom")
+
+    runtime, images, questions, _ = setup
+    broken = Broken(device="cpu", root=runtime.root)
+    broken.register(VQA[0])
+    request = {"model": VQA[0], "messages": _messages(_data_url(images / "0.png"), questions[0])}
+    with TestClient(create_app(broken), raise_server_exceptions=False) as http:
+        plain = http.post("/v1/chat/completions", json=request)
+        assert plain.status_code == 500 and plain.json()["error"]["type"] == "server_error"
+        assert "RuntimeError: boom" in plain.json()["error"]["message"]
+        streamed = http.post("/v1/chat/completions", json={**request, "stream": True})
+        events = [line[len("data: "):] for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and "RuntimeError: boom" in events[-2] and '"error"' in events[-2]
+        assert http.get("/v1/models").json()["data"][0]["id"] == VQA[0]   # still serving
