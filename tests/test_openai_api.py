@@ -4,7 +4,7 @@ retrieval bundles, concurrent requests over several adapters, and every bad inpu
 OpenAI's error shape. Each answer is checked against the runtime's own prediction."""
 
 import base64
-import io
+import shutil
 import threading
 
 import httpx
@@ -52,7 +52,7 @@ def setup(tiny_models, tmp_path_factory):
     images = tmp_path_factory.mktemp("images")
     paths = easy_vqa.get_test_image_paths()
     for i in range(4):
-        (images / f"{i}.png").write_bytes(open(paths[i], "rb").read())
+        shutil.copy(paths[i], images / f"{i}.png")
     runtime = Runtime(device="cpu", root=root)
     for name in (*VQA, "caption", "retrieval"):
         runtime.register(name)
@@ -155,7 +155,7 @@ def test_generation_options_reach_the_captioner(client, setup):
 
 
 def test_streaming_concatenates_to_the_plain_answer(client, setup):
-    runtime, images, questions, _ = setup
+    _, images, questions, _ = setup
     for model, text in (("caption", None), (VQA[0], questions[0]), ("retrieval", "a circle, a square, a triangle")):
         plain = _ask(client, model, images / "1.png", text)
         chunks, pieces = _streamed(client, model, images / "1.png", text)
@@ -283,7 +283,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, set
 
 
 def test_stop_cuts_the_text_in_plain_and_streamed_answers(client, setup):
-    runtime, images, questions, _ = setup
+    runtime, images, _, _ = setup
     caption = _expected(runtime, "caption", images / "2.png")["caption"]
     words = caption.split()
     assert len(words) > 1, caption
@@ -322,7 +322,7 @@ def test_generation_options_refuse_values_out_of_range():
 def test_classifier_with_a_fixed_prompt_reads_no_question(setup, tiny_models, tmp_path):
     from fastapi.testclient import TestClient
 
-    runtime, images, _, _ = setup
+    images = setup[1]
     data = tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"], name="shapes")
     data["task"] = {"type": "classification", "hidden": 16, "prompt": "which shape?"}
     recipe, model, _ = build(data)

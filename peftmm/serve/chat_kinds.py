@@ -20,8 +20,8 @@ Task.generate_text (generation.py): nothing here changes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..generation import GenerationOptions
 from ..registry import Registry

@@ -21,7 +21,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import unquote, urlparse
 
 from fastapi import APIRouter, Request
