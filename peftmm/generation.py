@@ -13,10 +13,12 @@ the same way) is :meth:`peftmm.tasks.base.Task.generate_text`::
   caps the new tokens, ``temperature > 0`` samples (with ``top_p``) under ``seed``, otherwise
   the bundle decodes as it was trained to (greedy, beam search, MBR). ``stop`` strings may end
   a row early; the caller cuts the text at the first one in any case (:func:`cut_at_stop`).
-- ``streams`` has one entry per row: a callable that takes each new piece of that row's text
-  as soon as it is known (a :class:`TokenStream` does this from inside ``generate``), or None.
-  A task may call none of them (beam search only knows its text at the end): callers send
-  whatever was not streamed once the result is in.
+- ``streams`` has one entry per row: a callable that takes that row's text so far each time it
+  grows (a :class:`TokenStream` does this from inside ``generate``), or None. The whole text
+  rather than the new piece, so a caller never sends a piece twice should a row be generated
+  again (the micro-batcher retries a failed batch one request at a time). A task may call none
+  of them (beam search only knows its text at the end): callers send whatever was not streamed
+  once the result is in.
 - ``Generated.ids`` are the new token ids after the prompt, padded after EOS, that the task's
   ``decode`` turns into text; the counts are per row, for the API's ``usage``.
 
@@ -122,10 +124,11 @@ def seeded(seed: int | None, device):
 
 
 class TokenStream:
-    """A stopping criterion for ``generate`` that never stops anything: after each step it sends
-    each streamed row's new text (decoded from all its tokens so far, so word pieces join as in
-    the final text) to that row's callable. Trailing whitespace is held back, as the final text
-    is stripped. Only for one sequence per row (greedy or sampling): beams are not final."""
+    """A stopping criterion for ``generate`` that never stops anything: after each step in which
+    a streamed row's text grew, it sends that row's text so far (decoded from all its tokens, so
+    word pieces join as in the final text) to the row's callable. Trailing whitespace is held
+    back, as the final text is stripped. Only for one sequence per row (greedy or sampling):
+    beams are not final."""
 
     def __init__(self, tokenizer, streams: list[Callable[[str], None] | None], eos: int):
         self.tokenizer, self.streams, self.eos = tokenizer, streams, eos
@@ -140,7 +143,7 @@ class TokenStream:
             if self.eos in ids:
                 ids, self.done[row] = ids[: ids.index(self.eos)], True
             text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            if len(text) > len(self.sent[row]) and text.startswith(self.sent[row]):
-                stream(text[len(self.sent[row]):])
+            if text != self.sent[row]:
+                stream(text)
                 self.sent[row] = text
         return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)

@@ -197,7 +197,7 @@ class Runtime:
         Optional keys (the OpenAI-compatible API sends them): ``"usage": True`` adds token counts
         to a label answer's result; for an adapter that writes text, ``"generation"`` (a
         GenerationOptions) overrides its decoding for this request and adds ``"usage"`` (with
-        ``finish_reason``), ``"stream"`` is a callable that takes the text as it is written, and
+        ``finish_reason``), ``"stream"`` is a callable that takes the text so far as it grows, and
         ``"messages"`` a conversation for a task that reads one (generation.py).
 
         Returns one result per request, in order, each tagged with the adapter that made it.
@@ -352,7 +352,7 @@ def _fan_out(streams: list):
     streams = [s for s in streams if s is not None]
     if not streams:
         return None
-    return streams[0] if len(streams) == 1 else (lambda piece: [stream(piece) for stream in streams])
+    return streams[0] if len(streams) == 1 else (lambda text: [stream(text) for stream in streams])
 
 
 def _writes_text(task) -> bool:

@@ -359,3 +359,20 @@ def test_a_bug_answers_in_openai_shape_before_and_during_a_stream(setup):
         events = [line[len("data: "):] for line in streamed.text.splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and "RuntimeError: boom" in events[-2] and '"error"' in events[-2]
         assert http.get("/v1/models").json()["data"][0]["id"] == VQA[0]   # still serving
+
+
+def test_token_stream_sends_each_rows_text_so_far_until_its_end(tiny_models):
+    from transformers import AutoTokenizer
+
+    from peftmm.generation import TokenStream
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["bert"])
+    words = tok("what is the red shape", add_special_tokens=False)["input_ids"]
+    eos, pad = tok.sep_token_id, tok.pad_token_id
+    rows = [words + [eos, pad], words[:2] + [eos] + [pad] * (len(words) - 1), words + words[:2]]
+    seen: list[list[str]] = [[], []]
+    stream = TokenStream(tok, [seen[0].append, None, seen[1].append], eos)
+    for step in range(1, len(rows[0]) + 1):
+        assert not stream(torch.tensor([row[:step] for row in rows])).any()   # never stops a row
+    assert seen[0] == ["what", "what is", "what is the", "what is the red", "what is the red shape"]
+    assert seen[1][-1] == tok.decode(rows[2], skip_special_tokens=True) and len(seen[1]) == len(rows[2])

@@ -60,8 +60,8 @@ class ChatKind:
         return None
 
     def requests(self, chat: Chat, stream: Callable[[str], None] | None) -> list[dict]:
-        """Runtime requests (Runtime.predict) for the chat; ``stream`` takes text as it is written,
-        for kinds that generate (the others answer at once)."""
+        """Runtime requests (Runtime.predict) for the chat; ``stream`` takes the text so far each
+        time it grows, for kinds that generate (the others answer at once)."""
         raise NotImplementedError
 
     def answer(self, chat: Chat, results: list[dict]) -> Answer:

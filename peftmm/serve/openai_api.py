@@ -295,20 +295,20 @@ async def _stream(batcher, kind, chat: Chat, params: dict):
         choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
         return f"data: {json.dumps({**head, 'choices': choices, **more})}\n\n"
 
-    def written(piece: str) -> None:   # from the batcher's thread
-        loop.call_soon_threadsafe(pieces.put_nowait, piece)
+    def written(text: str) -> None:   # the text so far, from the batcher's thread
+        loop.call_soon_threadsafe(pieces.put_nowait, text)
 
     task = asyncio.ensure_future(_answer(batcher, kind, chat, written))
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # a client gone: no warning
     yield event({"role": "assistant", "content": ""})
-    raw, sent = "", ""
+    sent = ""
     while True:
         getter = asyncio.ensure_future(pieces.get())
         await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
         if not getter.done():
             getter.cancel()
             break
-        raw += getter.result()
-        ready = safe_prefix(raw, chat.options.stop)
+        ready = safe_prefix(getter.result(), chat.options.stop)
         if len(ready) > len(sent) and ready.startswith(sent):
             yield event({"content": ready[len(sent):]})
             sent = ready
@@ -320,8 +320,6 @@ async def _stream(batcher, kind, chat: Chat, params: dict):
         yield f"data: {json.dumps(error.body())}\n\n"
         yield "data: [DONE]\n\n"
         return
-    while not pieces.empty():   # the last pieces may land after the result
-        pieces.get_nowait()
     if answer.text.startswith(sent) and len(answer.text) > len(sent):
         yield event({"content": answer.text[len(sent):]})
     yield event({}, answer.finish_reason, peftmm=answer.extra)
