@@ -173,6 +173,14 @@ class Task:
         ``ranks_texts`` (zero-shot labels)."""
         raise NotImplementedError(f"task {self.registry_name!r} does not rank texts")
 
+    def generate_text(self, model, batch: dict, options=None, streams=None):
+        """For a task that writes text with its text tower as a causal LM (``text_tower_causal_lm``):
+        generate for the rows of ``batch`` under ``options`` (a GenerationOptions; None: the
+        bundle's own settings), sending each row's new text to ``streams[row]`` where given, and
+        return a :class:`~peftmm.generation.Generated` whose ``ids`` ``decode`` reads. The whole
+        contract, which the runtime and the OpenAI-compatible API rely on, is in generation.py."""
+        raise NotImplementedError(f"task {self.registry_name} answers without generating text")
+
 
 def count_too_long(tokenizer, texts: list[str], room: int, where: str, noun: str, extra: int = 0,
                    special: bool = True) -> tuple[int, str]:
