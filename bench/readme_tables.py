@@ -104,7 +104,8 @@ def image_bomb() -> str:
     """The server's memory under concurrent huge one-colour PNGs, before and after the pixel limit
     (bench/image_bomb.py; "before" ran the same script against the older code)."""
     data = json.loads((RESULTS / "image_bomb.json").read_text())
-    lines = ["| image | code | answers | peak RSS | RSS 3 s after | RSS before the requests |", "|---|---|---|---|---|---|"]
+    lines = ["| image | code | answers | peak RSS | RSS 3 s after | RSS before the requests |",
+             "|---|---|---|---|---|---|"]
     order = sorted(data, key=lambda label: (-int(label.rsplit("-", 1)[1]), not label.startswith("before")))
     for label in order:
         run = data[label]

@@ -111,7 +111,8 @@ def references(adapters_dir: Path, items: list[dict]) -> list[dict]:
 
 
 def matches(served: dict, reference: dict) -> bool:
-    if served.get("answer") != reference["answer"] or served.get("adapter", reference["adapter"]) != reference["adapter"]:
+    if (served.get("answer") != reference["answer"]
+            or served.get("adapter", reference["adapter"]) != reference["adapter"]):
         return False
     return all(a["answer"] == b["answer"] and abs(a["score"] - b["score"]) < 1e-4
                for a, b in zip(served["scores"], reference["scores"]))

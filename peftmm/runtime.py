@@ -29,16 +29,17 @@ import torch
 
 from .backbones import TOWERS, Tower, load_tower
 from .bundle import CONFIG, bundle_summary, check_adapter_name, load_bundle, read_config, resolve_bundle
-from .images import load_image, parse_background
 from .errors import BundleError, DataError
 from .features import pad_tokens
 from .generation import GenerationOptions
+from .images import load_image, parse_background
 from .methods.base import NO_SLOT
 from .precision import common_record, inference_context
 from .predict import default_device
 from .recipe import from_dict
 from .tasks import TASKS
 from .tensors import to_device
+
 
 @dataclass
 class Registered:
@@ -119,7 +120,8 @@ class Runtime:
             "name": name, "bundle": entry.path.name, "task": config["task"], "labels": len(config["labels"]),
             "methods": {t: [m.registry_name for m in model.methods[t]] for t in TOWERS},
             "fusion": entry.recipe.fusion.type,
-            "backbones": {t: {"backbone": config["towers"][t]["backbone"], "precision": config["towers"][t]["precision"],
+            "backbones": {t: {"backbone": config["towers"][t]["backbone"],
+                              "precision": config["towers"][t]["precision"],
                               "fingerprint": config["towers"][t]["fingerprint"][:16]} for t in TOWERS},
             "question": question_use(model.task), "trainable_params": trainable, "bytes": entry.bytes,
             "metrics": {k: v for k, v in config.get("metrics", {}).items() if isinstance(v, (int, float, str))},

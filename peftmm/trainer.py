@@ -31,18 +31,25 @@ from .backbones import TOWERS
 from .batching import Batcher, image_workers
 from .bundle import initialise_from, resolve_bundle, save_bundle
 from .checkpoint import Checkpointer, RunParts, resume_point
-from .run_state import SkipTracker, restore_rng
 from .data import load_splits
 from .data.files import check_labels_in_train
 from .data.skips import SplitLog, cache_on_bad, needed_text_error
-from .distributed import (all_have_examples, batch_loss, gather_rows, make_accelerator, prepare_for_training,
-                          process_slice)
+from .distributed import (
+    all_have_examples,
+    batch_loss,
+    gather_rows,
+    make_accelerator,
+    prepare_for_training,
+    process_slice,
+)
 from .errors import DataError
 from .feature_store import feature_cache_dir
 from .features import FeatureCache
 from .model import MultimodalModel
 from .plots import plot_curves
-from .precision import device_facts, inference_context, record as precision_record
+from .precision import device_facts, inference_context
+from .precision import record as precision_record
+from .run_state import SkipTracker, restore_rng
 from .sampling import train_loader
 from .tasks import TASKS
 from .tensors import to_device

@@ -5,10 +5,10 @@ import json
 import shutil
 
 import pytest
-import torch
-
 import tiny
+import torch
 from helpers import build
+
 from peftmm.batching import Batcher, image_workers
 from peftmm.bundle import read_config
 from peftmm.data.skips import SplitLog

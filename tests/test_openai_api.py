@@ -10,19 +10,19 @@ import threading
 import httpx
 import openai
 import pytest
-import torch
-from PIL import Image
-
 import tiny
+import torch
 from helpers import build, perturb
+from PIL import Image
+from serving import METHODS, live_server, make_bundle
+from test_runtime_captioning import _caption_recipe, _lm_of_the_tokenizers_size
+
 from peftmm import recipe_from_dict
 from peftmm.bundle import save_bundle
 from peftmm.generation import GenerationOptions
 from peftmm.model import MultimodalModel
 from peftmm.runtime import Runtime
 from peftmm.serve import create_app
-from serving import METHODS, live_server, make_bundle
-from test_runtime_captioning import _caption_recipe, _lm_of_the_tokenizers_size
 
 LIMIT = 64 * 1024  # max_image_bytes of the test server
 VQA = ("lora-text", "adapter-both")

@@ -19,9 +19,9 @@ import binascii
 import ctypes
 import io
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,8 +33,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..bundle import CONFIG
-from ..images import ImageTooLarge, decode_bytes, finish, open_bounded, pixel_limit
 from ..errors import DataError, PeftmmError
+from ..images import ImageTooLarge, decode_bytes, finish, open_bounded, pixel_limit
 from ..safe_load import load_json
 from .batching import MicroBatcher
 from .openai_api import openai_router
