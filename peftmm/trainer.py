@@ -291,7 +291,8 @@ def _cache_features_and_prepare_task(ctx: _Context, model, splits) -> dict[str, 
     on_bad = cache_on_bad(ctx.recipe.data.on_bad_sample)
     fill_caches(caches, model, splits.train + splits.val, ctx.device, ctx.progress, on_bad,
                 ctx.precision, ctx.accelerator)
-    model.task.prepare(model, splits.train, Batcher(model, caches), ctx.device, ctx.progress)
+    with inference_context(ctx.precision, ctx.device):   # the memory encodes as inference will read it
+        model.task.prepare(model, splits.train, Batcher(model, caches), ctx.device, ctx.progress)
     return caches
 
 
@@ -432,7 +433,8 @@ def _test_best_epoch(ctx: _Context, core, best: dict, splits, caches, skips: dic
     core.load_trainable_state_dict(best["state"])
     # with the best weights (retrieval's pair memory embeds the train split with them); again on
     # resume, from the same weights. A log of its own: training's skip counts are final.
-    core.task.finish(core, splits.train, Batcher(core, caches, SplitLog("train")), ctx.device, ctx.progress)
+    with inference_context(ctx.precision, ctx.device):
+        core.task.finish(core, splits.train, Batcher(core, caches, SplitLog("train")), ctx.device, ctx.progress)
     _count_truncated(core, splits, ("test",), truncated, ctx.log)
     fill_caches(caches, core, splits.test, ctx.device, ctx.progress, cache_on_bad(ctx.recipe.data.on_bad_sample),
                 ctx.precision, ctx.accelerator)

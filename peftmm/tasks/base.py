@@ -47,6 +47,9 @@ class Task:
     # -- set by __init__ -------------------------------------------------------------------------
     config: object       # its Config, as the recipe set it
     labels: list[str]    # the data set's labels (answers, classes; bundles store them)
+    # What the task built from data (captioning's caption memory, retrieval's pair memory): an
+    # object with tensors() -> dict and to(device), or None.
+    memory = None
 
     @dataclass
     class Config:
@@ -95,15 +98,17 @@ class Task:
         """What ``prepare`` builds, in shape only, encoding nothing (peftmm plan's meta model)."""
 
     def memory_tensors(self) -> dict[str, torch.Tensor]:
-        """Non-trainable tensors the task built in ``prepare`` or ``finish``; bundles store them as
-        ``memory.*``."""
-        return {}
+        """Non-trainable tensors the task built in ``prepare`` or ``finish`` (its ``memory``);
+        bundles store them as ``memory.*``."""
+        return self.memory.tensors() if self.memory is not None else {}
 
     def load_memory(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take back what ``memory_tensors`` gave (from a bundle)."""
 
     def memory_to(self, device) -> None:
         """Keep the memory (if any) on ``device``, the model's: moved once, not on every forward."""
+        if self.memory is not None:
+            self.memory.to(device)
 
     # -- examples and batches --------------------------------------------------------------------
     def text_of(self, example: dict) -> str:

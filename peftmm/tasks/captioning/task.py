@@ -295,13 +295,6 @@ class CaptioningTask(Task):
         dim = model.towers["vision"].info.hidden_size
         self.memory = CaptionMemory(torch.zeros(entries, dim, dtype=torch.float16), ids, torch.arange(entries))
 
-    def memory_tensors(self) -> dict[str, torch.Tensor]:
-        return self.memory.tensors() if self.memory is not None else {}
-
-    def memory_to(self, device) -> None:
-        if self.memory is not None:
-            self.memory.to(device)
-
     def load_memory(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.config.retrieved_captions:
             self.memory = CaptionMemory.from_tensors(tensors)
