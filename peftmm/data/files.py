@@ -89,7 +89,8 @@ def read_files(path: str | Path, val_fraction: float = 0.1, test_fraction: float
 
 def _columns(present: list[str], where: str) -> list[str]:
     if "image" not in present and "file_name" not in present:
-        raise DataError(f"missing column 'image' or 'file_name' (columns present: {', '.join(present) or 'none'})", where)
+        raise DataError(f"missing column 'image' or 'file_name' (columns present: {', '.join(present) or 'none'})",
+                        where)
     columns = [c for c in ("text", "label") if c in present]
     if not columns:
         raise DataError(f"missing column 'text' or 'label': a record needs at least one "

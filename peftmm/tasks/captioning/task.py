@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from ...errors import DataError, PeftmmError, RecipeError
 from ...fusion import masked_mean
+from ...generation import Generated, GenerationOptions, TokenStream, seeded
 from ...tensors import to_device
 from .. import TASKS
 from ..base import Task, count_too_long
@@ -294,13 +295,6 @@ class CaptioningTask(Task):
         dim = model.towers["vision"].info.hidden_size
         self.memory = CaptionMemory(torch.zeros(entries, dim, dtype=torch.float16), ids, torch.arange(entries))
 
-    def memory_tensors(self) -> dict[str, torch.Tensor]:
-        return self.memory.tensors() if self.memory is not None else {}
-
-    def memory_to(self, device) -> None:
-        if self.memory is not None:
-            self.memory.to(device)
-
     def load_memory(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.config.retrieved_captions:
             self.memory = CaptionMemory.from_tensors(tensors)
@@ -321,23 +315,41 @@ class CaptioningTask(Task):
 
     @torch.no_grad()
     def generate(self, model, batch: dict) -> torch.Tensor:
-        """Caption token ids ``[B, T]`` (after the prompt; padded after EOS)."""
+        """Caption token ids ``[B, T]`` (after the prompt; padded after EOS), as the bundle decodes."""
+        return self.generate_text(model, batch).ids
+
+    @torch.no_grad()
+    def generate_text(self, model, batch: dict, options: GenerationOptions | None = None,
+                      streams: list | None = None) -> Generated:
+        """See Task.generate_text. ``temperature > 0`` samples (one sequence, no beams or MBR);
+        otherwise the bundle's own num_beams and mbr_candidates decide. Rows stream their text
+        only when one sequence is generated per row (greedy or sampling)."""
         from transformers import GenerationConfig
 
+        options = options or GenerationOptions()
         lm = self._lm(model)
         tok = self.tokenizer
         length = len(self._prompt_ids(tok))
         ids = batch["input_ids"][:, :length]
         embeds, mask, retrieved = self._inputs(model, lm, batch, ids, torch.ones_like(ids))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else _eos(tok)
-        n = self.config.mbr_candidates
-        config = GenerationConfig(max_new_tokens=self.config.max_new_tokens, num_beams=max(self.config.num_beams, n),
-                                  num_return_sequences=max(n, 1), do_sample=False, eos_token_id=_eos(tok),
-                                  pad_token_id=pad, output_scores=n > 1, return_dict_in_generate=n > 1)
-        out = lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
-        if n <= 1:
-            return out
-        return self._minimum_bayes_risk(out, n, retrieved, pad)
+        pad, eos = (tok.pad_token_id if tok.pad_token_id is not None else _eos(tok)), _eos(tok)
+        sampling = options.sampling
+        n = 0 if sampling else self.config.mbr_candidates
+        beams = 1 if sampling else max(self.config.num_beams, n)
+        config = GenerationConfig(max_new_tokens=options.max_tokens or self.config.max_new_tokens, num_beams=beams,
+                                  num_return_sequences=max(n, 1), do_sample=sampling, eos_token_id=eos,
+                                  pad_token_id=pad, output_scores=n > 1, return_dict_in_generate=n > 1,
+                                  **({"temperature": options.temperature, "top_p": options.top_p or 1.0}
+                                     if sampling else {}))
+        watch = [TokenStream(tok, streams, eos)] if streams and beams == 1 and any(streams) else []
+        with seeded(options.seed if sampling else None, embeds.device):
+            out = lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
+                              stopping_criteria=watch or None)
+        if n > 1:
+            out = self._minimum_bayes_risk(out, n, retrieved, pad)
+        written = [row[: row.index(eos) + 1] if eos in row else row for row in out.tolist()]
+        return Generated(out, mask.sum(1).tolist(), [len(row) for row in written],
+                         [eos in row for row in written])
 
     def _minimum_bayes_risk(self, out, n: int, retrieved, pad: int) -> torch.Tensor:
         """One caption per image chosen among its ``n`` beam candidates (mbr.py), as
