@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..bundle import CONFIG
+from ..bundle import is_bundle
 from ..errors import DataError, PeftmmError
 from ..images import ImageTooLarge, decode_bytes, finish, open_bounded, pixel_limit
 from ..safe_load import load_json
@@ -157,7 +157,7 @@ def register_all(runtime, report: Callable[[str], None] = log.warning) -> list[s
     """Register every bundle folder directly inside the runtime's root; others are skipped, and
     one that fails to load is reported and skipped."""
     loaded = []
-    for path in sorted(p for p in runtime.root.iterdir() if p.is_dir() and (p / CONFIG).is_file()):
+    for path in sorted(p for p in runtime.root.iterdir() if p.is_dir() and is_bundle(p)):
         try:
             loaded.append(runtime.register(path.name)["name"])
         except Exception as e:  # noqa: BLE001  (a broken bundle must not stop the others)
