@@ -33,6 +33,7 @@ from .bundle import initialise_from, resolve_bundle, save_bundle
 from .checkpoint import Checkpointer, RunParts, resume_point
 from .run_state import SkipTracker, restore_rng
 from .data import load_splits
+from .data.conversations import skipped_line
 from .data.files import check_labels_in_train
 from .data.skips import SplitLog, cache_on_bad, needed_text_error
 from .distributed import (all_have_examples, batch_loss, gather_rows, make_accelerator, prepare_for_training,
@@ -201,6 +202,8 @@ def train(recipe, run_dir: str | Path | None = None, progress: bool = True, log=
     ctx = _set_up(recipe, run_dir, progress, log)
     saved = resume_point(ctx.run_dir, recipe, ctx.log) if resume else None
     splits = _load_checked_splits(recipe)
+    if skipped_line(splits):   # records a conversation source left out (data.on_bad_sample: skip)
+        ctx.log(skipped_line(splits))
     model = MultimodalModel.build(recipe, splits.labels, device=ctx.device)
     initialised = saved.state["initialised"] if saved else _initialise(model, recipe, ctx.log)
     parameters = _report_parameters(model, recipe, ctx.log)

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ...errors import DataError, PeftmmError, RecipeError
@@ -46,11 +45,11 @@ from ...fusion import masked_mean
 from ...tensors import to_device
 from .. import TASKS
 from ..base import Task, count_too_long
+from ..decoder_lm import IGNORE, causal_lm, eos_id, generation_config, target_tokens, token_loss
+from ..decoder_lm import positions as _positions
 from . import mbr
 from .memory import CaptionMemory, key_hash
 from .metrics import caption_metrics
-
-IGNORE = -100
 
 
 @TASKS.register("captioning")
@@ -196,15 +195,9 @@ class CaptioningTask(Task):
 
     # -- the model -----------------------------------------------------------------------------
     def _lm(self, model):
-        tower = model.towers["text"]
-        if not tower.causal_lm:
-            raise PeftmmError("task captioning needs the text tower loaded as a causal LM (with its output "
-                              "layer); this one was loaded as an encoder")
-        if not getattr(model.fusion, "yields_tokens", False):
-            raise PeftmmError("task captioning needs fusion type 'projector' (vision tokens for the LM)")
-        model.activate("text")
-        self.tokenizer = tower.processor
-        return tower.model
+        lm = causal_lm(model, "captioning")
+        self.tokenizer = model.towers["text"].processor
+        return lm
 
     def _inputs(self, model, lm, batch: dict, input_ids, attention_mask):
         """The LM's input embeddings and mask, and each row's retrieved memory entries (or None)."""
@@ -322,8 +315,6 @@ class CaptioningTask(Task):
     @torch.no_grad()
     def generate(self, model, batch: dict) -> torch.Tensor:
         """Caption token ids ``[B, T]`` (after the prompt; padded after EOS)."""
-        from transformers import GenerationConfig
-
         lm = self._lm(model)
         tok = self.tokenizer
         length = len(self._prompt_ids(tok))
@@ -331,9 +322,8 @@ class CaptioningTask(Task):
         embeds, mask, retrieved = self._inputs(model, lm, batch, ids, torch.ones_like(ids))
         pad = tok.pad_token_id if tok.pad_token_id is not None else _eos(tok)
         n = self.config.mbr_candidates
-        config = GenerationConfig(max_new_tokens=self.config.max_new_tokens, num_beams=max(self.config.num_beams, n),
-                                  num_return_sequences=max(n, 1), do_sample=False, eos_token_id=_eos(tok),
-                                  pad_token_id=pad, output_scores=n > 1, return_dict_in_generate=n > 1)
+        config = generation_config(self.config.max_new_tokens, max(self.config.num_beams, n), _eos(tok), pad,
+                                   num_return_sequences=max(n, 1), output_scores=n > 1, return_dict_in_generate=n > 1)
         out = lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
         if n <= 1:
             return out
@@ -357,12 +347,10 @@ class CaptioningTask(Task):
         return ids.to(out.sequences.device)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                reduction="sum")
-        return total / (labels != IGNORE).sum().clamp(min=1)  # a batch of only empty captions: 0
+        return token_loss(logits, labels)  # a batch of only empty captions: 0
 
     def loss_units(self, labels: torch.Tensor) -> torch.Tensor:
-        return (labels != IGNORE).sum()  # the loss is a mean over caption tokens
+        return target_tokens(labels)  # the loss is a mean over caption tokens
 
     def decode(self, ids: torch.Tensor) -> list[dict]:
         if ids.is_floating_point():  # teacher-forced logits: the examples carried text
@@ -410,13 +398,5 @@ class CaptioningTask(Task):
                 "images": len(images), "skipped_empty": self.counts["empty"], "truncated": self.counts["truncated"]}
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over the attended tokens only, exactly as generation derives them."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
 def _eos(tok) -> int:
-    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
-    if eos is None:
-        raise PeftmmError("captioning: the LM's tokenizer has no end-of-sequence token")
-    return eos
+    return eos_id(tok, "captioning")
