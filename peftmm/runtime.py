@@ -14,7 +14,9 @@ tower in one forward pass, otherwise one slot at a time. Fusion and head then ru
 A captioning bundle (a task that writes text with a decoder LM) shares the vision tokens of
 such a call, but its text tower is a causal LM loaded with its output layer, and it generates:
 its rows are captioned per adapter, with that bundle's own prompt, num_beams and
-max_new_tokens, once per distinct image.
+max_new_tokens, once per distinct image. An instruct bundle (a task that ``converses``) reads
+the request's text as the user's question and answers it in words (``{"answer"}``), its rows
+generated together per adapter with that bundle's generation settings.
 """
 
 from __future__ import annotations
@@ -202,7 +204,9 @@ class Runtime:
             for name, indices in by_adapter.items():
                 model = self._adapters[name].model
                 with inference_context(self._adapters[name].config.get("precision"), self.device):
-                    if indices[0] in writers:
+                    if indices[0] in writers and model.task.converses:
+                        decoded = self._answer(model, indices, tokens["vision"], images, texts)
+                    elif indices[0] in writers:
                         decoded = self._caption(model, indices, tokens["vision"], images)
                     else:
                         vision, vision_mask = pad_tokens([tokens["vision"][i] for i in indices])
@@ -225,6 +229,20 @@ class Runtime:
         ids = model.task.generate(model, to_device(batch, self.device))
         captions = dict(zip(first, model.task.decode(ids)))
         return [captions[images[i][0]] for i in indices]
+
+    def _answer(self, model, indices: list[int], vision_tokens, images, texts) -> list[dict]:
+        """Answer each row's question in words (the path its Predictor takes, fed the vision tokens
+        this call already computed); rows asking about one image share its tokens."""
+        first: dict[str, int] = {}   # each image: the first row asking about it
+        for i in indices:
+            first.setdefault(images[i][0], i)
+        keys = list(first)
+        vision, vision_mask = pad_tokens([vision_tokens[i] for i in first.values()])
+        examples = [{"image": images[i][0], "text": texts[i]} for i in indices]
+        batch = {"vision_tokens": vision, "vision_mask": vision_mask,
+                 "image_index": torch.tensor([keys.index(images[i][0]) for i in indices]),
+                 **model.task.text_inputs(model.towers["text"], examples, model.max_length)}
+        return [{"answer": reply["text"]} for reply in model.task.reply(model, to_device(batch, self.device))]
 
     def _encode(self, tower_name: str, which, texts, entries, images) -> list[torch.Tensor | None]:
         """Per request in ``which``, the tower's tokens for its input ([N, D], padding dropped);
@@ -309,8 +327,9 @@ def question_use(task) -> str:
     """How an adapter of ``task`` treats a request's text: ``"required"`` (it reads the question:
     VQA, retrieval), ``"ignored"`` (its task fixes the text: classification with a prompt), or
     ``"refused"`` (captioning: it writes text itself, and a question sent to it would pass its
-    caption off as an answer to that question; its Predictor refuses a question too)."""
-    if task.text_tower_causal_lm:
+    caption off as an answer to that question; its Predictor refuses a question too). An instruct
+    adapter (a task that converses) answers the question in words: ``"required"``."""
+    if task.text_tower_causal_lm and not task.converses:
         return "refused"
     fixed = task.text_of({"text": None})
     return "ignored" if isinstance(fixed, str) and fixed.strip() else "required"
@@ -318,7 +337,7 @@ def question_use(task) -> str:
 
 def _text_of(task, request: dict, index: int) -> str:
     given = request.get("text")
-    if task.text_tower_causal_lm:
+    if task.text_tower_causal_lm and not task.converses:
         if isinstance(given, str) and given.strip():
             raise DataError(f"a {task.registry_name} adapter describes the image itself: send no question "
                             "or text", f"request {index}")

@@ -18,6 +18,7 @@ from peftmm.cli import main
 from peftmm.data import load_splits
 from peftmm.model import MultimodalModel
 from peftmm.predict import Predictor
+from peftmm.runtime import Runtime
 from peftmm.tasks.decoder_lm import IGNORE, positions
 
 # The tiny tokenizer knows easy-VQA's question words only: roles render as [UNK], [SEP] ends a turn.
@@ -199,6 +200,15 @@ def test_bundle_round_trip_gives_the_same_answers(tiny_models, data_file, tmp_pa
     messages = [{"role": "user", "content": t["text"]} for t in examples[0]["conversation"]]
     reply = predictor.generate(messages, examples[0]["image"])
     assert reply["text"] == expected[0]["answer"]
+    # the multi-adapter runtime answers a request's text in words, as the Predictor does
+    runtime = Runtime(device="cpu")
+    runtime.register(path, name="chat")
+    asked = [{"image": e["image"], "text": q} for e in splits.test[:3] for q in ("what shape ?", "what color ?")]
+    answers = runtime.predict([{"adapter": "chat", **a} for a in asked])
+    assert [a["answer"] for a in answers] == [a["answer"] for a in predictor.predict_batch(asked)]
+    assert runtime.question_use("chat") == "required"
+    with pytest.raises(DataError, match="non-empty question"):
+        runtime.predict([{"adapter": "chat", "image": asked[0]["image"], "text": " "}])
     with pytest.raises(DataError, match=r"messages\[0\]: the last message must be the user's"):
         predictor.generate([{"role": "assistant", "content": "red"}], examples[0]["image"])
     with pytest.raises(DataError, match=r"messages\[1\].role: unknown role 'robot'"):
