@@ -51,7 +51,7 @@ def _record(path, qa, split):
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     """48 train / 8 val / 8 test conversations; every fourth is two turns; one train conversation
-    is too long for text.max_length = 32 and one train record has no assistant turn."""
+    is too long for text.max_length = 32; one train record has no assistant turn, one an empty answer."""
     images = _questions()[:64]
     records = [_record(p, qa[:2] if k % 4 == 0 else qa[:1], "train" if k < 48 else "val" if k < 56 else "test")
                for k, (p, qa) in enumerate(images)]
@@ -61,6 +61,9 @@ def data_file(tmp_path_factory):
     records.append({"messages": [{"role": "user", "content": [{"type": "image", "image": images[1][0]},
                                                               {"type": "text", "text": "what shape ?"}]}],
                     "split": "train"})
+    records.append({"messages": [{"role": "user", "content": [{"type": "image", "image": images[2][0]},
+                                                              {"type": "text", "text": "what shape ?"}]},
+                                 {"role": "assistant", "content": "  "}], "split": "train"})
     path = tmp_path_factory.mktemp("conversations") / "train.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return path
@@ -227,8 +230,9 @@ def test_train_eval_predict_and_chat_from_the_cli(tiny_models, data_file, tmp_pa
     result = runner.invoke(main, ["train", str(recipe), "--output", str(tmp_path / "run"), "--no-progress"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{"):])
-    # the record without an answer is left out by the source, the too-long one by training
-    assert "peftmm: data: skipped 1 of 66 records" in result.stderr and "no assistant turn: 1" in result.stderr
+    # the records without an answer are left out by the source, the too-long one by training
+    assert "peftmm: data: skipped 2 of 67 records" in result.stderr
+    assert "(empty answer: 1, no assistant turn: 1)" in result.stderr
     assert summary["skipped_train"] == 1 and summary["truncated_train"] >= 1   # + two-turn ones cut after turn 1
     assert "skipped: no room for an answer: 1" in result.stderr
     for key in ("test_exact_match", "test_token_f1", "val_exact_match"):
@@ -274,6 +278,11 @@ def test_recipes_and_models_the_task_refuses(tiny_models, data_file):
         build({**data, "text": {"backbone": tiny_models["bert"], "max_length": 32}})
     with pytest.raises(DataError, match=r"train.jsonl:66: no assistant turn"):
         load_splits(recipe_from_dict({**data, "data": {**data["data"], "on_bad_sample": "stop"}}).data)
+    lines = data_file.read_text().splitlines()
+    (data_file.parent / "empty.jsonl").write_text(lines[0] + "\n" + lines[66] + "\n")
+    with pytest.raises(DataError, match=r"empty.jsonl:2: messages\[1\].content: empty answer"):
+        load_splits(recipe_from_dict({**data, "data": {**data["data"], "on_bad_sample": "stop",
+                                                       "path": str(data_file.parent / "empty.jsonl")}}).data)
 
 
 def test_init_from_a_captioning_bundle_carries_the_projector_over(tiny_models, data_file, tmp_path):
