@@ -210,6 +210,10 @@ def test_bundle_round_trip_gives_the_same_answers(tiny_models, data_file, tmp_pa
     answers = runtime.predict([{"adapter": "chat", **a} for a in asked])
     assert [a["answer"] for a in answers] == [a["answer"] for a in predictor.predict_batch(asked)]
     assert runtime.question_use("chat") == "required"
+    # eval outside training (no screening batcher): a conversation too long to learn from is counted
+    too_long = next(e for e in splits.train if len(e["text"]) > 100)
+    scored = predictor.model.task.evaluate(predictor.model, splits.test[:3] + [too_long], predictor.batcher, 8, "cpu")
+    assert scored["skipped_unusable"] == 1 and scored["answered"] == 3
     with pytest.raises(DataError, match="non-empty question"):
         runtime.predict([{"adapter": "chat", "image": asked[0]["image"], "text": " "}])
     with pytest.raises(DataError, match=r"messages\[0\]: the last message must be the user's"):

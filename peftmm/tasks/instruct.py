@@ -88,6 +88,7 @@ class InstructTask(Task):
         self.max_length = 0
         self.vocabulary: frozenset[str] | None = None   # normalised training answers (prepare / bundle)
         self._encoded: dict = {}         # conversation -> Encoded or TooLong (each is encoded once)
+        self._stops: list[int] = []      # token ids that end an answer (attach)
 
     # -- the recipe and the model ----------------------------------------------------------------
     @classmethod
@@ -305,9 +306,11 @@ class InstructTask(Task):
     @torch.no_grad()
     def evaluate(self, model, examples, batcher, batch_size: int, device, progress=False, desc="eval") -> dict:
         """Teacher-forced loss over the conversations, and each one's last answer generated from the
-        turns before it, scored against the data's answer."""
+        turns before it, scored against the data's answer. Conversations it cannot use (too long)
+        are counted as ``skipped_unusable`` (training's screening has left them out already)."""
         model.eval()
-        examples = sorted(examples, key=lambda e: str(e["image"]))
+        usable = [e for e in examples if self.unusable(e) is None]
+        skipped, examples = len(examples) - len(usable), sorted(usable, key=lambda e: str(e["image"]))
         total, tokens = 0.0, 0
         for start in tqdm(range(0, len(examples), batch_size), desc=f"{desc} loss", disable=not progress,
                           leave=False):
@@ -337,7 +340,7 @@ class InstructTask(Task):
             warnings.warn(f"instruct: {desc}: {too_long} prompts longer than text.max_length were not answered",
                           stacklevel=2)
         return {"loss": total / max(tokens, 1), **self.metrics(answers, references), "answered": len(answers),
-                "prompts_too_long": too_long}
+                "prompts_too_long": too_long, "skipped_unusable": skipped}
 
 
 def _question(example: dict) -> list[dict]:
