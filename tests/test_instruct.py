@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-
 from helpers import overfit, perturb
+
 from peftmm import DataError, PeftmmError, RecipeError, recipe_from_dict
 from peftmm.batching import Batcher
-from peftmm.bundle import initialise_from, load_bundle, save_bundle
+from peftmm.bundle import initialise_from, save_bundle
 from peftmm.cli import main
 from peftmm.data import load_splits
 from peftmm.model import MultimodalModel
