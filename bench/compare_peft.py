@@ -176,7 +176,7 @@ def child_main(payload_path: str, report_path: str) -> None:
     payload = json.loads(Path(payload_path).read_text())
     probe = Probe()
     if payload["kind"] == "plain":
-        from plain_peft import plain_child   # bench/plain_peft.py: the hand-wired loop
+        from plain_peft import plain_child  # bench/plain_peft.py: the hand-wired loop
 
         result = plain_child(payload, probe)
     else:

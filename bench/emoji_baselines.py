@@ -98,8 +98,8 @@ def pooled_text_features(recipe, examples_by_split: dict) -> dict[str, torch.Ten
 
 def bridge_retrieval(vision: dict, text: dict, task) -> dict:
     """Test recall of the pair memory's bridge over frozen features: nothing trained."""
-    from peftmm.tasks.retrieval.memory import PairMemory
     from peftmm.tasks.retrieval import recall_metrics
+    from peftmm.tasks.retrieval.memory import PairMemory
 
     normalise = lambda x: torch.nn.functional.normalize(x.float(), dim=-1)   # noqa: E731
     memory = PairMemory.build(vision["train"], text["train"])

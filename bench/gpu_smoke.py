@@ -178,7 +178,8 @@ class Smoke:
                 and bool(model.towers["text"].checkpointed),
                 "loss_first": losses[0], "loss_last": losses[-1], "lora_B_tensors": len(lora_b),
                 "lora_B_grads_nonzero": sum(g > 0 for g in lora_b.values()),
-                "tower_vs_fp32_cosine": round(agreement, 6), "checkpointed_blocks": len(model.towers["text"].checkpointed)}
+                "tower_vs_fp32_cosine": round(agreement, 6),
+                "checkpointed_blocks": len(model.towers["text"].checkpointed)}
 
     def prefix_autocast(self) -> dict:
         data = tiny.recipe(self.models["vit"], self.models["llama"], text_methods=[{"type": "prefix", "length": 4}])

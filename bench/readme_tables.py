@@ -84,14 +84,37 @@ def runtime() -> str:
     return "\n".join(lines)
 
 
-def serve() -> str:
-    data = json.loads((RESULTS / "serve.json").read_text())
+def serve(name: str = "serve.json") -> str:
+    """Concurrent clients against ``peftmm serve`` (bench/serve_load.py; ``--api openai`` writes
+    serve-openai.json, the same load through the OpenAI-compatible API)."""
+    data = json.loads((RESULTS / name).read_text())
     return "\n".join([
         "| clients x requests | adapters | wrong or mixed answers | errors | p50 latency | p95 latency | throughput |",
         "|---|---|---|---|---|---|---|",
         f"| {data['clients']} x {data['requests_per_client']} | {', '.join(data['adapters'])} | "
         f"{data['wrong_or_mixed']} of {data['total']} | {data['errors']} | {_ms(data['latency_s']['p50'])} | "
         f"{_ms(data['latency_s']['p95'])} | {data['requests_per_s']:.1f} requests/s |"])
+
+
+def serve_openai() -> str:
+    return serve("serve-openai.json")
+
+
+def image_bomb() -> str:
+    """The server's memory under concurrent huge one-colour PNGs, before and after the pixel limit
+    (bench/image_bomb.py; "before" ran the same script against the older code)."""
+    data = json.loads((RESULTS / "image_bomb.json").read_text())
+    lines = ["| image | code | answers | peak RSS | RSS 3 s after | RSS before the requests |",
+             "|---|---|---|---|---|---|"]
+    order = sorted(data, key=lambda label: (-int(label.rsplit("-", 1)[1]), not label.startswith("before")))
+    for label in order:
+        run = data[label]
+        answers = ", ".join(f"{n} x {status}" for status, n in sorted(run["statuses"].items()))
+        code = "before the limits" if label.startswith("before") else "now"
+        rss = run["rss_mib"]
+        lines.append(f"| {run['image']} | {code} | {answers} | {_mib(rss['peak'] * 2**20)} | "
+                     f"{_mib(rss['3s_after'] * 2**20)} | {_mib(rss['before_requests'] * 2**20)} |")
+    return "\n".join(lines)
 
 
 def walltime() -> str:
@@ -400,10 +423,12 @@ def distributed(data: dict | None = None) -> str:
 
 
 TABLES = {"bundle": bundle_table, "methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime,
-          "emoji": emoji, "plan": plan, "peft": peft, "cache": cache, "distributed": distributed, "hub": hub}
+          "emoji": emoji, "plan": plan, "peft": peft, "cache": cache, "distributed": distributed, "hub": hub,
+          "serve-openai": serve_openai, "image-bomb": image_bomb}
 FILES = {"bundle": "default_bundle.json", "methods": "methods.md", "walltime": "main_walltime.json",
          "emoji": "emoji_baselines.json", "plan": "plan_check.json", "peft": "compare_peft.json",
-         "cache": "cache_bench.json", "hub": "hub_plans.json"}
+         "cache": "cache_bench.json", "hub": "hub_plans.json", "serve-openai": "serve-openai.json",
+         "image-bomb": "image_bomb.json"}
 MARKER = re.compile(r"^<!-- (/?)bench:([\w-]+) -->$", re.M)   # a marker is a line of its own
 # A markdown link or image target that is a path in this repository: no scheme, no anchor-only.
 LINK = re.compile(r"(\]\()(?![a-z][a-z0-9+.-]*:|#|/)([^)\s]+)(\))")

@@ -50,7 +50,8 @@ def rss_bytes() -> int:
 def parameter_bytes(runtime) -> int:
     """Bytes of every tensor the runtime holds: backbones, injected modules, fusions and heads."""
     seen, total = set(), 0
-    modules = list(runtime._towers.values()) + [m for e in runtime._adapters.values() for m in (e.model.fusion, e.model.head)]
+    modules = list(runtime._towers.values()) + [m for e in runtime._adapters.values()
+                                                for m in (e.model.fusion, e.model.head)]
     for module in modules:
         for t in list(module.parameters()) + list(module.buffers()):
             if t.data_ptr() not in seen:
@@ -165,7 +166,7 @@ def bench_merge(bundle: Path, repeat: int, batch_size: int = 32) -> list[dict]:
         model = fp32_model(bundle, lora)
         batch = Batcher(model)(examples(batch_size))
         with torch.no_grad():
-            run = lambda: model(batch)  # noqa: E731
+            run = lambda model=model, batch=batch: model(batch)  # noqa: E731
             run()
             unmerged_logits = run()
             unmerged = timed(run, repeat)

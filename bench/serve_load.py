@@ -2,13 +2,16 @@
 
     .venv/bin/python bench/serve_load.py                      # 8 clients x 200 requests, 3 adapters
     .venv/bin/python bench/serve_load.py --clients 2 --requests 20
+    .venv/bin/python bench/serve_load.py --api openai             # the same through /v1/chat/completions
 
 Starts the server in its own process on 127.0.0.1 (a free port) over the bundles in adapters/,
 then each client thread sends its requests one after another, cycling through the adapters and
 through easy-VQA test images (sent as base64) and questions. Every answer is checked against a
 single-adapter run of the same (adapter, image, question) in this process, one request at a
 time: the answer must be the same and the scores equal within 1e-4. Writes
-bench/results/serve.json and serve.png (latency distribution per adapter).
+bench/results/serve.json and serve.png (latency distribution per adapter); with ``--api openai``
+the requests go through the OpenAI-compatible API with the official ``openai`` client (the
+image as a data: URL, the scores from the response's ``peftmm`` object), into serve-openai.*.
 """
 
 from __future__ import annotations
@@ -45,6 +48,22 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
+
+
+def ask_openai(client, item: dict) -> tuple[int, dict]:
+    """One chat completion for an item, as (status, the /api/predict shape of its answer)."""
+    import openai
+
+    content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + item["image_base64"]}},
+               {"type": "text", "text": item["question"]}]
+    try:
+        completion = client.chat.completions.create(model=item["adapter"],
+                                                    messages=[{"role": "user", "content": content}])
+    except openai.APIStatusError as e:
+        return e.status_code, e.response.json()
+    extra = completion.model_extra["peftmm"]
+    return 200, {"adapter": completion.model, "answer": completion.choices[0].message.content,
+                 "scores": extra["scores"]}
 
 
 def wait_until_up(url: str, process, timeout: float = 300) -> None:
@@ -92,7 +111,8 @@ def references(adapters_dir: Path, items: list[dict]) -> list[dict]:
 
 
 def matches(served: dict, reference: dict) -> bool:
-    if served.get("answer") != reference["answer"] or served.get("adapter", reference["adapter"]) != reference["adapter"]:
+    if (served.get("answer") != reference["answer"]
+            or served.get("adapter", reference["adapter"]) != reference["adapter"]):
         return False
     return all(a["answer"] == b["answer"] and abs(a["score"] - b["score"]) < 1e-4
                for a, b in zip(served["scores"], reference["scores"]))
@@ -128,6 +148,8 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=60, help="distinct (adapter, image, question) items")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--screenshot", type=Path, help="also save a screenshot of the page here (needs chromium)")
+    parser.add_argument("--api", choices=("peftmm", "openai"), default="peftmm",
+                        help="/api/predict, or /v1/chat/completions through the openai client")
     args = parser.parse_args()
 
     adapters = sorted(p.name for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())[:3]
@@ -144,12 +166,19 @@ def main() -> None:
         post(url + "/api/predict", items[0])  # warm-up
         results: list[tuple] = []
         lock = threading.Lock()
+        if args.api == "openai":
+            import openai
+
+            chat = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
         def client(k: int) -> None:
             for j in range(args.requests):
                 index = (k * 7 + j) % len(items)
                 start = time.perf_counter()
-                status, body = post(url + "/api/predict", items[index])
+                if args.api == "openai":
+                    status, body = ask_openai(chat, items[index])
+                else:
+                    status, body = post(url + "/api/predict", items[index])
                 elapsed = time.perf_counter() - start
                 with lock:
                     results.append((index, status, body, elapsed))
@@ -175,7 +204,7 @@ def main() -> None:
     latencies = sorted(e for *_, e in results)
     per_adapter = {name: sorted(e for i, _, _, e in results if items[i]["adapter"] == name) for name in adapters}
     report = {
-        "clients": args.clients, "requests_per_client": args.requests, "total": len(results),
+        "api": args.api, "clients": args.clients, "requests_per_client": args.requests, "total": len(results),
         "adapters": adapters, "distinct_items": len(items), "wrong_or_mixed": len(wrong),
         "errors": sum(1 for _, s, _, _ in results if s != 200),
         "latency_s": {"p50": statistics.median(latencies), "p95": latencies[int(0.95 * (len(latencies) - 1))],
@@ -185,7 +214,8 @@ def main() -> None:
         "examples_of_wrong": [{"item": i, "status": s, "body": b} for i, s, b in wrong[:3]],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
+    stem = "serve" if args.api == "peftmm" else "serve-openai"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
 
     import matplotlib
 
@@ -198,11 +228,11 @@ def main() -> None:
     ax.axvline(1000 * report["latency_s"]["p95"], color="r", linestyle=":", label="p95")
     ax.set_xlabel("request latency (ms)")
     ax.set_ylabel("requests")
-    ax.set_title(f"{args.clients} clients x {args.requests} requests, {len(adapters)} adapters: "
+    ax.set_title(f"{args.api} API, {args.clients} clients x {args.requests} requests, {len(adapters)} adapters: "
                  f"{report['wrong_or_mixed']} wrong")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.out / "serve.png", dpi=110)
+    fig.savefig(args.out / f"{stem}.png", dpi=110)
     print(json.dumps({k: report[k] for k in ("total", "wrong_or_mixed", "errors", "latency_s", "requests_per_s")},
                      indent=2))
     if wrong:

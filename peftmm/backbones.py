@@ -15,7 +15,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from . import zoo
-from .images import parse_background
 from .errors import PeftmmError
 from .hub_access import hub_allowed, hub_cached, local_only, probe_hub
+from .images import parse_background
 from .methods.base import ActiveSlots
 from .precision import device_facts, int8_threshold, nf4_compute_dtype
 from .preprocess import ImagePreprocessor, image_preprocessor
@@ -46,7 +46,7 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-@lru_cache(maxsize=None)
+@cache
 def architectures() -> dict[str, dict]:
     data = json.loads(resources.files("peftmm").joinpath("architectures.json").read_text())
     data.pop("_about", None)
@@ -231,7 +231,7 @@ class Tower(nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
         return hidden.float(), inputs["attention_mask"].bool()
 
-    def image_processor(self, size: int, background=None) -> "ImagePreprocessor":
+    def image_processor(self, size: int, background=None) -> ImagePreprocessor:
         """This tower's preprocessing at another image size (CNNs take any size, and a bundle
         sharing the tower may have trained at another one), or over another background."""
         background = self.processor.background if background is None else parse_background(background)

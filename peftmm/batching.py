@@ -19,10 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .images import load_image
 from .data.skips import SplitLog, needed_text_error
 from .errors import DataError
 from .features import FeatureCache
+from .images import load_image
 from .tensors import to_device  # noqa: F401  (batching.to_device: the name kept where it was)
 
 

@@ -33,8 +33,8 @@ from .errors import BundleError
 from .io import atomic_directory
 from .methods.base import DEFAULT_SLOT
 from .model import MultimodalModel
-from .tasks.base import MEMORY   # the prefix of tensors a task built from data (Task.memory_tensors)
 from .safe_load import load_json, short_repr
+from .tasks.base import MEMORY  # the prefix of tensors a task built from data (Task.memory_tensors)
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, CARD = "adapter_model.safetensors", "adapter_config.json", "README.md"

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from .images import NORMALISATION
 from .errors import RecipeError
+from .images import NORMALISATION
 from .io import atomic_write_bytes, fsync_dir
 
 FORMAT_VERSION = 1   # of the folder layout and of what an entry holds; a change starts new folders

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .images import load_image
 from .errors import DataError
 from .feature_store import DiskCache, cache_key, file_stamp, stderr
+from .images import load_image
 from .tensors import to_device
 
 

@@ -35,7 +35,7 @@ class MultimodalModel(nn.Module):
 
     @classmethod
     def build(cls, recipe, labels: list[str], device="cpu", towers: dict[str, Tower] | None = None,
-              slot: str = DEFAULT_SLOT) -> "MultimodalModel":
+              slot: str = DEFAULT_SLOT) -> MultimodalModel:
         """Load both backbones frozen, inject the recipe's methods, add fusion and head.
 
         ``towers`` passes backbones that are already loaded (and possibly shared with other

@@ -57,9 +57,19 @@ from .errors import DataError, PeftmmError
 from .io import format_size
 from .model import MultimodalModel, _task_needs_lm
 from .plan_blueprint import blueprint
-from .plan_meter import (Meter, ShapeBatcher, ShapeCache, autocast, checkpoint_trace,  # noqa: F401
-                         emulate_bitsandbytes, file_itemsize, most_per_batch, quantised_source_bytes, replay_run,
-                         weight_bytes)
+from .plan_meter import (  # noqa: F401
+    Meter,
+    ShapeBatcher,
+    ShapeCache,
+    autocast,
+    checkpoint_trace,
+    emulate_bitsandbytes,
+    file_itemsize,
+    most_per_batch,
+    quantised_source_bytes,
+    replay_run,
+    weight_bytes,
+)
 from .precision import AUTOCAST_DTYPES, mixed_precision, planned_facts
 from .recipe import from_dict
 from .sampling import ImageGroupedBatchSampler

@@ -18,6 +18,7 @@ from .safe_load import short_repr
 from .tensors import to_device
 from .trainer import evaluate
 
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -28,7 +29,7 @@ class Predictor:
         self.batcher = Batcher(model)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None, merge: bool = False) -> "Predictor":
+    def load(cls, path: str | Path, device: str | None = None, merge: bool = False) -> Predictor:
         """``merge=True`` folds LoRA into non-quantised backbones: same answers, faster calls."""
         device = device or default_device()
         model, recipe, config = load_bundle(resolve_bundle(path), device=device)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .images import WHITE, parse_background, to_rgb
 from .errors import PeftmmError
+from .images import WHITE, parse_background, to_rgb
 from .safe_load import load_json
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -46,7 +46,7 @@ class ImagePreprocessor:
         return {"size": self.size, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
                 "background": list(self.background)}
 
-    def variant(self, size: int | None = None, background=None) -> "ImagePreprocessor":
+    def variant(self, size: int | None = None, background=None) -> ImagePreprocessor:
         """The same normalisation at another size or over another background."""
         return ImagePreprocessor(size or self.size, self.mean.flatten().tolist(), self.std.flatten().tolist(),
                                  self.background if background is None else background)

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from . import schema
 from .augment import AugmentSpec
-from .images import parse_background
 from .errors import RecipeError
+from .images import parse_background
 from .safe_load import load_yaml, short_repr, utf8_text
 from .schema import MAX_BATCH
 

@@ -14,13 +14,13 @@ tower in one forward pass, otherwise one slot at a time. Fusion and head then ru
 A captioning bundle (a task that writes text with a decoder LM) shares the vision tokens of
 such a call, but its text tower is a causal LM loaded with its output layer, and it generates:
 its rows are captioned per adapter, with that bundle's own prompt, num_beams and
-max_new_tokens, once per distinct image. An instruct bundle (a task that ``converses``) reads
-the request's text as the user's question and answers it in words (``{"answer"}``), its rows
-generated together per adapter with that bundle's generation settings.
+max_new_tokens, once per distinct image. An instruct bundle (a task that ``converses``) takes
+the same path with the request's messages (or its text) as the conversation to answer.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -30,15 +30,17 @@ import torch
 
 from .backbones import TOWERS, Tower, load_tower
 from .bundle import CONFIG, bundle_summary, check_adapter_name, load_bundle, read_config, resolve_bundle
-from .images import load_image, parse_background
 from .errors import BundleError, DataError
 from .features import pad_tokens
+from .generation import GenerationOptions
+from .images import load_image, parse_background
 from .methods.base import NO_SLOT
 from .precision import common_record, inference_context
 from .predict import default_device
 from .recipe import from_dict
 from .tasks import TASKS
 from .tensors import to_device
+
 
 @dataclass
 class Registered:
@@ -119,7 +121,8 @@ class Runtime:
             "name": name, "bundle": entry.path.name, "task": config["task"], "labels": len(config["labels"]),
             "methods": {t: [m.registry_name for m in model.methods[t]] for t in TOWERS},
             "fusion": entry.recipe.fusion.type,
-            "backbones": {t: {"backbone": config["towers"][t]["backbone"], "precision": config["towers"][t]["precision"],
+            "backbones": {t: {"backbone": config["towers"][t]["backbone"],
+                              "precision": config["towers"][t]["precision"],
                               "fingerprint": config["towers"][t]["fingerprint"][:16]} for t in TOWERS},
             "question": question_use(model.task), "trainable_params": trainable, "bytes": entry.bytes,
             "metrics": {k: v for k, v in config.get("metrics", {}).items() if isinstance(v, (int, float, str))},
@@ -142,6 +145,14 @@ class Runtime:
     def require(self, name: str) -> None:
         """Raise the runtime's not-found error unless ``name`` is registered."""
         self._get(name)
+
+    def task_of(self, name: str) -> str:
+        """The task type of adapter ``name`` (``vqa``, ``captioning``, ...)."""
+        return self._get(name).model.task.registry_name
+
+    def path_of(self, name: str) -> Path:
+        """The bundle folder adapter ``name`` was loaded from."""
+        return self._get(name).path
 
     def question_use(self, name: str) -> str:
         """How adapter ``name`` treats a request's text: see :func:`question_use`."""
@@ -187,6 +198,12 @@ class Runtime:
         """Each request: ``{"adapter": name, "image": path or PIL image, "text": str}``; a
         captioning adapter takes no text (``{"adapter", "image"}``) and answers ``{"caption"}``.
 
+        Optional keys (the OpenAI-compatible API sends them): ``"usage": True`` adds token counts
+        to a label answer's result; for an adapter that writes text, ``"generation"`` (a
+        GenerationOptions) overrides its decoding for this request and adds ``"usage"`` (with
+        ``finish_reason``), ``"stream"`` is a callable that takes the text so far as it grows, and
+        ``"messages"`` a conversation for a task that reads one (generation.py).
+
         Returns one result per request, in order, each tagged with the adapter that made it.
         """
         with self._lock:
@@ -204,45 +221,59 @@ class Runtime:
             for name, indices in by_adapter.items():
                 model = self._adapters[name].model
                 with inference_context(self._adapters[name].config.get("precision"), self.device):
-                    if indices[0] in writers and model.task.converses:
-                        decoded = self._answer(model, indices, tokens["vision"], images, texts)
-                    elif indices[0] in writers:
-                        decoded = self._caption(model, indices, tokens["vision"], images)
+                    if indices[0] in writers:
+                        decoded = self._caption(model, indices, tokens["vision"], images, requests)
                     else:
                         vision, vision_mask = pad_tokens([tokens["vision"][i] for i in indices])
                         text, text_mask = pad_tokens([tokens["text"][i] for i in indices])
                         decoded = model.task.decode(model.head(model.fusion(vision, vision_mask, text, text_mask)))
+                        decoded = [{**d, "usage": self._usage(model, requests[i], texts[i], d)}
+                                   if requests[i].get("usage") else d for i, d in zip(indices, decoded)]
                 for i, result in zip(indices, decoded):
                     results[i] = {"adapter": name, **result}
             return results
 
-    def _caption(self, model, indices: list[int], vision_tokens, images) -> list[dict]:
+    def _caption(self, model, indices: list[int], vision_tokens, images, requests) -> list[dict]:
         """Generate with the model's own task (the path its Predictor takes, fed the vision tokens
-        this call already computed), once per distinct image of the adapter's rows."""
-        first: dict[str, int] = {}
+        this call already computed). Rows with equal generation options run together, once per
+        distinct input (image, messages); a sampled row draws its own tokens, and one with a seed
+        is generated alone, so the seed gives the same text whatever it is batched with."""
+        calls: dict[tuple, dict] = defaultdict(dict)  # call -> input -> rows
         for i in indices:
-            first.setdefault(images[i][0], i)
-        vision, vision_mask = pad_tokens([vision_tokens[i] for i in first.values()])
-        prompts = model.task.text_inputs(model.towers["text"], [{"text": None}] * len(first), model.max_length)
-        batch = {"vision_tokens": vision, "vision_mask": vision_mask,  # model.encode uses these as given
-                 "image_index": torch.arange(len(first)), **prompts}
-        ids = model.task.generate(model, to_device(batch, self.device))
-        captions = dict(zip(first, model.task.decode(ids)))
-        return [captions[images[i][0]] for i in indices]
+            options = _options_of(requests[i], i)
+            messages = requests[i].get("messages")
+            key = i if options.sampling else (images[i][0], None if messages is None else json.dumps(messages),
+                                              requests[i].get("text"))
+            calls[(options, i) if options.sampling and options.seed is not None else (options,)] \
+                .setdefault(key, []).append(i)
+        out: dict[int, dict] = {}
+        for call, inputs in calls.items():
+            firsts = [rows[0] for rows in inputs.values()]
+            vision, vision_mask = pad_tokens([vision_tokens[i] for i in firsts])
+            # an instruct adapter's question: the request's messages, or its text (a captioner has none)
+            examples = [{"text": requests[i].get("text") or None, "messages": requests[i].get("messages")}
+                        for i in firsts]
+            prompts = model.task.text_inputs(model.towers["text"], examples, model.max_length)
+            batch = {"vision_tokens": vision, "vision_mask": vision_mask,  # model.encode uses these as given
+                     "image_index": torch.arange(len(firsts)), **prompts}
+            streams = [_fan_out([requests[i].get("stream") for i in rows]) for rows in inputs.values()]
+            generated = model.task.generate_text(model, to_device(batch, self.device), call[0], streams)
+            for row, (rows, decoded) in enumerate(zip(inputs.values(), model.task.decode(generated.ids))):
+                usage = {"prompt_tokens": generated.prompt_tokens[row],
+                         "completion_tokens": generated.completion_tokens[row],
+                         "finish_reason": "stop" if generated.stopped[row] else "length"}
+                for i in rows:
+                    out[i] = {**decoded, "usage": usage} if "generation" in requests[i] else decoded
+        return [out[i] for i in indices]
 
-    def _answer(self, model, indices: list[int], vision_tokens, images, texts) -> list[dict]:
-        """Answer each row's question in words (the path its Predictor takes, fed the vision tokens
-        this call already computed); rows asking about one image share its tokens."""
-        first: dict[str, int] = {}   # each image: the first row asking about it
-        for i in indices:
-            first.setdefault(images[i][0], i)
-        keys = list(first)
-        vision, vision_mask = pad_tokens([vision_tokens[i] for i in first.values()])
-        examples = [{"image": images[i][0], "text": texts[i]} for i in indices]
-        batch = {"vision_tokens": vision, "vision_mask": vision_mask,
-                 "image_index": torch.tensor([keys.index(images[i][0]) for i in indices]),
-                 **model.task.text_inputs(model.towers["text"], examples, model.max_length)}
-        return [{"answer": reply["text"]} for reply in model.task.reply(model, to_device(batch, self.device))]
+    def _usage(self, model, request: dict, text: str, result: dict) -> dict:
+        """Token counts of a label answer, in the adapter's tokenizer: the text the text tower read
+        (special tokens included, cut at max_length), and the answer (retrieval: the text scored)."""
+        tok = model.towers["text"].processor
+        answer = result.get("answer", request.get("text") or "")
+        return {"prompt_tokens": len(tok(text, truncation=True, max_length=model.max_length)["input_ids"]),
+                "completion_tokens": len(tok(str(answer), add_special_tokens=False)["input_ids"]),
+                "finish_reason": "stop"}
 
     def _encode(self, tower_name: str, which, texts, entries, images) -> list[torch.Tensor | None]:
         """Per request in ``which``, the tower's tokens for its input ([N, D], padding dropped);
@@ -321,6 +352,23 @@ def _tokenize(tower: Tower, texts: list[tuple[str, int]]) -> dict[str, torch.Ten
             ids[i] = row
     padded = tower.processor.pad({"input_ids": ids}, return_tensors="pt")
     return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+
+
+def _options_of(request: dict, index: int) -> GenerationOptions:
+    options = request.get("generation")
+    if options is None:
+        return GenerationOptions()
+    if not isinstance(options, GenerationOptions):
+        raise DataError(f"generation must be a GenerationOptions, not {type(options).__name__}", f"request {index}")
+    return options
+
+
+def _fan_out(streams: list):
+    """One callable that feeds every given stream (rows that share an input share its text)."""
+    streams = [s for s in streams if s is not None]
+    if not streams:
+        return None
+    return streams[0] if len(streams) == 1 else (lambda text: [stream(text) for stream in streams])
 
 
 def question_use(task) -> str:

@@ -31,19 +31,26 @@ from .backbones import TOWERS
 from .batching import Batcher, image_workers
 from .bundle import initialise_from, resolve_bundle, save_bundle
 from .checkpoint import Checkpointer, RunParts, resume_point
-from .run_state import SkipTracker, restore_rng
 from .data import load_splits
 from .data.conversations import skipped_line
 from .data.files import check_labels_in_train
 from .data.skips import SplitLog, cache_on_bad, needed_text_error
-from .distributed import (all_have_examples, batch_loss, gather_rows, make_accelerator, prepare_for_training,
-                          process_slice)
+from .distributed import (
+    all_have_examples,
+    batch_loss,
+    gather_rows,
+    make_accelerator,
+    prepare_for_training,
+    process_slice,
+)
 from .errors import DataError
 from .feature_store import feature_cache_dir
 from .features import FeatureCache
 from .model import MultimodalModel
 from .plots import plot_curves
-from .precision import device_facts, inference_context, record as precision_record
+from .precision import device_facts, inference_context
+from .precision import record as precision_record
+from .run_state import SkipTracker, restore_rng
 from .sampling import train_loader
 from .tasks import TASKS
 from .tensors import to_device
@@ -287,7 +294,8 @@ def _cache_features_and_prepare_task(ctx: _Context, model, splits) -> dict[str, 
     on_bad = cache_on_bad(ctx.recipe.data.on_bad_sample)
     fill_caches(caches, model, splits.train + splits.val, ctx.device, ctx.progress, on_bad,
                 ctx.precision, ctx.accelerator)
-    model.task.prepare(model, splits.train, Batcher(model, caches), ctx.device, ctx.progress)
+    with inference_context(ctx.precision, ctx.device):   # the memory encodes as inference will read it
+        model.task.prepare(model, splits.train, Batcher(model, caches), ctx.device, ctx.progress)
     return caches
 
 
@@ -428,7 +436,8 @@ def _test_best_epoch(ctx: _Context, core, best: dict, splits, caches, skips: dic
     core.load_trainable_state_dict(best["state"])
     # with the best weights (retrieval's pair memory embeds the train split with them); again on
     # resume, from the same weights. A log of its own: training's skip counts are final.
-    core.task.finish(core, splits.train, Batcher(core, caches, SplitLog("train")), ctx.device, ctx.progress)
+    with inference_context(ctx.precision, ctx.device):
+        core.task.finish(core, splits.train, Batcher(core, caches, SplitLog("train")), ctx.device, ctx.progress)
     _count_truncated(core, splits, ("test",), truncated, ctx.log)
     fill_caches(caches, core, splits.test, ctx.device, ctx.progress, cache_on_bad(ctx.recipe.data.on_bad_sample),
                 ctx.precision, ctx.accelerator)

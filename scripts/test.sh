@@ -18,4 +18,7 @@ if [ "${PEFTMM_SKIP_BROWSER:-}" != 1 ] && ! command -v chromium >/dev/null 2>&1;
     echo "chromium is missing (needs root and apt-get to install): the browser test will fail" >&2
   fi
 fi
+# Lint and layering first: fast, and a failure here names the file and line.
+.venv/bin/ruff check .
+.venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -7,10 +7,10 @@ import socket
 import threading
 import time
 
-import torch
-
 import tiny
+import torch
 from helpers import build, perturb
+
 from peftmm.bundle import save_bundle
 
 METHODS = {  # three bundles on the same two backbones, each with other methods, fusion and head

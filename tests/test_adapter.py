@@ -3,10 +3,10 @@ tower family, training, exact reload, quantised and bf16 backbones, stacking wit
 
 import bitsandbytes as bnb
 import pytest
-import torch
-
 import tiny
+import torch
 from helpers import batch_of, build, logits, overfit
+
 from peftmm import PeftmmError, RecipeError, recipe_from_dict
 from peftmm.backbones import load_tower
 from peftmm.bundle import load_bundle, save_bundle

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from peftmm.tasks.answer_metrics import (answer_metrics, answer_vocabulary, exact_match, normalize_answer,
-                                         token_f1, vqa_accuracy)
+from peftmm.tasks.answer_metrics import (
+    answer_metrics,
+    answer_vocabulary,
+    exact_match,
+    normalize_answer,
+    token_f1,
+    vqa_accuracy,
+)
 
 
 @pytest.mark.parametrize("raw, normalised", [

@@ -1,10 +1,10 @@
 """Every backbone family: LoRA + fusion + head build, train (loss falls) and round-trip exactly."""
 
 import pytest
-import torch
-
 import tiny
+import torch
 from helpers import batch_of, build, logits, overfit
+
 from peftmm.bundle import load_bundle, save_bundle
 
 PAIRS = [(v, "bert") for v in tiny.VISION] + [("vit", "llama")]

@@ -1,10 +1,10 @@
 """Training-time image augmentation (peftmm/augment.py): what it changes and when it acts."""
 
 import pytest
-import torch
-
 import tiny
+import torch
 from helpers import batch_of, build
+
 from peftmm.augment import AugmentSpec, augment_pixels
 from peftmm.errors import RecipeError
 from peftmm.recipe import from_dict
@@ -50,7 +50,8 @@ def test_recipe_validates_augment_settings(tiny_models):
 
 
 def test_model_augments_only_in_training(tiny_models):
-    recipe = tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"], vision_methods=[{"type": "adapter", "reduction_factor": 2}])
+    recipe = tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"],
+                         vision_methods=[{"type": "adapter", "reduction_factor": 2}])
     recipe["vision"]["augment"] = {"crop_scale": 0.5, "rotate": 30}
     _, model, splits = build(recipe)
     batch = batch_of(model, splits.train[:4])

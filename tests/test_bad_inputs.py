@@ -20,13 +20,13 @@ import struct
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import tiny
 from peftmm import errors
 from peftmm.bundle import CONFIG, WEIGHTS, bundle_summary, check_adapter_name, load_bundle
 from peftmm.cli import main

@@ -11,18 +11,18 @@ import random
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-import tiny
 from peftmm import DataError, RecipeError, recipe_from_dict
 from peftmm.batching import Batcher
 from peftmm.bundle import save_bundle
 from peftmm.cli import main
-from peftmm.images import load_image
 from peftmm.features import FeatureCache
+from peftmm.images import load_image
 from peftmm.model import MultimodalModel
 from peftmm.trainer import train
 

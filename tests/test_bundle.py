@@ -4,11 +4,11 @@ import json
 import shutil
 
 import pytest
+import tiny
 import torch
+from helpers import batch_of, build, logits, perturb
 from safetensors.torch import load_file, save_file
 
-import tiny
-from helpers import batch_of, build, logits, perturb
 from peftmm import BundleError
 from peftmm.bundle import CARD, CONFIG, WEIGHTS, load_bundle, read_config, save_bundle
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from helpers import batch_of, logits
 from safetensors.torch import load_file
 
-from helpers import batch_of, logits
 from peftmm import BundleError
 from peftmm.bundle import CARD, CONFIG, WEIGHTS, bundle_summary, load_bundle, read_config, read_tensors
 from peftmm.cli import main

@@ -5,15 +5,15 @@ words) and is what predict, eval and the bundle give."""
 
 import pytest
 import torch
-
 from helpers import perturb
+from test_caption_memory import _build, _recipe
+from test_captioning import tiny_models  # noqa: F401  (the module's fixture)
+
 from peftmm import RecipeError, recipe_from_dict
 from peftmm.batching import Batcher
 from peftmm.bundle import load_bundle, save_bundle
 from peftmm.tasks.captioning.mbr import choose
 from peftmm.tasks.captioning.metrics import words
-from test_caption_memory import _build, _recipe
-from test_captioning import tiny_models  # noqa: F401  (the module's fixture)
 
 
 def test_the_probable_candidate_wins_without_other_evidence():

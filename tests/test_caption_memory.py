@@ -10,17 +10,17 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-
 from helpers import overfit, perturb
+from safetensors.torch import save as save_tensors
+from test_captioning import caption_recipe, tiny_models  # noqa: F401  (the module's fixture)
+
 from peftmm import DataError, RecipeError, recipe_from_dict
 from peftmm.batching import Batcher
 from peftmm.bundle import BundleError, bundle_summary, load_bundle, read_tensors, save_bundle
 from peftmm.data import load_splits
 from peftmm.fusion import masked_mean
-from safetensors.torch import save as save_tensors
 from peftmm.model import MultimodalModel
 from peftmm.tasks.captioning.memory import key_hash
-from test_captioning import caption_recipe, tiny_models  # noqa: F401  (the module's fixture)
 
 
 def _recipe(tiny_models, methods=({"type": "lora", "r": 2},), **task) -> dict:

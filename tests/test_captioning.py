@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-
 from helpers import overfit, perturb
+
 from peftmm import DataError, RecipeError, recipe_from_dict
 from peftmm.batching import Batcher
 from peftmm.bundle import load_bundle, save_bundle

@@ -5,13 +5,12 @@ block); the blocks recompute only in training, dropout and batch norm inside kee
 less is stored, and an architecture that cannot be checkpointed gets one clear error."""
 
 import pytest
+import tiny
 import torch
+from helpers import batch_of, build
 from torch import nn
 
-import tiny
-from helpers import batch_of, build
-from peftmm import PeftmmError, RecipeError
-from peftmm import backbones
+from peftmm import PeftmmError, RecipeError, backbones
 from peftmm.backbones import load_tower
 
 LORA, ADAPTER = {"type": "lora", "r": 2}, {"type": "adapter", "reduction_factor": 4, "non_linearity": "tanh"}

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import yaml
 
-import tiny
 from peftmm.bundle import read_tensors
 from peftmm.distributed import ProcessSlices, process_slice
 

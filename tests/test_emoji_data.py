@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peftmm.data import load_splits
 from peftmm.data import emoji as E
-from peftmm.images import load_image
+from peftmm.data import load_splits
 from peftmm.errors import DataError
+from peftmm.images import load_image
 from peftmm.recipe import DataSpec
 
 GROUPS = ["Activities", "Animals & Nature", "Flags", "Food & Drink", "Objects", "People & Body",

@@ -13,14 +13,13 @@ import os
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import yaml
 from PIL import Image
 from safetensors.torch import save
 
-import tiny
-from peftmm import RecipeError, recipe_from_dict
-from peftmm import feature_store
+from peftmm import RecipeError, feature_store, recipe_from_dict
 from peftmm.backbones import Tower, load_tower
 from peftmm.features import FeatureCache
 from peftmm.recipe import load as load_recipe

@@ -139,5 +139,6 @@ def test_malformed_records(folder):
         f"{folder / 'data.csv'}:2: 2 fields but the header has 3 (image, text, label)"
     assert bad(folder, "data.csv", "image,text,split\nimg/0.png,x,training\n") == \
         f"{folder / 'data.csv'}:2: split = 'training' is not allowed; choose one of: train, val, test"
-    assert bad(folder, "data.csv", "") == f"{folder / 'data.csv'}: empty file: expected a header row (image, text and/or label)"
+    assert bad(folder, "data.csv", "") == (f"{folder / 'data.csv'}: empty file: "
+                                           "expected a header row (image, text and/or label)")
     assert bad(folder, "data.jsonl", "\n\n") == f"{path}: no records"

@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Literal, Union, get_args, get_origin
 
 import pytest
+import tiny
 import torch
+from helpers import build, perturb
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-import tiny
-from helpers import build, perturb
 from peftmm.bundle import CONFIG, WEIGHTS, bundle_summary, load_bundle, read_header, read_tensors, save_bundle
 from peftmm.errors import BundleError, PeftmmError, RecipeError
 from peftmm.fusion import FUSIONS

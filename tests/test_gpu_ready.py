@@ -5,17 +5,17 @@ import json
 import shutil
 
 import pytest
-import torch
-
 import tiny
+import torch
 from helpers import build
+
 from peftmm.batching import Batcher, image_workers
 from peftmm.bundle import read_config
 from peftmm.data.skips import SplitLog
 from peftmm.errors import BundleError, DataError
 from peftmm.predict import Predictor
-from peftmm.tasks.caption_memory import CaptionMemory
-from peftmm.tasks.pair_memory import PairMemory
+from peftmm.tasks.captioning.memory import CaptionMemory
+from peftmm.tasks.retrieval.memory import PairMemory
 
 
 def test_a_bundle_records_its_training_precision_and_cpu_inference_stays_fp32(cli_run):

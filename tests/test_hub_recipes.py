@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from peftmm import hub_configs, plan, recipe_from_dict
-from peftmm.plan_blueprint import blueprint
 from peftmm.cli import main
 from peftmm.plan import Planner
+from peftmm.plan_blueprint import blueprint
 from peftmm.recipe import load
 
 ROOT = Path(__file__).parent.parent
@@ -73,7 +73,8 @@ def test_config_copies_build_the_published_models(source, tower, causal_lm, para
 
 def test_only_known_hub_ids_have_copies():
     assert hub_configs.folder_for("openai/clip-vit-base-patch16") is not None
-    for source in ("openai/clip-vit-large-patch14", "minilm-l6", "a/b/c", "../hub_configs", "openai--clip-vit-base-patch16"):
+    for source in ("openai/clip-vit-large-patch14", "minilm-l6", "a/b/c", "../hub_configs",
+                   "openai--clip-vit-base-patch16"):
         assert hub_configs.folder_for(source) is None, source
 
 

@@ -1,12 +1,12 @@
 """Stage chaining: a recipe starts from the trained modules of an earlier bundle."""
 
 import pytest
+import tiny
 import torch
 import yaml
 from click.testing import CliRunner
-
-import tiny
 from helpers import build, perturb
+
 from peftmm import BundleError
 from peftmm.bundle import initialise_from, read_tensors, save_bundle
 from peftmm.cli import main

@@ -16,11 +16,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from peftmm import images
 from peftmm.backbones import load_tower, local_only, resolve_source
 from peftmm.bundle import CONFIG, load_bundle, read_config
-from peftmm import images
-from peftmm.images import load_image, set_pixel_limit
 from peftmm.errors import BundleError, ImageTooLarge, PeftmmError
+from peftmm.images import load_image, set_pixel_limit
 from peftmm.safe_load import load_yaml, short_repr
 
 QUESTION = "what shape is it?"

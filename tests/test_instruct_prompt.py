@@ -10,8 +10,16 @@ import torch
 
 from peftmm import zoo
 from peftmm.errors import DataError, PeftmmError
-from peftmm.tasks.instruct_prompt import (CHATML, IGNORE, TooLong, encode_conversation, encode_generation_prompt,
-                                          pad_batch, stop_token_ids, truncation_line)
+from peftmm.tasks.instruct_prompt import (
+    CHATML,
+    IGNORE,
+    TooLong,
+    encode_conversation,
+    encode_generation_prompt,
+    pad_batch,
+    stop_token_ids,
+    truncation_line,
+)
 
 SIMPLE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
           "{% if add_generation_prompt %}assistant : {% endif %}")

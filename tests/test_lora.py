@@ -1,9 +1,9 @@
 """LoRA targets are resolved inside one tower; a target matching nothing lists what exists."""
 
 import pytest
-
 import tiny
 from helpers import build
+
 from peftmm import PeftmmError
 
 
@@ -39,8 +39,8 @@ def test_target_matching_nothing_lists_module_names(tiny_models):
 
 def test_merge_keeps_predictions_and_blocks_saving(tiny_models, tmp_path):
     import torch
-
     from helpers import batch_of, logits, overfit
+
     from peftmm.bundle import save_bundle
 
     recipe, model, splits = build(tiny.recipe(tiny_models["vit"], tiny_models["bert"],

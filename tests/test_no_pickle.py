@@ -25,11 +25,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import yaml
 from click.testing import CliRunner
 
-import tiny
 from peftmm.errors import BundleError, PeftmmError
 
 ROOT = Path(__file__).resolve().parent.parent

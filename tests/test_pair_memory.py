@@ -5,12 +5,12 @@ best weights, saved in the bundle and used by eval and zero-shot labels."""
 import json
 
 import pytest
+import tiny
 import torch
 import yaml
 from click.testing import CliRunner
 from safetensors.torch import save as save_tensors
 
-import tiny
 from peftmm.bundle import BundleError, load_bundle, read_tensors
 from peftmm.cli import main
 from peftmm.data import load_splits

@@ -4,11 +4,11 @@ answering and scored on the parents, each parent's probability the sum of its ch
 import json
 
 import pytest
+import tiny
 import torch
 import yaml
 from click.testing import CliRunner
 
-import tiny
 from peftmm import DataError
 from peftmm.tasks.classification import ClassificationTask
 

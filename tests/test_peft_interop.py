@@ -5,14 +5,14 @@ import json
 import shutil
 
 import pytest
+import tiny
 import torch
 from click.testing import CliRunner
+from helpers import build, perturb
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-import tiny
-from helpers import build, perturb
 from peftmm import BundleError
 from peftmm.bundle import load_bundle, read_config, read_tensors, save_bundle
 from peftmm.cli import main

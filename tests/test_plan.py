@@ -6,17 +6,16 @@ import json
 from contextlib import nullcontext
 
 import pytest
+import tiny
 import torch
 import yaml
 from click.testing import CliRunner
-
-import tiny
 from helpers import batch_of, build
+
 from peftmm import PeftmmError, recipe_from_dict
 from peftmm.backbones import load_tower
 from peftmm.cli import main
-from peftmm.plan import (ALLOCATOR_SLACK, CUDA_CONTEXT, GiB, Estimate, Meter, Part, Planner, parse_size,
-                         weight_bytes)
+from peftmm.plan import ALLOCATOR_SLACK, CUDA_CONTEXT, Estimate, GiB, Meter, Part, Planner, parse_size, weight_bytes
 from peftmm.plan_meter import replay_run
 from peftmm.tensors import to_device
 

@@ -9,8 +9,7 @@ import types
 import torch
 from torch import nn
 
-from peftmm.plan_meter import (MMAP_THRESHOLD, Heap, Meter, emulate_bitsandbytes, file_itemsize,
-                               quantised_source_bytes)
+from peftmm.plan_meter import MMAP_THRESHOLD, Heap, Meter, emulate_bitsandbytes, file_itemsize, quantised_source_bytes
 
 MiB = 2**20
 

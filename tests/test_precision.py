@@ -2,13 +2,22 @@
 
 import bitsandbytes as bnb
 import pytest
-import torch
-
 import tiny
+import torch
 from helpers import batch_of, build, logits, overfit
+
 from peftmm.errors import PeftmmError
-from peftmm.precision import (DeviceFacts, autocast_dtype, common_record, inference_plan, int8_threshold,
-                              mixed_precision, nf4_compute_dtype, planned_facts, record)
+from peftmm.precision import (
+    DeviceFacts,
+    autocast_dtype,
+    common_record,
+    inference_plan,
+    int8_threshold,
+    mixed_precision,
+    nf4_compute_dtype,
+    planned_facts,
+    record,
+)
 
 
 @pytest.mark.parametrize("precision,layer", [("int8", bnb.nn.Linear8bitLt), ("nf4", bnb.nn.Linear4bit)])

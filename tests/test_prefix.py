@@ -2,12 +2,12 @@
 round-trips exactly, the MLP re-parameterisation is folded on save, and bad recipes are refused."""
 
 import pytest
+import tiny
 import torch
+from helpers import batch_of, build, logits, overfit
 from safetensors.torch import load_file
 from torch import nn
 
-import tiny
-from helpers import batch_of, build, logits, overfit
 from peftmm import PeftmmError, RecipeError
 from peftmm.bundle import WEIGHTS, load_bundle, read_config, save_bundle
 from peftmm.methods.base import ActiveSlots
@@ -72,7 +72,8 @@ def test_attention_matches_a_reference_for_every_mask_form(causal):
         assert torch.allclose(out, expected, atol=1e-5)
     # No mask (no padding): a causal model still gets its triangle, and no key is cropped.
     out, _ = prefix_attention(module, query, key, value, None, scaling=8 ** -0.5)
-    assert torch.allclose(out, _reference(query, key, value, module.peftmm_prefix["default"], triangle[None, None]), atol=1e-5)
+    reference = _reference(query, key, value, module.peftmm_prefix["default"], triangle[None, None])
+    assert torch.allclose(out, reference, atol=1e-5)
 
 
 # -- masks inside real models ------------------------------------------------------------------
@@ -120,7 +121,7 @@ def test_prefix_trains_and_round_trips(tiny_models, tmp_path, vision, text, visi
         inputs = ({"pixel_values": batch["pixel_values"]} if tower.name == "vision"
                   else {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
         with torch.no_grad():
-            plain = _without_prefix(tower, lambda: tower(**inputs)[0])
+            plain = _without_prefix(tower, lambda tower=tower, inputs=inputs: tower(**inputs)[0])
             assert not torch.allclose(tower(**inputs)[0], plain, atol=1e-3), f"{tower.name} prefix has no effect"
 
     params = _prefix_params(model)
@@ -134,7 +135,8 @@ def test_prefix_trains_and_round_trips(tiny_models, tmp_path, vision, text, visi
     save_bundle(model, recipe, tmp_path / "bundle")
     saved = load_file(tmp_path / "bundle" / WEIGHTS)
     prefix_keys = [k for k in saved if "peftmm_prefix" in k]
-    assert prefix_keys and all(k.endswith(("peftmm_prefix.default.key", "peftmm_prefix.default.value")) for k in prefix_keys)
+    assert prefix_keys
+    assert all(k.endswith(("peftmm_prefix.default.key", "peftmm_prefix.default.value")) for k in prefix_keys)
     for name in ("vision", "text"):  # the MLP is folded: plain prefixes, and a recipe without it
         assert read_config(tmp_path / "bundle")["recipe"][name]["methods"][0]["reparam"] is False
         kv_heads, head_dim = 2, 16

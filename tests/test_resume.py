@@ -21,20 +21,18 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-import tiny
 from peftmm import PeftmmError, recipe_from_dict
 from peftmm.bundle import read_tensors
-from peftmm.checkpoint import POINTER, STATE, TENSORS, Checkpointer
-from peftmm.checkpoint import read_checkpoint
-from peftmm.checkpoint import load_latest, prune
-from peftmm.run_state import flatten_optimizer, unflatten_optimizer
+from peftmm.checkpoint import POINTER, STATE, TENSORS, Checkpointer, load_latest, prune, read_checkpoint
 from peftmm.cli import main
 from peftmm.io import fsync_dir
+from peftmm.run_state import flatten_optimizer, unflatten_optimizer
 from peftmm.tasks.vqa import VQATask
 from peftmm.trainer import train
 

@@ -4,11 +4,11 @@
 import json
 
 import pytest
+import tiny
 import torch
 from click.testing import CliRunner
-
-import tiny
 from helpers import batch_of, build, logits, overfit
+
 from peftmm import RecipeError, recipe_from_dict
 from peftmm.bundle import save_bundle
 from peftmm.cli import main

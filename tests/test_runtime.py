@@ -4,16 +4,17 @@ import json
 import shutil
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
-
 import tiny
+import torch
 from helpers import build, perturb
+from safetensors.torch import load_file, save_file
+from serving import METHODS, make_adapters
+
 from peftmm import BundleError
 from peftmm.bundle import CONFIG, WEIGHTS, save_bundle
 from peftmm.predict import Predictor
 from peftmm.runtime import Runtime
-from serving import METHODS, make_adapters
+
 
 @pytest.fixture(scope="module")
 def bundles(tiny_models, tmp_path_factory):

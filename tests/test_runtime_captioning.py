@@ -15,12 +15,14 @@ decode to an empty caption).
 import base64
 
 import pytest
+import tiny
 import torch
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-
-import tiny
 from helpers import build, perturb
+from serving import live_server
+from test_serve_browser import browser  # noqa: F401  (the headless Chromium fixture, skipped as there)
+
 from peftmm import DataError, recipe_from_dict
 from peftmm.bundle import save_bundle
 from peftmm.cli import main
@@ -28,8 +30,6 @@ from peftmm.model import MultimodalModel
 from peftmm.predict import Predictor
 from peftmm.runtime import Runtime
 from peftmm.serve import create_app
-from serving import live_server
-from test_serve_browser import browser  # noqa: F401  (the headless Chromium fixture, skipped as there)
 
 PROMPT = "what is in the image?"  # words of the tiny tokenizer's vocabulary
 CAPTIONERS = ("caption-lora", "caption-prefix")

@@ -10,13 +10,13 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
+from serving import METHODS, live_server, make_adapters, same
 
 from peftmm.bundle import CONFIG
 from peftmm.cli import main
 from peftmm.errors import DataError
 from peftmm.runtime import Runtime
 from peftmm.serve import MicroBatcher, create_app
-from serving import METHODS, live_server, make_adapters, same
 
 LIMIT = 64 * 1024  # max_image_bytes of the test app
 
@@ -80,8 +80,8 @@ def test_predict_by_upload_base64_and_path_answers_as_the_runtime(client, setup)
                         files={"image": ("x.png", data, "image/png")}),
             client.post("/api/predict", json={"adapter": name, "question": question,
                                               "image_base64": base64.b64encode(data).decode()}),
-            client.post("/api/predict", json={"adapter": name, "question": question,
-                                              "image_base64": "data:image/png;base64," + base64.b64encode(data).decode()}),
+            client.post("/api/predict", json={"adapter": name, "question": question, "image_base64":
+                                              "data:image/png;base64," + base64.b64encode(data).decode()}),
             client.post("/api/predict", json={"adapter": name, "question": question, "image_path": str(image)}),
             client.post("/api/predict", json={"adapter": name, "question": question, "image_path": f"{i}.png"}),
         ]

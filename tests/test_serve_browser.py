@@ -9,10 +9,10 @@ import os
 import shutil
 
 import pytest
+from serving import live_server, make_adapters
 
 from peftmm.runtime import Runtime
 from peftmm.serve import create_app
-from serving import live_server, make_adapters
 
 CHROMIUM = os.environ.get("PEFTMM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

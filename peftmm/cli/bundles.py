@@ -90,8 +90,16 @@ def _run_records(run_dir: Path) -> list[dict]:
 @friendly
 def publish(run_dir, name, to, force):
     """Publish the bundle of RUN_DIR (a run directory or a bundle) as TO/NAME, checked and renamed."""
-    from ..bundle import (CARD, CONFIG, check_adapter_name, load_bundle, read_config, read_tensors, resolve_bundle,
-                          save_bundle)
+    from ..bundle import (
+        CARD,
+        CONFIG,
+        check_adapter_name,
+        load_bundle,
+        read_config,
+        read_tensors,
+        resolve_bundle,
+        save_bundle,
+    )
     from ..card import curve_summary, model_card
     from ..errors import BundleError
     from ..io import atomic_directory

@@ -47,7 +47,8 @@ def train(recipe, overrides, output, resume, num_processes, no_progress):
     stays train.batch_size."""
     from ..distributed import launched, relaunch
     from ..recipe import load
-    from ..trainer import default_run_dir, train as run_training
+    from ..trainer import default_run_dir
+    from ..trainer import train as run_training
 
     if resume:
         from ..checkpoint import resume_recipe

@@ -48,5 +48,4 @@ def load_splits(spec) -> Splits:
     return splits
 
 
-from . import easy_vqa, emoji, files  # noqa: E402,F401  (each registers itself)
-from . import conversation_views, conversations  # noqa: E402,F401
+from . import conversation_views, conversations, easy_vqa, emoji, files  # noqa: E402,F401  (each registers itself)

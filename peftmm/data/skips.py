@@ -91,7 +91,7 @@ class SplitLog:
         return DataError(f"none of the {self.seen:,} {self.split} examples could be used ({detail}); "
                          f"first: {self.first}")
 
-    def merged(self, accelerator) -> "SplitLog":
+    def merged(self, accelerator) -> SplitLog:
         """Under several processes each one sees its shard of train: what they skipped together
         (a copy for reporting; its ``ever`` only has the right size)."""
         if accelerator.num_processes == 1:

@@ -22,5 +22,4 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-from . import concat_mlp, dual_projection, gated_cross_attention  # noqa: E402,F401  (each registers itself)
-from . import projector  # noqa: E402,F401  (vision tokens into a decoder LM: captioning)
+from . import concat_mlp, dual_projection, gated_cross_attention, projector  # noqa: E402,F401  (each registers itself)

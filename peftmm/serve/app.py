@@ -19,9 +19,9 @@ import binascii
 import ctypes
 import io
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,10 +33,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..bundle import CONFIG
-from ..images import ImageTooLarge, decode_bytes, finish, open_bounded, pixel_limit
 from ..errors import DataError, PeftmmError
+from ..images import ImageTooLarge, decode_bytes, finish, open_bounded, pixel_limit
 from ..safe_load import load_json
 from .batching import MicroBatcher
+from .openai_api import openai_router
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -364,4 +365,6 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
         return {"adapter": result["adapter"], "question": question,
                 **{k: v for k, v in result.items() if k != "adapter"}}
 
+    # OpenAI-compatible routes under /v1 (openai_api.py), on this server's body and image checks
+    app.include_router(openai_router(runtime, batcher, read_body, image_bytes, decode_image, ApiError))
     return app

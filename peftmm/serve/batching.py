@@ -16,8 +16,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable
 
 log = logging.getLogger(__name__)
 _STOP = object()

@@ -49,6 +49,9 @@ class Task:
     # -- set by __init__ -------------------------------------------------------------------------
     config: object       # its Config, as the recipe set it
     labels: list[str]    # the data set's labels (answers, classes; bundles store them)
+    # What the task built from data (captioning's caption memory, retrieval's pair memory): an
+    # object with tensors() -> dict and to(device), or None.
+    memory = None
 
     @dataclass
     class Config:
@@ -103,15 +106,17 @@ class Task:
         """What ``prepare`` builds, in shape only, encoding nothing (peftmm plan's meta model)."""
 
     def memory_tensors(self) -> dict[str, torch.Tensor]:
-        """Non-trainable tensors the task built in ``prepare`` or ``finish``; bundles store them as
-        ``memory.*``."""
-        return {}
+        """Non-trainable tensors the task built in ``prepare`` or ``finish`` (its ``memory``);
+        bundles store them as ``memory.*``."""
+        return self.memory.tensors() if self.memory is not None else {}
 
     def load_memory(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take back what ``memory_tensors`` gave (from a bundle)."""
 
     def memory_to(self, device) -> None:
         """Keep the memory (if any) on ``device``, the model's: moved once, not on every forward."""
+        if self.memory is not None:
+            self.memory.to(device)
 
     # -- examples and batches --------------------------------------------------------------------
     def text_of(self, example: dict) -> str:
@@ -192,6 +197,14 @@ class Task:
         """For a batch of one image paired with N texts, a softmax over the texts, for a task that
         ``ranks_texts`` (zero-shot labels)."""
         raise NotImplementedError(f"task {self.registry_name!r} does not rank texts")
+
+    def generate_text(self, model, batch: dict, options=None, streams=None):
+        """For a task that writes text with its text tower as a causal LM (``text_tower_causal_lm``):
+        generate for the rows of ``batch`` under ``options`` (a GenerationOptions; None: the
+        bundle's own settings), sending each row's new text to ``streams[row]`` where given, and
+        return a :class:`~peftmm.generation.Generated` whose ``ids`` ``decode`` reads. The whole
+        contract, which the runtime and the OpenAI-compatible API rely on, is in generation.py."""
+        raise NotImplementedError(f"task {self.registry_name} answers without generating text")
 
 
 def count_too_long(tokenizer, texts: list[str], room: int, where: str, noun: str, extra: int = 0,

@@ -42,8 +42,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.conversations import IMAGE, prompt_turns
 from ..errors import DataError, PeftmmError, RecipeError
 from ..fusion.projector import pool_tokens
+from ..generation import Generated, GenerationOptions, TokenStream, seeded
 from ..schema import build as build_settings
 from ..tensors import to_device
 from . import TASKS
@@ -89,6 +91,7 @@ class InstructTask(Task):
         self.vocabulary: frozenset[str] | None = None   # normalised training answers (prepare / bundle)
         self._encoded: dict = {}         # conversation -> Encoded or TooLong (each is encoded once)
         self._stops: list[int] = []      # token ids that end an answer (attach)
+        self._turn_end: int | None = None
 
     # -- the recipe and the model ----------------------------------------------------------------
     @classmethod
@@ -125,6 +128,8 @@ class InstructTask(Task):
         self._stops = chat.stop_token_ids(self.tokenizer, self.config.end_of_turn)
         if not self._stops:
             raise PeftmmError("the LM's tokenizer has no end-of-sequence token; give task.end_of_turn", "task")
+        eot = self.config.end_of_turn   # where a streamed answer ends: the end of turn itself, else EOS
+        self._turn_end = self.tokenizer(eot, add_special_tokens=False)["input_ids"][0] if eot else self._stops[0]
 
     def build_head(self, in_dim: int) -> nn.Module:
         return nn.Identity()   # the LM's own output layer is the head
@@ -176,8 +181,8 @@ class InstructTask(Task):
         """Training rows (conversations ending with an answer: ids, labels on the assistant's tokens,
         right-padded) or generation prompts (ending with the user's turn, or a bare ``text``
         question: left-padded, no labels); ``image_positions`` says where the image's tokens go."""
-        conversations = [e["conversation"] if isinstance(e.get("conversation"), list) else _question(e)
-                         for e in examples]
+        conversations = [e["conversation"] if isinstance(e.get("conversation"), list)
+                         else _from_messages(e["messages"]) if e.get("messages") else _question(e) for e in examples]
         ends = {c[-1]["role"] for c in conversations}
         if ends == {"assistant"}:
             encoded = [self._encode(c) for c in conversations]
@@ -236,7 +241,7 @@ class InstructTask(Task):
         return target_tokens(labels[:, 1:])
 
     @torch.no_grad()
-    def generate(self, model, batch: dict, settings=None) -> torch.Tensor:
+    def generate(self, model, batch: dict, settings=None, stopping=None) -> torch.Tensor:
         """Answer token ids ``[B, T]`` (the new tokens only; padded after the stop token)."""
         settings = settings or self.config
         lm = causal_lm(model, "instruct")
@@ -244,7 +249,26 @@ class InstructTask(Task):
         config = generation_config(settings.max_new_tokens, settings.num_beams, self._stops,
                                    pad_id(self.tokenizer, "instruct"), do_sample=settings.do_sample,
                                    temperature=settings.temperature, top_p=settings.top_p)
-        return lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        return lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
+                           stopping_criteria=stopping)
+
+    @torch.no_grad()
+    def generate_text(self, model, batch: dict, options: GenerationOptions | None = None,
+                      streams: list | None = None) -> Generated:
+        """See Task.generate_text (generation.py): ``max_tokens`` caps the new tokens, ``temperature
+        > 0`` samples (with ``top_p``, under ``seed``), otherwise the bundle's own decoding."""
+        options = options or GenerationOptions()
+        settings = replace(self.config, max_new_tokens=options.max_tokens or self.config.max_new_tokens)
+        if options.sampling:
+            settings = replace(settings, do_sample=True, num_beams=1, temperature=options.temperature,
+                               top_p=options.top_p or 1.0)
+        one = settings.num_beams == 1 and streams and any(streams)
+        watch = [TokenStream(self.tokenizer, streams, self._turn_end)] if one else None
+        with seeded(options.seed if options.sampling else None, batch["input_ids"].device):
+            ids = self.generate(model, batch, settings, watch)
+        rows = self._cut(ids)
+        return Generated(ids, batch["attention_mask"].sum(1).tolist(), [len(r) + s for r, s in rows],
+                         [s for _, s in rows])
 
     def _cut(self, ids: torch.Tensor) -> list[tuple[list[int], bool]]:
         """Each row's answer ids, up to its first stop token, and whether it stopped there."""
@@ -349,6 +373,14 @@ def _question(example: dict) -> list[dict]:
     if not isinstance(text, str) or not text.strip():
         raise DataError("an instruct model needs a question or instruction (a user turn)", "conversation")
     return [{"role": "user", "text": text.strip()}]
+
+
+def _from_messages(messages: list[dict]) -> list[dict]:
+    """The OpenAI API's checked messages (``{"role", "text", "images"}``, generation.py) as a
+    conversation to answer: the image where the last message that carried one stands."""
+    last = max((i for i, m in enumerate(messages) if m.get("images")), default=None)
+    return prompt_turns([{"role": m["role"], "content": (IMAGE + "\n" if i == last else "") + m["text"]}
+                         for i, m in enumerate(messages)])
 
 
 def _unpack(tensor: torch.Tensor) -> list[str]:

@@ -16,8 +16,8 @@ from io import BytesIO
 from pathlib import Path
 
 from ...errors import DataError
-from ...io import atomic_write_bytes
 from ...images import register_repairer
+from ...io import atomic_write_bytes
 from .fetch import OPENMOJI_VERSION, data_cache_dir, font_path
 
 RENDER_DIR = f"emoji-{OPENMOJI_VERSION}"

@@ -36,7 +36,7 @@ class CaptionMemory:
 
     @classmethod
     def build(cls, features: torch.Tensor, captions: list[str], keys: list[str], tokenizer,
-              max_tokens: int) -> "CaptionMemory":
+              max_tokens: int) -> CaptionMemory:
         """``features``: pooled vision features ``[N, D]`` of the images of ``captions``;
         ``keys``: each entry's exclusion key."""
         rows = [tokenizer(" " + " ".join(c.split()), add_special_tokens=False)["input_ids"][:max_tokens]
@@ -51,7 +51,7 @@ class CaptionMemory:
         return {"keys": self.keys, "ids": self.ids, "hashes": self.hashes}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "CaptionMemory":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> CaptionMemory:
         missing = {"keys", "ids", "hashes"} - set(tensors)
         if missing:
             raise KeyError(f"memory.{sorted(missing)[0]}")
@@ -60,7 +60,7 @@ class CaptionMemory:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def to(self, device) -> "CaptionMemory":
+    def to(self, device) -> CaptionMemory:
         """Move the keys and their hashes to ``device`` for good (``ids`` are read on the host:
         captions_ids builds Python lists from them)."""
         self.keys, self.hashes = self.keys.to(device), self.hashes.to(device)

@@ -38,18 +38,20 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ...errors import DataError, PeftmmError, RecipeError
 from ...fusion import masked_mean
+from ...generation import Generated, GenerationOptions, TokenStream, seeded
 from ...tensors import to_device
 from .. import TASKS
 from ..base import Task, count_too_long
-from ..decoder_lm import IGNORE, causal_lm, eos_id, generation_config, target_tokens, token_loss
-from ..decoder_lm import positions as _positions
 from . import mbr
 from .memory import CaptionMemory, key_hash
 from .metrics import caption_metrics
+
+IGNORE = -100
 
 
 @TASKS.register("captioning")
@@ -195,9 +197,15 @@ class CaptioningTask(Task):
 
     # -- the model -----------------------------------------------------------------------------
     def _lm(self, model):
-        lm = causal_lm(model, "captioning")
-        self.tokenizer = model.towers["text"].processor
-        return lm
+        tower = model.towers["text"]
+        if not tower.causal_lm:
+            raise PeftmmError("task captioning needs the text tower loaded as a causal LM (with its output "
+                              "layer); this one was loaded as an encoder")
+        if not getattr(model.fusion, "yields_tokens", False):
+            raise PeftmmError("task captioning needs fusion type 'projector' (vision tokens for the LM)")
+        model.activate("text")
+        self.tokenizer = tower.processor
+        return tower.model
 
     def _inputs(self, model, lm, batch: dict, input_ids, attention_mask):
         """The LM's input embeddings and mask, and each row's retrieved memory entries (or None)."""
@@ -287,13 +295,6 @@ class CaptioningTask(Task):
         dim = model.towers["vision"].info.hidden_size
         self.memory = CaptionMemory(torch.zeros(entries, dim, dtype=torch.float16), ids, torch.arange(entries))
 
-    def memory_tensors(self) -> dict[str, torch.Tensor]:
-        return self.memory.tensors() if self.memory is not None else {}
-
-    def memory_to(self, device) -> None:
-        if self.memory is not None:
-            self.memory.to(device)
-
     def load_memory(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.config.retrieved_captions:
             self.memory = CaptionMemory.from_tensors(tensors)
@@ -314,20 +315,41 @@ class CaptioningTask(Task):
 
     @torch.no_grad()
     def generate(self, model, batch: dict) -> torch.Tensor:
-        """Caption token ids ``[B, T]`` (after the prompt; padded after EOS)."""
+        """Caption token ids ``[B, T]`` (after the prompt; padded after EOS), as the bundle decodes."""
+        return self.generate_text(model, batch).ids
+
+    @torch.no_grad()
+    def generate_text(self, model, batch: dict, options: GenerationOptions | None = None,
+                      streams: list | None = None) -> Generated:
+        """See Task.generate_text. ``temperature > 0`` samples (one sequence, no beams or MBR);
+        otherwise the bundle's own num_beams and mbr_candidates decide. Rows stream their text
+        only when one sequence is generated per row (greedy or sampling)."""
+        from transformers import GenerationConfig
+
+        options = options or GenerationOptions()
         lm = self._lm(model)
         tok = self.tokenizer
         length = len(self._prompt_ids(tok))
         ids = batch["input_ids"][:, :length]
         embeds, mask, retrieved = self._inputs(model, lm, batch, ids, torch.ones_like(ids))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else _eos(tok)
-        n = self.config.mbr_candidates
-        config = generation_config(self.config.max_new_tokens, max(self.config.num_beams, n), _eos(tok), pad,
-                                   num_return_sequences=max(n, 1), output_scores=n > 1, return_dict_in_generate=n > 1)
-        out = lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
-        if n <= 1:
-            return out
-        return self._minimum_bayes_risk(out, n, retrieved, pad)
+        pad, eos = (tok.pad_token_id if tok.pad_token_id is not None else _eos(tok)), _eos(tok)
+        sampling = options.sampling
+        n = 0 if sampling else self.config.mbr_candidates
+        beams = 1 if sampling else max(self.config.num_beams, n)
+        config = GenerationConfig(max_new_tokens=options.max_tokens or self.config.max_new_tokens, num_beams=beams,
+                                  num_return_sequences=max(n, 1), do_sample=sampling, eos_token_id=eos,
+                                  pad_token_id=pad, output_scores=n > 1, return_dict_in_generate=n > 1,
+                                  **({"temperature": options.temperature, "top_p": options.top_p or 1.0}
+                                     if sampling else {}))
+        watch = [TokenStream(tok, streams, eos)] if streams and beams == 1 and any(streams) else []
+        with seeded(options.seed if sampling else None, embeds.device):
+            out = lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
+                              stopping_criteria=watch or None)
+        if n > 1:
+            out = self._minimum_bayes_risk(out, n, retrieved, pad)
+        written = [row[: row.index(eos) + 1] if eos in row else row for row in out.tolist()]
+        return Generated(out, mask.sum(1).tolist(), [len(row) for row in written],
+                         [eos in row for row in written])
 
     def _minimum_bayes_risk(self, out, n: int, retrieved, pad: int) -> torch.Tensor:
         """One caption per image chosen among its ``n`` beam candidates (mbr.py), as
@@ -347,10 +369,12 @@ class CaptioningTask(Task):
         return ids.to(out.sequences.device)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return token_loss(logits, labels)  # a batch of only empty captions: 0
+        total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                reduction="sum")
+        return total / (labels != IGNORE).sum().clamp(min=1)  # a batch of only empty captions: 0
 
     def loss_units(self, labels: torch.Tensor) -> torch.Tensor:
-        return target_tokens(labels)  # the loss is a mean over caption tokens
+        return (labels != IGNORE).sum()  # the loss is a mean over caption tokens
 
     def decode(self, ids: torch.Tensor) -> list[dict]:
         if ids.is_floating_point():  # teacher-forced logits: the examples carried text
@@ -398,5 +422,13 @@ class CaptioningTask(Task):
                 "images": len(images), "skipped_empty": self.counts["empty"], "truncated": self.counts["truncated"]}
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over the attended tokens only, exactly as generation derives them."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 def _eos(tok) -> int:
-    return eos_id(tok, "captioning")
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    if eos is None:
+        raise PeftmmError("captioning: the LM's tokenizer has no end-of-sequence token")
+    return eos

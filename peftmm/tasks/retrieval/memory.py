@@ -36,14 +36,14 @@ class PairMemory:
         self.images, self.texts = images, texts
 
     @classmethod
-    def build(cls, images: torch.Tensor, texts: torch.Tensor) -> "PairMemory":
+    def build(cls, images: torch.Tensor, texts: torch.Tensor) -> PairMemory:
         return cls(F.normalize(images.float(), dim=-1).half(), F.normalize(texts.float(), dim=-1).half())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"images": self.images, "texts": self.texts}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "PairMemory":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> PairMemory:
         missing = {"images", "texts"} - set(tensors)
         if missing:
             raise KeyError(f"memory.{sorted(missing)[0]}")
@@ -52,7 +52,7 @@ class PairMemory:
     def __len__(self) -> int:
         return len(self.images)
 
-    def to(self, device) -> "PairMemory":
+    def to(self, device) -> PairMemory:
         """Move the memory to ``device`` for good (the model's; see MultimodalModel._apply)."""
         self.images, self.texts = self.images.to(device), self.texts.to(device)
         return self

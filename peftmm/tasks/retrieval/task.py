@@ -165,13 +165,6 @@ class RetrievalTask(Task):
             raise DataError("task.memory_neighbours: the train split has no usable image-text pair to remember")
         self.memory = PairMemory.build(torch.cat(images), torch.cat(texts))
 
-    def memory_tensors(self) -> dict[str, torch.Tensor]:
-        return self.memory.tensors() if self.memory is not None else {}
-
-    def memory_to(self, device) -> None:
-        if self.memory is not None:
-            self.memory.to(device)
-
     def load_memory(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.config.memory_neighbours:
             self.memory = PairMemory.from_tensors(tensors)
