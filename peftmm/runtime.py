@@ -390,6 +390,8 @@ def _text_of(task, request: dict, index: int) -> str:
             raise DataError(f"a {task.registry_name} adapter describes the image itself: send no question "
                             "or text", f"request {index}")
         return ""
+    if task.converses and request.get("messages") is not None:   # instruct: the question is in the messages
+        return ""
     text = task.text_of({"text": given})  # a task may fix the text (classification)
     if not isinstance(text, str) or not text.strip():
         raise DataError("each request needs a non-empty question text", f"request {index}")

@@ -16,6 +16,7 @@ from peftmm.batching import Batcher
 from peftmm.bundle import initialise_from, save_bundle
 from peftmm.cli import main
 from peftmm.data import load_splits
+from peftmm.generation import GenerationOptions
 from peftmm.model import MultimodalModel
 from peftmm.predict import Predictor
 from peftmm.runtime import Runtime
@@ -210,6 +211,19 @@ def test_bundle_round_trip_gives_the_same_answers(tiny_models, data_file, tmp_pa
     answers = runtime.predict([{"adapter": "chat", **a} for a in asked])
     assert [a["answer"] for a in answers] == [a["answer"] for a in predictor.predict_batch(asked)]
     assert runtime.question_use("chat") == "required"
+    # the OpenAI API's path: checked messages, per-request options, a stream, token counts
+    streamed: list[str] = []
+    question = {"role": "user", "content": "what shape ?"}   # as serve/chat_kinds.py sends them
+    served = runtime.predict([{"adapter": "chat", "image": asked[0]["image"], "messages": [question],
+                               "generation": GenerationOptions(max_tokens=3), "stream": streamed.append}])[0]
+    alone = predictor.generate([{"role": "user", "content": "what shape ?"}], asked[0]["image"], max_new_tokens=3)
+    assert served["answer"] == alone["text"] == answers[0]["answer"][: len(served["answer"])]
+    assert served["usage"] == {"prompt_tokens": alone["prompt_tokens"], "completion_tokens": alone["completion_tokens"],
+                               "finish_reason": alone["finish_reason"]}
+    assert (streamed[-1] if streamed else "") == served["answer"]
+    sampled = [runtime.predict([{"adapter": "chat", "image": asked[0]["image"], "messages": [question],
+                                 "generation": GenerationOptions(temperature=1.5, seed=5)}])[0] for _ in range(2)]
+    assert sampled[0] == sampled[1]
     # eval outside training (no screening batcher): a conversation too long to learn from is counted
     too_long = next(e for e in splits.train if len(e["text"]) > 100)
     scored = predictor.model.task.evaluate(predictor.model, splits.test[:3] + [too_long], predictor.batcher, 8, "cpu")

@@ -376,11 +376,15 @@ def _question(example: dict) -> list[dict]:
 
 
 def _from_messages(messages: list[dict]) -> list[dict]:
-    """The OpenAI API's checked messages (``{"role", "text", "images"}``, generation.py) as a
-    conversation to answer: the image where the last message that carried one stands."""
-    last = max((i for i, m in enumerate(messages) if m.get("images")), default=None)
-    return prompt_turns([{"role": m["role"], "content": (IMAGE + "\n" if i == last else "") + m["text"]}
-                         for i, m in enumerate(messages)])
+    """A runtime request's messages (``{"role", "content"}`` as serve/chat_kinds.py sends them, or
+    ``{"role", "text", "images"}``) as a conversation to answer: the image where the last message
+    that says it carried one stands, else at the start of the first user message."""
+    last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("images")), default=None)
+    turns = [{"role": m.get("role"), "content": m.get("content", m.get("text"))} if isinstance(m, dict) else m
+             for m in messages]
+    if last is not None and isinstance(turns[last]["content"], str):
+        turns[last]["content"] = IMAGE + "\n" + turns[last]["content"]
+    return prompt_turns(turns)
 
 
 def _unpack(tensor: torch.Tensor) -> list[str]:
