@@ -65,12 +65,13 @@ class MultimodalModel(nn.Module):
                         raise RecipeError(e.message, e.where or recipe.source) from None
             fusion = build_fusion(recipe.fusion, towers["vision"].info.hidden_size, towers["text"].info.hidden_size)
             model = cls(towers, methods, fusion, build_task(recipe.task, labels), slot)
-        except BaseException:  # a fusion or head that cannot be built takes the injected methods out too
+            model.max_length = recipe.text.max_length
+            model.task.attach(model)
+        except BaseException:  # a fusion, head or task that cannot be built takes the injected methods out too
             for name, injected in methods.items():
                 for method in reversed(injected):
                     method.remove(towers[name])
             raise
-        model.max_length = recipe.text.max_length
         model.augment = recipe.vision.augment
         model.fusion.to(device)
         model.head.to(device)

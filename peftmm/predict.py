@@ -10,7 +10,9 @@ import torch
 from .batching import Batcher
 from .bundle import load_bundle, resolve_bundle
 from .data import load_splits
+from .data.conversations import prompt_turns
 from .errors import PeftmmError
+from .images import load_image
 from .precision import inference_context
 from .safe_load import short_repr
 from .tensors import to_device
@@ -50,6 +52,49 @@ class Predictor:
         if not isinstance(text, str) or not text.strip():
             raise PeftmmError(f"this {self.config['task']} bundle needs {self.model.task.text_request}")
         return self.predict_batch([{"image": str(image), "text": question}])[0]
+
+    def generate(self, messages: list[dict], image, **options) -> dict:
+        """The assistant's next turn in a conversation about ``image``, for a bundle whose task
+        converses (instruct): :meth:`generate_batch` for one conversation."""
+        return self.generate_batch([{"messages": messages, "image": image}], **options)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, requests: list[dict], **options) -> list[dict]:
+        """Generation entry point (the CLI's predict --prompt and chat, and the OpenAI-style API).
+
+        ``requests``: ``[{"messages": [...], "image": path or PIL image}]``, generated together
+        (left-padded into one batch). ``messages`` in OpenAI's chat shape with string content:
+        ``[{"role": "system" | "user" | "assistant", "content": str}]`` ending with the user's
+        turn; ``<image>`` in a user message puts the image there, else it opens the first user
+        message. ``options`` (each None or left out: the bundle's own setting): ``max_new_tokens``,
+        ``num_beams``, ``do_sample``, ``temperature``, ``top_p``, ``seed`` (sampling made repeatable).
+        Returns per request ``{"text", "prompt_tokens", "completion_tokens", "finish_reason":
+        "stop" | "length"}`` (prompt tokens count the image's). Bad input: PeftmmError naming it.
+        """
+        from PIL import Image
+
+        task = self.model.task
+        if not task.converses:
+            raise PeftmmError(f"this {self.config['task']} bundle answers no conversation; an instruct bundle does")
+        if not requests:
+            return []
+        examples, pixels = [], {}
+        for i, request in enumerate(requests):
+            image = request.get("image")
+            if isinstance(image, Image.Image):
+                key = f"object:{id(image)}"
+            elif isinstance(image, (str, Path)):
+                key, image = str(image), load_image(image)
+            else:
+                raise PeftmmError("each conversation needs an image (a path or a PIL image)", f"request {i}")
+            pixels.setdefault(key, self.model.towers["vision"].processor(image))
+            examples.append({"image": key, "conversation": prompt_turns(request.get("messages"))})
+        images = list(pixels)
+        batch = {"image_index": torch.tensor([images.index(e["image"]) for e in examples]),
+                 **self.batcher.vision_inputs(images, pixels),
+                 **task.text_inputs(self.model.towers["text"], examples, self.model.max_length)}
+        with self.precision():
+            return task.reply(self.model, to_device(batch, self.device), options)
 
     @torch.no_grad()
     def classify(self, image: str | Path, labels: list[str], template: str = "{}") -> dict:

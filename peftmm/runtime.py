@@ -14,7 +14,8 @@ tower in one forward pass, otherwise one slot at a time. Fusion and head then ru
 A captioning bundle (a task that writes text with a decoder LM) shares the vision tokens of
 such a call, but its text tower is a causal LM loaded with its output layer, and it generates:
 its rows are captioned per adapter, with that bundle's own prompt, num_beams and
-max_new_tokens, once per distinct image.
+max_new_tokens, once per distinct image. An instruct bundle (a task that ``converses``) takes
+the same path with the request's messages (or its text) as the conversation to answer.
 """
 
 from __future__ import annotations
@@ -253,14 +254,17 @@ class Runtime:
         for i in indices:
             options = _options_of(requests[i], i)
             messages = requests[i].get("messages")
-            key = i if options.sampling else (images[i][0], None if messages is None else json.dumps(messages))
+            key = i if options.sampling else (images[i][0], None if messages is None else json.dumps(messages),
+                                              requests[i].get("text"))
             calls[(options, i) if options.sampling and options.seed is not None else (options,)] \
                 .setdefault(key, []).append(i)
         out: dict[int, dict] = {}
         for call, inputs in calls.items():
             firsts = [rows[0] for rows in inputs.values()]
             vision, vision_mask = pad_tokens([vision_tokens[i] for i in firsts])
-            examples = [{"text": None, "messages": requests[i].get("messages")} for i in firsts]
+            # an instruct adapter's question: the request's messages, or its text (a captioner has none)
+            examples = [{"text": requests[i].get("text") or None, "messages": requests[i].get("messages")}
+                        for i in firsts]
             prompts = model.task.text_inputs(model.towers["text"], examples, model.max_length)
             batch = {"vision_tokens": vision, "vision_mask": vision_mask,  # model.encode uses these as given
                      "image_index": torch.arange(len(firsts)), **prompts}
@@ -383,8 +387,9 @@ def question_use(task) -> str:
     """How an adapter of ``task`` treats a request's text: ``"required"`` (it reads the question:
     VQA, retrieval), ``"ignored"`` (its task fixes the text: classification with a prompt), or
     ``"refused"`` (captioning: it writes text itself, and a question sent to it would pass its
-    caption off as an answer to that question; its Predictor refuses a question too)."""
-    if task.text_tower_causal_lm:
+    caption off as an answer to that question; its Predictor refuses a question too). An instruct
+    adapter (a task that converses) answers the question in words: ``"required"``."""
+    if task.text_tower_causal_lm and not task.converses:
         return "refused"
     fixed = task.text_of({"text": None})
     return "ignored" if isinstance(fixed, str) and fixed.strip() else "required"
@@ -392,10 +397,12 @@ def question_use(task) -> str:
 
 def _text_of(task, request: dict, index: int) -> str:
     given = request.get("text")
-    if task.text_tower_causal_lm:
+    if task.text_tower_causal_lm and not task.converses:
         if isinstance(given, str) and given.strip():
             raise DataError(f"a {task.registry_name} adapter describes the image itself: send no question "
                             "or text", f"request {index}")
+        return ""
+    if task.converses and request.get("messages") is not None:   # instruct: the question is in the messages
         return ""
     text = task.text_of({"text": given})  # a task may fix the text (classification)
     if not isinstance(text, str) or not text.strip():

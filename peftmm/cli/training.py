@@ -10,6 +10,21 @@ import click
 from . import friendly
 
 
+def generation_options(fn):
+    """The generation settings ``predict --prompt`` and ``chat`` may override (default: the bundle's)."""
+    options = [
+        click.option("--max-new-tokens", type=click.IntRange(1, 1024), help="Most tokens to write."),
+        click.option("--num-beams", type=click.IntRange(1, 16), help="Beam search with N beams (1: greedy)."),
+        click.option("--sample/--no-sample", "do_sample", default=None, help="Sample instead of the likeliest tokens."),
+        click.option("--temperature", type=click.FloatRange(0, 10, min_open=True), help="Sampling temperature."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling mass."),
+        click.option("--seed", type=int, help="Seed for sampling (repeatable answers)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False), required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -78,22 +93,29 @@ def evaluate(adapter, split, batch_size, max_samples):
                              "--question).")
 @click.option("--labels", help="Comma-separated class names: zero-shot classification (retrieval bundles).")
 @click.option("--template", default="{}", show_default=True, help="Text made from each label ({} = the label).")
+@click.option("--prompt", help="Question or instruction to answer in words (instruct bundles).")
+@generation_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @friendly
-def predict(adapter, image, question, text, labels, template, as_json):
+def predict(adapter, image, question, text, labels, template, prompt, as_json, **generation):
     """Predict for an IMAGE with an ADAPTER bundle: answer a --question, classify it with its
-    --text, or pick one of --labels."""
+    --text, pick one of --labels, or answer a --prompt in words (instruct bundles)."""
     from ..predict import Predictor, check_template
 
-    if question is not None and text is not None:
-        raise click.UsageError("--question and --text are the same input: give one")
-    given = "text" if text is not None else "question"   # echoed back under the name it was given
-    question = question if question is not None else text
+    if sum(x is not None for x in (question, text, prompt)) > 1:
+        raise click.UsageError("--question, --text and --prompt are the same input: give one")
+    if prompt is not None and labels is not None:
+        raise click.UsageError("--labels ranks labels; --prompt asks for a written answer: give one")
+    given = "text" if text is not None else "prompt" if prompt is not None else "question"   # echoed back as given
+    question = next((x for x in (question, text, prompt) if x is not None), None)
     if labels is not None:
         check_template(template)   # before any backbone loads
     predictor = Predictor.load(adapter)
     if labels is not None:
         result = predictor.classify(image, labels.split(","), template)
+    elif prompt is not None:
+        reply = predictor.generate([{"role": "user", "content": prompt}], image, **generation)
+        result = {"answer": reply.pop("text"), "generation": reply}   # token counts, finish reason: --json
     else:
         result = predictor.predict(image, question)
     if as_json:
@@ -103,7 +125,7 @@ def predict(adapter, image, question, text, labels, template, as_json):
     if question:
         click.echo(f"{given}: {question}")
     for key, value in result.items():
-        if key != "scores":
+        if key not in ("scores", "generation"):
             click.echo(f"{key}: {value}")
     for item in result.get("scores", []):
         click.echo(f"  {item['score']:.4f}  {item['answer']}")

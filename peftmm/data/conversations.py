@@ -183,6 +183,40 @@ def conversation_example(turns: list[tuple[str, str, str]], images: list[tuple[s
             "label": next(t for t in reversed(conversation) if t["role"] == "assistant")["text"]}
 
 
+def prompt_turns(messages: list) -> list[dict]:
+    """Chat messages (``{"role", "content"}`` with string content, as OpenAI's API writes them, or
+    peftmm's ``{"role", "text"}`` turns) as a conversation to answer (the example shape's turns):
+    known roles, a system turn first only, no empty message, at most one ``<image>`` (in a user
+    turn), a user turn last. Errors name ``messages[i]``; prediction (not a data file) reads these."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+    turns = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(f"a message is an object with role and content, got {type(message).__name__}", where)
+        role, text = message.get("role"), message.get("content", message.get("text"))
+        if role not in ROLES:
+            raise DataError(f"unknown role {role!r}; use one of: {', '.join(ROLES)}", f"{where}.role")
+        if not isinstance(text, str):
+            raise DataError(f"content must be a string, got {type(text).__name__}", f"{where}.content")
+        kind = ROLES[role]
+        if kind == "system" and i:
+            raise DataError("a system message can only come first", where)
+        if kind != "system" and not text.replace(IMAGE, "").strip() and (kind == "assistant" or IMAGE not in text):
+            raise DataError(f"empty {kind} message", f"{where}.content")
+        if text.count(IMAGE) and kind != "user":
+            raise DataError(f"{IMAGE} in a {kind} message; the image goes in a user message", f"{where}.content")
+        turns.append({"role": kind, "text": text.strip(), "images": text.count(IMAGE)})
+    placeholders = sum(t["images"] for t in turns)
+    if placeholders > 1:
+        raise DataError(f"{placeholders} {IMAGE} placeholders but one image: a conversation takes one", "messages")
+    if turns[-1]["role"] != "user":
+        raise DataError(f"the last message must be the user's, to be answered; it is the {turns[-1]['role']}'s",
+                        f"messages[{len(turns) - 1}]")
+    return turns
+
+
 def normalise_turns(turns: list[tuple[str, str, str]], where: str) -> list[dict]:
     """``[(role, text, field)]`` -> ``[{"role", "text", "images"}]``, checked (roles, order, answers)."""
     if not turns:

@@ -20,8 +20,14 @@ POLICIES = ("skip", "stop")
 EMPTY_TEXT = "empty text"
 
 
+class Unusable(DataError):
+    """An example the task cannot learn from (Task.unusable); its message is the short reason."""
+
+
 def reason_of(error: DataError) -> str:
     """A short reason, for counting: the messages come from images.py and needed_text_error."""
+    if isinstance(error, Unusable):
+        return error.message
     if error.message.startswith("image file not found"):
         return "image not found"
     if error.message.startswith("cannot decode image"):
@@ -32,15 +38,15 @@ def reason_of(error: DataError) -> str:
 
 
 def needed_text_error(task, example: dict) -> DataError | None:
-    """A DataError when the text the task learns from (``task.needed_text``) is missing or blank.
+    """A DataError when the task cannot learn from the example (``task.unusable``): by default
+    when the text it learns from (``task.needed_text``) is missing or blank.
 
     Captioning learns the example's ``text``; other tasks read ``task.text_of(example)``, which
-    is a fixed prompt for some (classification with ``prompt``), so their blank texts do not matter.
+    is a fixed prompt for some (classification with ``prompt``), so their blank texts do not matter;
+    instruct also leaves out a conversation with no room for an answer in ``text.max_length``.
     """
-    text = task.needed_text(example)
-    if isinstance(text, str) and text.strip():
-        return None
-    return DataError(EMPTY_TEXT, str(example.get("image")))
+    reason = task.unusable(example)
+    return None if reason is None else Unusable(reason, str(example.get("image")))
 
 
 class SplitLog:

@@ -17,4 +17,4 @@ def build_task(config, labels: list[str]):
     return TASKS.get(config.type)(config, labels)
 
 
-from . import captioning, classification, retrieval, vqa  # noqa: E402,F401  (each registers itself)
+from . import captioning, classification, instruct, retrieval, vqa  # noqa: E402,F401  (each registers itself)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backbones import TOWERS
+from ..data.skips import EMPTY_TEXT
 
 # Prefix of bundle tensors a task built from data rather than trained (captioning's caption
 # memory, retrieval's pair memory): kept apart from the trainable ones (Task.load_memory takes
@@ -41,6 +42,7 @@ class Task:
     classifies_into_labels: bool = False   # one output per label: val and test labels must occur in train
     targets_need_labels: bool = True   # targets come from examples' labels: batches without get none
     ranks_texts: bool = False   # it scores one image against many texts (text_probabilities)
+    converses: bool = False   # it answers a conversation about an image by writing text (reply)
     text_noun: str = "text"   # what its examples' text is called in messages ("caption")
     text_request: str = "the text read with the image (--text)"   # what predict asks for when it is missing
     pipeline_tag: str | None = None   # the Hugging Face pipeline tag of its model cards
@@ -75,6 +77,12 @@ class Task:
         """One line for the model card on the ``memory.*`` tensors of a bundle of this task (keyed
         without the prefix; ``config``: the saved ``task:`` mapping), None for nothing to say."""
         return None
+
+    def attach(self, model) -> None:
+        """Once the model is built around the task (``model.max_length`` set): a task that needs the
+        model's shapes or tokenizer before its first batch (instruct: how many image tokens the
+        projector gives, where they go in the prompt) reads them here, and refuses a model it cannot
+        use (PeftmmError)."""
 
     def build_head(self, in_dim: int) -> torch.nn.Module:
         """The trained module on top of the fusion's ``in_dim`` outputs."""
@@ -123,6 +131,12 @@ class Task:
         except KeyError:            # a label-only record read by a task that needs a text
             return None
 
+    def unusable(self, example: dict) -> str | None:
+        """Why an example cannot be learnt from, as a short reason the skip log counts
+        (data/skips.py), or None: by default when its needed text is missing or blank."""
+        text = self.needed_text(example)
+        return None if isinstance(text, str) and text.strip() else EMPTY_TEXT
+
     def text_inputs(self, tower, examples: list[dict], max_length: int) -> dict:
         """The text-tower inputs (and ``labels``) of a batch, for a task with ``own_text_inputs``."""
         raise NotImplementedError(f"task {self.registry_name!r} reads text_of through the text tower")
@@ -149,6 +163,12 @@ class Task:
     def generate(self, model, batch: dict) -> torch.Tensor:
         """Token ids the text tower writes for a batch, for a task with ``text_tower_causal_lm``."""
         raise NotImplementedError(f"task {self.registry_name!r} writes no text")
+
+    def reply(self, model, batch: dict, options: dict | None = None) -> list[dict]:
+        """For a task that ``converses``: per example of ``batch`` (``text_inputs`` of conversations
+        ending with a user turn), the assistant's next turn, generated with the task's settings
+        overridden by ``options``: ``{"text", "prompt_tokens", "completion_tokens", "finish_reason"}``."""
+        raise NotImplementedError(f"task {self.registry_name!r} answers no conversation")
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch's outputs against its targets."""
