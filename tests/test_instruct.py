@@ -3,12 +3,15 @@ beam and sampling, bundle round trip, train/eval/predict/chat through the CLI, b
 chaining from a captioning bundle. Tiny LlamaForCausalLM + tiny MobileNetV2 over a chat-messages
 file of easy-VQA questions; the real zoo models run in the last test."""
 
+import base64
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from fastapi.testclient import TestClient
 from helpers import overfit, perturb
 
 from peftmm import DataError, PeftmmError, RecipeError, recipe_from_dict
@@ -20,6 +23,7 @@ from peftmm.generation import GenerationOptions
 from peftmm.model import MultimodalModel
 from peftmm.predict import Predictor
 from peftmm.runtime import Runtime
+from peftmm.serve import create_app
 from peftmm.tasks.decoder_lm import IGNORE, positions
 
 # The tiny tokenizer knows easy-VQA's question words only: roles render as [UNK], [SEP] ends a turn.
@@ -239,6 +243,17 @@ def test_bundle_round_trip_gives_the_same_answers(tiny_models, data_file, tmp_pa
                             {"role": "user", "content": "what ?"}], examples[0]["image"])
     with pytest.raises(DataError, match="2 <image> placeholders but one image"):
         predictor.generate([{"role": "user", "content": "<image> <image> what ?"}], examples[0]["image"])
+    # the OpenAI-compatible API answers with the same words, counted alike
+    picture = {"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(Path(asked[0]["image"]).read_bytes()).decode()}}
+    with TestClient(create_app(runtime)) as http:
+        body = http.post("/v1/chat/completions", json={"model": "chat", "max_tokens": 3, "messages": [
+            {"role": "user", "content": [picture, {"type": "text", "text": "what shape ?"}]}]}).json()
+        assert body["choices"][0]["message"]["content"] == served["answer"], body
+        assert body["usage"]["completion_tokens"] == served["usage"]["completion_tokens"]
+        refused = http.post("/v1/chat/completions", json={"model": "chat", "messages": [
+            {"role": "user", "content": [picture]}]})
+        assert refused.status_code == 400 and "question" in refused.json()["error"]["message"]
 
 
 def test_train_eval_predict_and_chat_from_the_cli(tiny_models, data_file, tmp_path):

@@ -138,6 +138,15 @@ class GenerativeChat(ChatKind):
                       usage["finish_reason"], extra=_extra(chat, result, task=self.registry_name))
 
 
+@CHAT_KINDS.register("instruct")
+class InstructChat(GenerativeChat):
+    """The conversation goes to the task, which writes the answer to its last user turn."""
+    question = "required"
+    question_hint = "a question about the image"
+    reads_messages = True
+    text_key = "answer"
+
+
 def candidates(text: str) -> list[str]:
     """Candidate texts for a retrieval adapter: one per line, or, on a single line, separated by
     commas; an optional leading ``candidates:`` is dropped; blanks and repeats are left out.
