@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .backbones import QUANTIZATION_SKIP
 from .batching import Batcher
-from .bundle import MAX_HEADER_BYTES
+from .bundle_files import MAX_HEADER_BYTES
 from .errors import PeftmmError
 from .safe_load import load_json
 from .tensors import to_device

@@ -358,3 +358,31 @@ def test_a_few_steps_on_easy_vqa_conversations_lower_the_loss():
     image = easy_vqa.get_test_image_paths()[0]
     answers = model.task.decode(model(Batcher(model)([{"image": image, "text": "What shape is in the image?"}])))
     assert isinstance(answers[0]["answer"], str)
+
+
+def test_trains_on_a_parquet_data_set_with_embedded_images_and_a_messages_column(tiny_models, tmp_path):
+    """`data.source: hf` feeds the instruct task: images as bytes inside the parquet file, the
+    conversation from a chat-messages column named by data.columns.conversation."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for path, qa in _questions()[:40]:   # val and test are cut from this one split by stable hash
+        question, answer = qa[0]
+        rows.append({"picture": {"bytes": Path(path).read_bytes(), "path": None},
+                     "chat": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                              {"role": "assistant", "content": [{"type": "text", "text": answer}]}]})
+    data = tmp_path / "chat.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    recipe = instruct_recipe(tiny_models, data)
+    recipe["data"] = {"source": "hf", "path": str(data), "columns": {"image": "picture", "conversation": "chat"},
+                      "on_bad_sample": "stop"}
+    splits = load_splits(recipe_from_dict(recipe).data)
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 40 and splits.test
+    assert all(not Path(str(e["image"])).exists() for e in splits.train)   # embedded: nothing written out
+    (tmp_path / "chat.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "chat.yaml"), "--output", str(tmp_path / "run"),
+                                       "--no-progress", "--set", "train.epochs=1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert 0.0 <= summary["test_exact_match"] <= 1.0 and summary["test_answered"] == len(splits.test)

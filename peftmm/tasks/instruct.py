@@ -55,7 +55,9 @@ from .base import Task
 from .decoder_lm import IGNORE, causal_lm, generation_config, pad_id, positions, target_tokens, token_loss
 
 TOO_LONG = "too long for text.max_length"
-CONVERSATION_SOURCES = ("llava", "messages")   # data.source values whose records are conversations already
+# data.source values whose records are conversations already (hf: through its conversation column,
+# data.columns.conversation; a record without one is left out as "no conversation")
+CONVERSATION_SOURCES = ("llava", "messages", "hf")
 GENERATION_KEYS = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_p")
 
 
@@ -99,7 +101,8 @@ class InstructTask(Task):
         data = recipe.data
         if not data.conversations and data.source not in CONVERSATION_SOURCES:
             raise RecipeError(f"task instruct learns from conversations: data.source {data.source!r} gives them with "
-                              "data.conversations: true (easy-vqa, emoji), or use data.source llava or messages",
+                              "data.conversations: true (easy-vqa, emoji), or use data.source llava, messages or hf "
+                              "(with a conversation column)",
                               recipe.source)
 
     @classmethod
