@@ -117,6 +117,45 @@ def image_bomb() -> str:
     return "\n".join(lines)
 
 
+def hf_memory() -> str:
+    """A parquet data set larger than the training process's peak memory (bench/hf_larger_than_memory.py)."""
+    data = json.loads((RESULTS / "hf_memory.json").read_text())
+    gb = lambda n: f"{n / 1e9:.2f} GB"   # noqa: E731
+    training, conversion = data["training"], data["conversion"]
+    return "\n".join([
+        "| what | measured |", "|---|---|",
+        f"| parquet on disk ({data['images']:,} embedded PNGs of {data['image_px']} px) | "
+        f"{gb(data['parquet_bytes'])} |",
+        f"| Arrow cache `datasets` wrote from it | {gb(data['arrow_cache_bytes'])} |",
+        f"| training process, peak RSS ({training['steps']} steps, {training['test_examples']} test examples) | "
+        f"{gb(training['peak_rss_bytes'])} ({data['parquet_over_training_peak_rss']:.1f}x less than the parquet) |",
+        f"| first-load conversion to Arrow, its own process, peak RSS | {gb(conversion['peak_rss_bytes'])} |"])
+
+
+def _detail(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_detail(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def gpu_smoke() -> str:
+    """Each part of the GPU smoke check (bench/gpu_smoke.py): the CUDA run where there is one, else
+    the CPU dry run."""
+    name = "gpu_smoke_cuda.json" if (RESULTS / "gpu_smoke_cuda.json").exists() else "gpu_smoke_cpu.json"
+    data = json.loads((RESULTS / name).read_text())
+    lines = [f"`bench/results/{name}`: {data['device']}, torch {data['torch']}, {data['steps']} steps, "
+             f"{data['passed']} passed, {data['failed']} failed, {data['skipped']} skipped, "
+             f"{data['total_seconds']:.0f} s.", "", "| part | status | seconds | measured |", "|---|---|---:|---|"]
+    for part in data["parts"]:
+        measured = part.get("reason") or part.get("error") or "; ".join(
+            f"{k} {_detail(v)}" for k, v in (part.get("details") or {}).items())
+        seconds = f"{part['seconds']:.1f}" if part.get("seconds") is not None else ""
+        lines.append(f"| `{part['name']}` | {part['status']} | {seconds} | {measured} |")
+    return "\n".join(lines)
+
+
 def walltime() -> str:
     data = json.loads((RESULTS / "main_walltime.json").read_text())
     return "\n".join([
@@ -424,11 +463,13 @@ def distributed(data: dict | None = None) -> str:
 
 TABLES = {"bundle": bundle_table, "methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime,
           "emoji": emoji, "plan": plan, "peft": peft, "cache": cache, "distributed": distributed, "hub": hub,
-          "serve-openai": serve_openai, "image-bomb": image_bomb}
+          "serve-openai": serve_openai, "image-bomb": image_bomb, "hf-memory": hf_memory,
+          "gpu-smoke": gpu_smoke}
 FILES = {"bundle": "default_bundle.json", "methods": "methods.md", "walltime": "main_walltime.json",
          "emoji": "emoji_baselines.json", "plan": "plan_check.json", "peft": "compare_peft.json",
          "cache": "cache_bench.json", "hub": "hub_plans.json", "serve-openai": "serve-openai.json",
-         "image-bomb": "image_bomb.json"}
+         "image-bomb": "image_bomb.json", "hf-memory": "hf_memory.json",
+         "gpu-smoke": "gpu_smoke_cpu.json"}
 MARKER = re.compile(r"^<!-- (/?)bench:([\w-]+) -->$", re.M)   # a marker is a line of its own
 # A markdown link or image target that is a path in this repository: no scheme, no anchor-only.
 LINK = re.compile(r"(\]\()(?![a-z][a-z0-9+.-]*:|#|/)([^)\s]+)(\))")
