@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ...errors import DataError, PeftmmError, RecipeError
@@ -47,11 +46,10 @@ from ...generation import Generated, GenerationOptions, TokenStream, seeded
 from ...tensors import to_device
 from .. import TASKS
 from ..base import Task, count_too_long
+from ..decoder_lm import IGNORE, causal_lm, eos_id, positions, target_tokens, token_loss
 from . import mbr
 from .memory import CaptionMemory, key_hash
 from .metrics import caption_metrics
-
-IGNORE = -100
 
 
 @TASKS.register("captioning")
@@ -197,15 +195,9 @@ class CaptioningTask(Task):
 
     # -- the model -----------------------------------------------------------------------------
     def _lm(self, model):
-        tower = model.towers["text"]
-        if not tower.causal_lm:
-            raise PeftmmError("task captioning needs the text tower loaded as a causal LM (with its output "
-                              "layer); this one was loaded as an encoder")
-        if not getattr(model.fusion, "yields_tokens", False):
-            raise PeftmmError("task captioning needs fusion type 'projector' (vision tokens for the LM)")
-        model.activate("text")
-        self.tokenizer = tower.processor
-        return tower.model
+        lm = causal_lm(model, "captioning")
+        self.tokenizer = model.towers["text"].processor
+        return lm
 
     def _inputs(self, model, lm, batch: dict, input_ids, attention_mask):
         """The LM's input embeddings and mask, and each row's retrieved memory entries (or None)."""
@@ -308,8 +300,8 @@ class CaptioningTask(Task):
         # it, i.e. the last (caption width + 1) positions but the very last.
         keep = batch["labels"].shape[1] + 1
         # Left-padded retrieved captions: positions from the mask, as generation takes them.
-        positions = _positions(mask) if self.config.retrieved_captions else None
-        logits = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
+        position_ids = positions(mask) if self.config.retrieved_captions else None
+        logits = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep,
                     use_cache=False).logits
         return logits[:, :-1]
 
@@ -369,12 +361,10 @@ class CaptioningTask(Task):
         return ids.to(out.sequences.device)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                reduction="sum")
-        return total / (labels != IGNORE).sum().clamp(min=1)  # a batch of only empty captions: 0
+        return token_loss(logits, labels)   # a batch of only empty captions: 0
 
     def loss_units(self, labels: torch.Tensor) -> torch.Tensor:
-        return (labels != IGNORE).sum()  # the loss is a mean over caption tokens
+        return target_tokens(labels)   # the loss is a mean over caption tokens
 
     def decode(self, ids: torch.Tensor) -> list[dict]:
         if ids.is_floating_point():  # teacher-forced logits: the examples carried text
@@ -422,13 +412,5 @@ class CaptioningTask(Task):
                 "images": len(images), "skipped_empty": self.counts["empty"], "truncated": self.counts["truncated"]}
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over the attended tokens only, exactly as generation derives them."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
 def _eos(tok) -> int:
-    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
-    if eos is None:
-        raise PeftmmError("captioning: the LM's tokenizer has no end-of-sequence token")
-    return eos
+    return eos_id(tok, "captioning")
