@@ -321,7 +321,7 @@ class Planner:
 
     @staticmethod
     def _caches(model, recipe, lengths) -> dict:
-        """Stand-ins for the caches training fills (trainer.build_caches' rule)."""
+        """Stand-ins for the caches training fills (evaluation.build_caches' rule)."""
         out = {name: model.towers[name] for name in TOWERS if not model.has_trainable(name)
                and getattr(recipe, name).cache_features and name in model.task.cached_towers}
         if "text" in out:

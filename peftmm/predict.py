@@ -12,11 +12,11 @@ from .bundle import load_bundle, resolve_bundle
 from .data import load_splits
 from .data.conversations import prompt_turns
 from .errors import PeftmmError
+from .evaluation import evaluate
 from .images import load_image
 from .precision import inference_context
 from .safe_load import short_repr
 from .tensors import to_device
-from .trainer import evaluate
 
 
 def default_device() -> str:
