@@ -2,6 +2,7 @@
 concurrent official `openai` clients over two instruct adapters (streamed) and one VQA adapter,
 every answer checked against a single-adapter run; the JSON and chart it writes."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -52,6 +53,12 @@ def test_the_instruct_mix_runs_and_reports_zero_mixed_answers(adapters, tmp_path
     assert 0 < ttft["p50"] <= ttft["p95"] <= ttft["max"] <= latency["max"]
     assert report["server"]["batches"] >= 1 and report["server"]["largest_batch"] >= 1
     assert (tmp_path / "serve-instruct.png").stat().st_size > 10_000
+    # the docs' table (bench/readme_tables.py, block serve-instruct) renders from this JSON
+    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "bench" / "readme_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    row = tables.serve_instruct(report).splitlines()[2]
+    assert row.startswith("| 4 x 3 | chat-a, chat-b | vqa | 0 of 12 | 0 |"), row
 
 
 def test_a_bundle_given_as_the_wrong_kind_is_refused(adapters, tmp_path):
