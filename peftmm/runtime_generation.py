@@ -9,8 +9,8 @@ it already computed. Rows are grouped into *calls*, one ``generate`` each:
   gives the same text whatever it is batched with.
 - Where the task shares generation (Task.shared_generation gives a key: instruct, one sequence
   per row) and every method in the adapter's text tower mixes batches (LoRA through peft's
-  ``adapter_names``), rows of *several* adapters on the same LM with equal keys form one call:
-  each adapter's rows get their input embeddings through its own projector
+  ``adapter_names``), rows of *several* adapters on the same LM with equal keys and precision
+  settings form one call: each adapter's rows get their input embeddings through its own projector
   (Task.prompt_embeddings), the prompts are left-padded into one batch, and one prefill plus
   decode runs with ``tower.slots.rows`` naming each row's slot, for every step of the KV-cached
   loop, since the rows never change order or number there (no beams).
@@ -46,7 +46,10 @@ def generate_rows(device, rows: list[int], entries, vision_tokens, images, reque
         alone = (i,) if options.sampling and options.seed is not None else ()
         shared = model.task.shared_generation(options)
         if shared is not None and all(m.mixed_batches for m in model.methods["text"]):
-            call = ("shared", id(model.towers["text"]), shared, options) + alone
+            # bundles validated at other precisions would compute in fp32 together (common_record),
+            # not as each does alone: only bundles that agree share a call
+            precision = json.dumps(entries[i].config.get("precision"), sort_keys=True)
+            call = ("shared", id(model.towers["text"]), shared, options, precision) + alone
         else:
             call = ("own", entries[i].name, options) + alone
         calls[call][entries[i].name].setdefault(key, []).append(i)
