@@ -100,6 +100,29 @@ def serve_openai() -> str:
     return serve("serve-openai.json")
 
 
+def serve_instruct(data: dict | None = None) -> str:
+    """Official openai clients over instruct (streamed) and VQA adapters at once
+    (bench/serve_load.py --instruct ... --vqa ...)."""
+    data = data or json.loads((RESULTS / "serve-instruct.json").read_text())
+    kinds, first = data["latency_by_kind_s"], data["time_to_first_token_s"]
+    server = data["server"]
+    return "\n".join([
+        "| clients x requests | instruct adapters (streamed) | VQA adapters | wrong or mixed answers | errors | "
+        "p50 / p95 latency | instruct p50 / p95 | VQA p50 / p95 | time to first token p50 / p95 | throughput |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {data['clients']} x {data['requests_per_client']} | {', '.join(data['adapters']['instruct'])} | "
+        f"{', '.join(data['adapters']['vqa'])} | {data['wrong_or_mixed']} of {data['total']} | {data['errors']} | "
+        f"{_ms(data['latency_s']['p50'])} / {_ms(data['latency_s']['p95'])} | "
+        f"{_ms(kinds['instruct']['p50'])} / {_ms(kinds['instruct']['p95'])} | "
+        f"{_ms(kinds['vqa']['p50'])} / {_ms(kinds['vqa']['p95'])} | {_ms(first['p50'])} / {_ms(first['p95'])} | "
+        f"{data['requests_per_s']:.1f} requests/s |",
+        "",
+        f"Server batches: {server['batches']} for {data['total']} requests (mean {server['mean_batch']:.1f}, "
+        f"largest {server['largest_batch']}, --max-batch {server['max_batch']}) on {server['device']}.",
+        "",
+        "![latency per adapter](bench/results/serve-instruct.png)"])
+
+
 def image_bomb() -> str:
     """The server's memory under concurrent huge one-colour PNGs, before and after the pixel limit
     (bench/image_bomb.py; "before" ran the same script against the older code)."""
@@ -464,7 +487,7 @@ def distributed(data: dict | None = None) -> str:
 TABLES = {"bundle": bundle_table, "methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime,
           "emoji": emoji, "plan": plan, "peft": peft, "cache": cache, "distributed": distributed, "hub": hub,
           "serve-openai": serve_openai, "image-bomb": image_bomb, "hf-memory": hf_memory,
-          "gpu-smoke": gpu_smoke}
+          "gpu-smoke": gpu_smoke, "serve-instruct": serve_instruct}
 FILES = {"bundle": "default_bundle.json", "methods": "methods.md", "walltime": "main_walltime.json",
          "emoji": "emoji_baselines.json", "plan": "plan_check.json", "peft": "compare_peft.json",
          "cache": "cache_bench.json", "hub": "hub_plans.json", "serve-openai": "serve-openai.json",

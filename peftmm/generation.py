@@ -22,6 +22,12 @@ the same way) is :meth:`peftmm.tasks.base.Task.generate_text`::
 - ``Generated.ids`` are the new token ids after the prompt, padded after EOS, that the task's
   ``decode`` turns into text; the counts are per row, for the API's ``usage``.
 
+A task whose rows of several adapters may share one ``generate`` (instruct: each adapter's own
+projector fills its rows' image slots, then one LM pass over all rows, LoRA choosing each row's
+adapter through ``tower.slots.rows``) splits this in two (Task.shared_generation): its
+``prompt_embeddings`` give a :class:`Prompt` per adapter, :func:`join_prompts` left-pads them into
+one, and its ``generate_embedded`` writes from that (runtime_generation.py drives it).
+
 The runtime (Runtime.predict) calls it for every request of such an adapter that carries
 ``"generation": GenerationOptions`` (and optionally ``"stream"``, ``"messages"``), so the
 OpenAI-compatible API (serve/openai_api.py) serves any task that implements it.
@@ -92,6 +98,29 @@ class Generated:
     prompt_tokens: list[int]        # per row: every position the LM read before writing (vision tokens too)
     completion_tokens: list[int]    # per row: tokens written, EOS included
     stopped: list[bool]             # per row: ended by EOS (False: max_tokens reached)
+
+
+@dataclass
+class Prompt:
+    """Rows ready for the LM: input embeddings (left-padded), their attention mask, and per row
+    the positions the LM reads (``Generated.prompt_tokens``)."""
+    embeds: torch.Tensor            # [B, L, D]
+    mask: torch.Tensor              # [B, L]
+    tokens: list[int]
+
+
+def join_prompts(prompts: list[Prompt]) -> Prompt:
+    """One batch of the rows of ``prompts``, left-padded to the longest: a padded position is
+    masked out, and positions follow the mask, so each row reads what it read alone."""
+    if len(prompts) == 1:
+        return prompts[0]
+    length = max(p.embeds.shape[1] for p in prompts)
+    embeds, masks = [], []
+    for p in prompts:
+        missing = length - p.embeds.shape[1]
+        embeds.append(torch.cat([p.embeds.new_zeros(p.embeds.shape[0], missing, p.embeds.shape[2]), p.embeds], 1))
+        masks.append(torch.cat([p.mask.new_zeros(p.mask.shape[0], missing), p.mask], 1))
+    return Prompt(torch.cat(embeds), torch.cat(masks), [n for p in prompts for n in p.tokens])
 
 
 def cut_at_stop(text: str, stop) -> tuple[str, bool]:

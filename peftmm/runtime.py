@@ -12,15 +12,15 @@ through peft's ``adapter_names``, bottleneck adapters) the rows of all slots go 
 tower in one forward pass, otherwise one slot at a time. Fusion and head then run per adapter.
 
 A captioning bundle (a task that writes text with a decoder LM) shares the vision tokens of
-such a call, but its text tower is a causal LM loaded with its output layer, and it generates:
-its rows are captioned per adapter, with that bundle's own prompt, num_beams and
-max_new_tokens, once per distinct image. An instruct bundle (a task that ``converses``) takes
-the same path with the request's messages (or its text) as the conversation to answer.
+such a call, but its text tower is a causal LM loaded with its output layer, and it generates
+(runtime_generation.py): with that bundle's own prompt, num_beams and max_new_tokens, once per
+distinct input. An instruct bundle (a task that ``converses``) takes the same path with the
+request's messages (or its text) as the conversation to answer, and its rows join those of other
+instruct adapters on the same LM in one ``generate`` where their methods mix batches (LoRA).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -40,13 +40,13 @@ from .bundle import (
 )
 from .errors import BundleError, DataError
 from .features import pad_tokens
-from .generation import GenerationOptions
 from .hub_bundles import HUB_SCHEME, parse_reference
 from .images import load_image, parse_background
 from .methods.base import NO_SLOT
 from .precision import common_record, inference_context
 from .predict import default_device
 from .recipe import from_dict
+from .runtime_generation import generate_rows
 from .tasks import TASKS
 from .tensors import to_device
 
@@ -227,56 +227,23 @@ class Runtime:
             tokens = {"vision": self._encode("vision", range(len(requests)), texts, entries, images),
                       "text": self._encode("text", readers, texts, entries, images)}
             results: list[dict | None] = [None] * len(requests)
+            written = generate_rows(self.device, sorted(writers), entries, tokens["vision"], images, requests)
+            for i, result in written.items():
+                results[i] = {"adapter": entries[i].name, **result}
             by_adapter = defaultdict(list)
-            for i, entry in enumerate(entries):
-                by_adapter[entry.name].append(i)
+            for i in readers:
+                by_adapter[entries[i].name].append(i)
             for name, indices in by_adapter.items():
                 model = self._adapters[name].model
                 with inference_context(self._adapters[name].config.get("precision"), self.device):
-                    if indices[0] in writers:
-                        decoded = self._caption(model, indices, tokens["vision"], images, requests)
-                    else:
-                        vision, vision_mask = pad_tokens([tokens["vision"][i] for i in indices])
-                        text, text_mask = pad_tokens([tokens["text"][i] for i in indices])
-                        decoded = model.task.decode(model.head(model.fusion(vision, vision_mask, text, text_mask)))
-                        decoded = [{**d, "usage": self._usage(model, requests[i], texts[i], d)}
-                                   if requests[i].get("usage") else d for i, d in zip(indices, decoded)]
+                    vision, vision_mask = pad_tokens([tokens["vision"][i] for i in indices])
+                    text, text_mask = pad_tokens([tokens["text"][i] for i in indices])
+                    decoded = model.task.decode(model.head(model.fusion(vision, vision_mask, text, text_mask)))
+                    decoded = [{**d, "usage": self._usage(model, requests[i], texts[i], d)}
+                               if requests[i].get("usage") else d for i, d in zip(indices, decoded)]
                 for i, result in zip(indices, decoded):
                     results[i] = {"adapter": name, **result}
             return results
-
-    def _caption(self, model, indices: list[int], vision_tokens, images, requests) -> list[dict]:
-        """Generate with the model's own task (the path its Predictor takes, fed the vision tokens
-        this call already computed). Rows with equal generation options run together, once per
-        distinct input (image, messages); a sampled row draws its own tokens, and one with a seed
-        is generated alone, so the seed gives the same text whatever it is batched with."""
-        calls: dict[tuple, dict] = defaultdict(dict)  # call -> input -> rows
-        for i in indices:
-            options = _options_of(requests[i], i)
-            messages = requests[i].get("messages")
-            key = i if options.sampling else (images[i][0], None if messages is None else json.dumps(messages),
-                                              requests[i].get("text"))
-            calls[(options, i) if options.sampling and options.seed is not None else (options,)] \
-                .setdefault(key, []).append(i)
-        out: dict[int, dict] = {}
-        for call, inputs in calls.items():
-            firsts = [rows[0] for rows in inputs.values()]
-            vision, vision_mask = pad_tokens([vision_tokens[i] for i in firsts])
-            # an instruct adapter's question: the request's messages, or its text (a captioner has none)
-            examples = [{"text": requests[i].get("text") or None, "messages": requests[i].get("messages")}
-                        for i in firsts]
-            prompts = model.task.text_inputs(model.towers["text"], examples, model.max_length)
-            batch = {"vision_tokens": vision, "vision_mask": vision_mask,  # model.encode uses these as given
-                     "image_index": torch.arange(len(firsts)), **prompts}
-            streams = [_fan_out([requests[i].get("stream") for i in rows]) for rows in inputs.values()]
-            generated = model.task.generate_text(model, to_device(batch, self.device), call[0], streams)
-            for row, (rows, decoded) in enumerate(zip(inputs.values(), model.task.decode(generated.ids))):
-                usage = {"prompt_tokens": generated.prompt_tokens[row],
-                         "completion_tokens": generated.completion_tokens[row],
-                         "finish_reason": "stop" if generated.stopped[row] else "length"}
-                for i in rows:
-                    out[i] = {**decoded, "usage": usage} if "generation" in requests[i] else decoded
-        return [out[i] for i in indices]
 
     def _usage(self, model, request: dict, text: str, result: dict) -> dict:
         """Token counts of a label answer, in the adapter's tokenizer: the text the text tower read
@@ -364,23 +331,6 @@ def _tokenize(tower: Tower, texts: list[tuple[str, int]]) -> dict[str, torch.Ten
             ids[i] = row
     padded = tower.processor.pad({"input_ids": ids}, return_tensors="pt")
     return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
-
-
-def _options_of(request: dict, index: int) -> GenerationOptions:
-    options = request.get("generation")
-    if options is None:
-        return GenerationOptions()
-    if not isinstance(options, GenerationOptions):
-        raise DataError(f"generation must be a GenerationOptions, not {type(options).__name__}", f"request {index}")
-    return options
-
-
-def _fan_out(streams: list):
-    """One callable that feeds every given stream (rows that share an input share its text)."""
-    streams = [s for s in streams if s is not None]
-    if not streams:
-        return None
-    return streams[0] if len(streams) == 1 else (lambda text: [stream(text) for stream in streams])
 
 
 def question_use(task) -> str:

@@ -206,6 +206,27 @@ class Task:
         contract, which the runtime and the OpenAI-compatible API rely on, is in generation.py."""
         raise NotImplementedError(f"task {self.registry_name} answers without generating text")
 
+    def shared_generation(self, options) -> tuple | None:
+        """For a task that writes text: what one ``generate`` call fixes for rows generated under
+        ``options`` (a GenerationOptions) besides their prompts (decoding settings, stop and pad
+        tokens), as a hashable key. Rows of several adapters on one LM whose keys are equal may
+        then be generated together (``prompt_embeddings`` per adapter, joined, one
+        ``generate_embedded``); None: this task generates each adapter's rows with
+        ``generate_text``."""
+        return None
+
+    def prompt_embeddings(self, model, batch: dict):
+        """For a task whose ``shared_generation`` gives a key: the rows of ``batch`` (as for
+        ``generate_text``) as a :class:`~peftmm.generation.Prompt` of LM input embeddings, built
+        with ``model``'s own fusion and text methods."""
+        raise NotImplementedError(f"task {self.registry_name} does not share generation across adapters")
+
+    def generate_embedded(self, model, prompt, options=None, streams=None):
+        """Generate from ``prompt`` (``prompt_embeddings``, possibly joined over adapters) with the
+        LM of ``model``'s text tower as its slots stand (the caller activates a slot, or sets
+        ``slots.rows`` for rows of several adapters), under ``options``; as ``generate_text``."""
+        raise NotImplementedError(f"task {self.registry_name} does not share generation across adapters")
+
 
 def count_too_long(tokenizer, texts: list[str], room: int, where: str, noun: str, extra: int = 0,
                    special: bool = True) -> tuple[int, str]:

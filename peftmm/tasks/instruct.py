@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from ..data.conversations import IMAGE, prompt_turns
 from ..errors import DataError, PeftmmError, RecipeError
 from ..fusion.projector import pool_tokens
-from ..generation import Generated, GenerationOptions, TokenStream, seeded
+from ..generation import Generated, GenerationOptions, Prompt, TokenStream, seeded
 from ..schema import build as build_settings
 from ..tensors import to_device
 from . import TASKS
@@ -246,32 +246,58 @@ class InstructTask(Task):
     @torch.no_grad()
     def generate(self, model, batch: dict, settings=None, stopping=None) -> torch.Tensor:
         """Answer token ids ``[B, T]`` (the new tokens only; padded after the stop token)."""
-        settings = settings or self.config
         lm = causal_lm(model, "instruct")
         embeds, mask = self._embed(model, lm, batch)
+        return self._generate(lm, embeds, mask, settings or self.config, stopping)
+
+    def _generate(self, lm, embeds, mask, settings, stopping=None) -> torch.Tensor:
         config = generation_config(settings.max_new_tokens, settings.num_beams, self._stops,
                                    pad_id(self.tokenizer, "instruct"), do_sample=settings.do_sample,
                                    temperature=settings.temperature, top_p=settings.top_p)
         return lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
                            stopping_criteria=stopping)
 
+    def _request_settings(self, options: GenerationOptions):
+        """The bundle's settings under a request's options: ``max_tokens`` caps the new tokens,
+        ``temperature > 0`` samples (with ``top_p``)."""
+        settings = replace(self.config, max_new_tokens=options.max_tokens or self.config.max_new_tokens)
+        if options.sampling:
+            settings = replace(settings, do_sample=True, num_beams=1, temperature=options.temperature,
+                               top_p=options.top_p or 1.0)
+        return settings
+
     @torch.no_grad()
     def generate_text(self, model, batch: dict, options: GenerationOptions | None = None,
                       streams: list | None = None) -> Generated:
         """See Task.generate_text (generation.py): ``max_tokens`` caps the new tokens, ``temperature
         > 0`` samples (with ``top_p``, under ``seed``), otherwise the bundle's own decoding."""
+        return self.generate_embedded(model, self.prompt_embeddings(model, batch), options, streams)
+
+    def shared_generation(self, options: GenerationOptions) -> tuple | None:
+        """One sequence per row (greedy or sampling) can share a ``generate`` across adapters; beam
+        search cannot (it multiplies the rows, and slots.rows names one slot per row)."""
+        settings = self._request_settings(options)
+        if settings.num_beams > 1:
+            return None
+        return (self.registry_name, settings.max_new_tokens, settings.do_sample, settings.temperature, settings.top_p,
+                tuple(self._stops), self._turn_end, pad_id(self.tokenizer, "instruct"))
+
+    @torch.no_grad()
+    def prompt_embeddings(self, model, batch: dict) -> Prompt:
+        embeds, mask = self._embed(model, causal_lm(model, "instruct"), batch)
+        return Prompt(embeds, mask, batch["attention_mask"].sum(1).tolist())
+
+    @torch.no_grad()
+    def generate_embedded(self, model, prompt: Prompt, options: GenerationOptions | None = None,
+                          streams: list | None = None) -> Generated:
         options = options or GenerationOptions()
-        settings = replace(self.config, max_new_tokens=options.max_tokens or self.config.max_new_tokens)
-        if options.sampling:
-            settings = replace(settings, do_sample=True, num_beams=1, temperature=options.temperature,
-                               top_p=options.top_p or 1.0)
+        settings = self._request_settings(options)
         one = settings.num_beams == 1 and streams and any(streams)
         watch = [TokenStream(self.tokenizer, streams, self._turn_end)] if one else None
-        with seeded(options.seed if options.sampling else None, batch["input_ids"].device):
-            ids = self.generate(model, batch, settings, watch)
+        with seeded(options.seed if options.sampling else None, prompt.embeds.device):
+            ids = self._generate(model.towers["text"].model, prompt.embeds, prompt.mask, settings, watch)
         rows = self._cut(ids)
-        return Generated(ids, batch["attention_mask"].sum(1).tolist(), [len(r) + s for r, s in rows],
-                         [s for _, s in rows])
+        return Generated(ids, prompt.tokens, [len(r) + s for r, s in rows], [s for _, s in rows])
 
     def _cut(self, ids: torch.Tensor) -> list[tuple[list[int], bool]]:
         """Each row's answer ids, up to its first stop token, and whether it stopped there."""

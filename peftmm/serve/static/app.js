@@ -1,5 +1,7 @@
 // The page behind `peftmm serve`: pick an adapter, give an image (and a question where the adapter
-// reads one), show what it answers: an answer with its scores, a caption, or a similarity.
+// reads one), show what it answers: an answer with its scores, a caption, or a similarity. An
+// instruct adapter gets a conversation instead (the part below): turns sent through the
+// OpenAI-compatible /v1/chat/completions with stream: true, the answer shown as it is written.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -63,11 +65,21 @@ async function loadAdapters() {
   }
 }
 
+// Whether the chosen adapter converses (task instruct): it gets the chat view, not the form.
+function converses() {
+  return (adapters[select.value] || {}).task === "instruct";
+}
+
 function showAdapterInfo() {
   const info = adapters[select.value];
   $("adapter-info").textContent = info ? describe(info) : "";
   $("question-field").hidden = !wantsQuestion();
   button.textContent = verb(false);
+  const chatting = converses();
+  form.hidden = chatting;
+  $("result").hidden = $("result").hidden || chatting;
+  $("chat").hidden = !chatting;
+  if (chatting && chatAdapter !== select.value) newConversation();   // a conversation is with one adapter
 }
 
 function useFile(file) {
@@ -144,6 +156,132 @@ async function ask(event) {
   }
 }
 
+// -- the conversation (instruct adapters) ------------------------------------------------------
+const chatForm = $("chat-form"), chatText = $("chat-text"), chatSend = $("chat-send");
+const chatPreview = $("chat-preview"), chatFile = $("chat-image");
+let conversation = [];   // the OpenAI messages so far (user turns with their images as data: URLs)
+let chatImage = null;    // the File attached to the next user turn
+let chatAdapter = null;  // the adapter the conversation is with
+
+function newConversation() {
+  conversation = [];
+  chatAdapter = select.value;
+  $("turns").replaceChildren();
+  attach(null);
+  showError("");
+}
+
+function attach(file) {
+  if (file && file.type && !file.type.startsWith("image/")) return showError(`${file.name} is not an image.`);
+  chatImage = file || null;
+  if (chatPreview.src) URL.revokeObjectURL(chatPreview.src);
+  chatPreview.hidden = !chatImage;
+  chatPreview.src = chatImage ? URL.createObjectURL(chatImage) : "";
+  chatPreview.alt = chatImage ? `Attached: ${chatImage.name}` : "";
+  chatFile.value = "";
+}
+
+function dataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error(`could not read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+function addTurn(role, text, imageUrl) {
+  const turn = document.createElement("li");
+  turn.className = `turn ${role}`;
+  if (imageUrl) {
+    const img = document.createElement("img");
+    img.src = imageUrl;
+    img.alt = "Image sent with this message";
+    turn.append(img);
+  }
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text;
+  turn.append(body);
+  $("turns").append(turn);
+  return turn;
+}
+
+// Reads the server-sent events of a streamed completion, calling onText with each new piece; an
+// error event (sent after the headers, so with status 200) becomes an exception.
+async function readStream(response, onText) {
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const lines = buffer.slice(0, end).split("\n");
+      buffer = buffer.slice(end + 2);
+      for (const line of lines) {
+        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+        const chunk = JSON.parse(line.slice(6));
+        if (chunk.error) throw new Error(chunk.error.message);
+        const piece = chunk.choices && chunk.choices.length ? chunk.choices[0].delta.content : "";
+        if (piece) onText(piece);
+      }
+    }
+  }
+}
+
+async function sendChat(event) {
+  event.preventDefault();
+  showError("");
+  const text = chatText.value.trim();
+  if (!text) { chatText.focus(); return showError("Type a message."); }
+  if (!chatImage && !conversation.length) return showError("Attach an image to the first message.");
+  const image = chatImage ? await dataUrl(chatImage) : null;
+  const content = (image ? [{ type: "image_url", image_url: { url: image } }] : []).concat([{ type: "text", text }]);
+  const asked = { role: "user", content };
+  const turns = [addTurn("user", text, image)];
+  const reply = addTurn("assistant", "");
+  turns.push(reply);
+  reply.classList.add("streaming");
+  reply.dataset.chunks = "0";
+  chatSend.disabled = true;
+  let answer = "";
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model: chatAdapter, messages: conversation.concat([asked]), stream: true }),
+    });
+    if (!response.ok) {
+      let body = null;
+      try { body = await response.json(); } catch (e) { /* not JSON */ }
+      throw new Error((body && body.error && body.error.message) || `${response.status} ${response.statusText}`);
+    }
+    await readStream(response, (piece) => {
+      answer += piece;
+      reply.querySelector(".text").textContent = answer;
+      reply.dataset.chunks = String(Number(reply.dataset.chunks) + 1);
+    });
+    reply.classList.remove("streaming");
+    if (answer) {
+      conversation.push(asked, { role: "assistant", content: answer });
+    } else {   // the server refuses an empty assistant turn in a later request: this exchange is not kept
+      reply.querySelector(".text").textContent = "(no answer)";
+    }
+    reply.dataset.done = "true";
+    chatText.value = "";
+    attach(null);
+  } catch (error) {
+    for (const turn of turns) turn.remove();   // nothing of a failed turn stays: it can be sent again
+    showError(error.message);
+  } finally {
+    chatSend.disabled = false;
+  }
+}
+
+chatForm.addEventListener("submit", sendChat);
+chatFile.addEventListener("change", () => attach(chatFile.files[0]));
+$("chat-new").addEventListener("click", newConversation);
 select.addEventListener("change", showAdapterInfo);
 fileInput.addEventListener("change", () => useFile(fileInput.files[0]));
 for (const name of ["dragenter", "dragover"]) {
