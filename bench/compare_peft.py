@@ -86,6 +86,7 @@ class Probe:
 
         self.torch, self.cuda = torch, torch.cuda.is_available()
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []   # the process's CPU time (all threads): steadier on a shared machine
         self.report: dict = {"events": [], "device": torch.cuda.get_device_name(0) if self.cuda else "cpu",
                              "torch_threads": torch.get_num_threads()}
         from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -96,6 +97,7 @@ class Probe:
         if self.cuda:   # kernels run asynchronously: the step ends when the device is done
             self.torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
         # the peak so far, at each step: at the last one, the training phase's (before test evaluation)
         self.report["train_peak_rss"] = proc_status("VmHWM")
         if self.cuda:
@@ -127,6 +129,7 @@ class Probe:
         r["above_baseline"] = r["peak_rss"] - r.get("baseline_rss", 0)
         r["step_intervals"] = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
         r["step_stamps"] = self.stamps
+        r["step_cpu_intervals"] = [b - a for a, b in zip(self.cpu_stamps, self.cpu_stamps[1:])]
         if self.cuda:
             r["cuda_max_allocated"] = self.torch.cuda.max_memory_allocated()
             r["cuda_max_reserved"] = self.torch.cuda.max_memory_reserved()
