@@ -5,10 +5,10 @@
     .venv/bin/python bench/instruct_generation.py --repeats 1 --max-new-tokens 8 --out /tmp/ig   # smoke
 
 The bundle: ``--bundle``, else adapters/easy-vqa-instruct when it exists, else one trained here
-for ``--train-steps`` steps from recipes/easy-vqa-instruct.yaml into a temporary folder (enough
-for speed: the weights only need to be the recipe's shapes). Its adapter is also put on an fp32
-LM (the same tensors, ``MultimodalModel.load_trainable_state_dict``, saved as a second bundle)
-so that LoRA can be merged, which int8 weights do not allow. Variants, all in this process, on
+for ``--train-steps`` steps from recipes/easy-vqa-instruct.yaml (enough for speed: the weights
+only need to be the recipe's shapes), kept in OUT/runs/instruct_generation/ for the next run.
+Its adapter is also put on an fp32 LM (the same tensors, ``load_trainable_state_dict``, saved as
+a second bundle) so that LoRA can be merged, which int8 weights do not allow. Variants, all in this process, on
 the same requests (easy-VQA test images, the prompt ``--prompt``), greedy, at most
 ``--max-new-tokens`` new tokens, stopping at the end-of-turn token:
 
@@ -58,8 +58,11 @@ BATCHES = (1, 16)
 
 
 def train_tiny(steps: int, folder: Path) -> Path:
+    """A bundle of ``steps`` steps from the recipe, trained into ``folder`` once and reused."""
     import peftmm
 
+    if (folder / "run" / "bundle" / "adapter_model.safetensors").is_file():
+        return folder / "run" / "bundle"
     overrides = [f"train.max_steps={steps}", "train.batch_size=8", "train.epochs=1", "train.group_by_image=false",
                  f"data.max_train_samples={8 * steps}", "data.max_eval_samples=8"]
     return peftmm.train(peftmm.load_recipe(RECIPE, overrides), folder / "run", progress=False).bundle_dir
@@ -104,12 +107,12 @@ class TransformersSide:
         from plain_peft import make_preprocess
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-        from peftmm import zoo
+        from peftmm.backbones import resolve_source
         from peftmm.bundle import read_config, read_tensors
         from peftmm.peft_interop import export_peft
 
         recipe = read_config(bundle)["recipe"]
-        where = {name: str(zoo.resolve(recipe[name]["backbone"])) for name in ("vision", "text")}
+        where = {name: resolve_source(recipe[name]["backbone"]) for name in ("vision", "text")}
         self.vision = AutoModel.from_pretrained(where["vision"]).eval()
         lm = AutoModelForCausalLM.from_pretrained(where["text"], dtype=torch.float32)
         exported = export_peft(bundle, "text", folder / "peft-lora", base_path=where["text"])
@@ -124,7 +127,7 @@ class TransformersSide:
         self.preprocess = make_preprocess(where["vision"], recipe["vision"].get("image_size") or 224)
         fill = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.ids, self.start = prompt_ids(self.tokenizer, prompt, self.tokens, fill)
-        self.stop = self.lm.generation_config.eos_token_id
+        self.stop = self.tokenizer.eos_token_id   # SmolLM2's <|im_end|>, its generation config's EOS too
         self.config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                        eos_token_id=self.stop, pad_token_id=fill)
 
@@ -132,7 +135,9 @@ class TransformersSide:
     def __call__(self, images: list[str]) -> list[dict]:
         pixels = torch.stack([self.preprocess(i) for i in images])
         features = self.vision(pixel_values=pixels).last_hidden_state.flatten(2)      # [B, C, 49]
-        image = self.projector(F.adaptive_avg_pool1d(features, self.tokens).transpose(1, 2))
+        if features.shape[2] > self.tokens:   # as the projector pools: runs of neighbouring tokens, in order
+            features = F.adaptive_avg_pool1d(features, self.tokens)
+        image = self.projector(features.transpose(1, 2))
         ids = torch.tensor([self.ids] * len(images))
         embeds = self.lm.get_input_embeddings()(ids)
         embeds = torch.cat([embeds[:, :self.start], image, embeds[:, self.start + self.tokens:]], 1)
@@ -149,8 +154,8 @@ class TransformersSide:
 
 def requests(count: int) -> list[str]:
     """The first ``count`` distinct easy-VQA test images."""
+    from peftmm import load_recipe
     from peftmm.data import load_splits
-    from peftmm.recipe import load_recipe
 
     images = dict.fromkeys(str(e["image"]) for e in load_splits(load_recipe(RECIPE).data).test)
     return list(images)[:count]
@@ -236,7 +241,8 @@ def main() -> None:
         trained_here = bundle is None
         if trained_here:
             print(f"training a {args.train_steps}-step bundle from {RECIPE.name} ...", file=sys.stderr, flush=True)
-            bundle = train_tiny(args.train_steps, scratch)
+            kept = args.out / "runs" / "instruct_generation" / f"{args.train_steps}-steps"
+            bundle = train_tiny(args.train_steps, kept)
         from peftmm.bundle import read_config
 
         precision = read_config(bundle)["recipe"]["text"]["precision"]
