@@ -5,7 +5,7 @@
     .venv/bin/python bench/instruct_generation.py --repeats 1 --max-new-tokens 8 --out /tmp/ig   # smoke
 
 The bundle: ``--bundle``, else adapters/easy-vqa-instruct when it exists, else one trained here
-for ``--train-steps`` steps from recipes/easy-vqa-instruct.yaml (enough for speed: the weights
+for ``--train-steps`` steps from ``--recipe`` (default recipes/easy-vqa-instruct.yaml; enough for speed: the weights
 only need to be the recipe's shapes), kept in OUT/runs/instruct_generation/ for the next run.
 Its adapter is also put on an fp32 LM (the same tensors, ``load_trainable_state_dict``, saved as
 a second bundle) so that LoRA can be merged, which int8 weights do not allow. Variants, all in this process, on
@@ -57,7 +57,7 @@ SHIPPED = ROOT / "adapters" / "easy-vqa-instruct"
 BATCHES = (1, 16)
 
 
-def train_tiny(steps: int, folder: Path) -> Path:
+def train_tiny(recipe: Path, steps: int, folder: Path) -> Path:
     """A bundle of ``steps`` steps from the recipe, trained into ``folder`` once and reused."""
     import peftmm
 
@@ -65,7 +65,7 @@ def train_tiny(steps: int, folder: Path) -> Path:
         return folder / "run" / "bundle"
     overrides = [f"train.max_steps={steps}", "train.batch_size=8", "train.epochs=1", "train.group_by_image=false",
                  f"data.max_train_samples={8 * steps}", "data.max_eval_samples=8"]
-    return peftmm.train(peftmm.load_recipe(RECIPE, overrides), folder / "run", progress=False).bundle_dir
+    return peftmm.train(peftmm.load_recipe(recipe, overrides), folder / "run", progress=False).bundle_dir
 
 
 def on_fp32(bundle: Path, folder: Path) -> Path:
@@ -224,6 +224,8 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, help="an instruct bundle (default: adapters/easy-vqa-instruct, "
                                                     "else one trained here)")
     parser.add_argument("--train-steps", type=int, default=4, help="steps of the bundle trained here (default 4)")
+    parser.add_argument("--recipe", type=Path, default=RECIPE,
+                        help="what that bundle trains (default: the repository's easy-vqa-instruct.yaml)")
     parser.add_argument("--prompt", default="Describe the image in detail.")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant and batch size")
@@ -240,9 +242,9 @@ def main() -> None:
         bundle = args.bundle or (SHIPPED if SHIPPED.is_dir() else None)
         trained_here = bundle is None
         if trained_here:
-            print(f"training a {args.train_steps}-step bundle from {RECIPE.name} ...", file=sys.stderr, flush=True)
-            kept = args.out / "runs" / "instruct_generation" / f"{args.train_steps}-steps"
-            bundle = train_tiny(args.train_steps, kept)
+            print(f"training a {args.train_steps}-step bundle from {args.recipe} ...", file=sys.stderr, flush=True)
+            kept = args.out / "runs" / "instruct_generation" / f"{args.recipe.stem}-{args.train_steps}-steps"
+            bundle = train_tiny(args.recipe, args.train_steps, kept)
         from peftmm.bundle import read_config
 
         precision = read_config(bundle)["recipe"]["text"]["precision"]
@@ -257,7 +259,9 @@ def main() -> None:
               file=sys.stderr, flush=True)
         results = measure(sides, images, args.repeats)
     reference = "transformers-merged"
+    lora = next(m for m in read_config(bundle)["recipe"]["text"]["methods"] if m["type"] == "lora")
     data = {"bundle": "trained here" if trained_here else str(bundle), "bundle_precision": precision,
+            "recipe": read_config(bundle)["name"], "lora": {k: lora[k] for k in ("r", "alpha", "targets")},
             "train_steps": args.train_steps if trained_here else None, "device": "cpu",
             "torch_threads": torch.get_num_threads(),
             "settings": {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
