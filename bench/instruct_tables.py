@@ -70,11 +70,12 @@ def generation(data: dict | None = None) -> str:
                          if name in agreement[b]) or "(the reference)"
         lines.append(f"| {_variant(name)} | " + " | ".join(cells) + f" | {same} |")
     s = data["settings"]
-    bundle = (f"a bundle trained {data['train_steps']} steps from the recipe" if data["bundle"] == "trained here"
-              else f"`{data['bundle']}`")
+    lora = data["lora"]
+    bundle = (f"a bundle trained {data['train_steps']} steps from `{data['recipe']}`" if data["bundle"] == "trained here"
+              else f"`{data['bundle']}`") + f" (LoRA r {lora['r']} on {', '.join(lora['targets'])})"
     reached = data["reached_max_new_tokens"]
     reference = "transformers-merged"
-    lines += ["", f"{bundle} ({data['bundle_precision']} LM), its adapter also put on the fp32 LM to merge it; "
+    lines += ["", f"{bundle}, {data['bundle_precision']} LM; its adapter also put on the fp32 LM to merge it; "
               f"greedy, at most {s['max_new_tokens']} new tokens, stopping at the end-of-turn token, prompt "
               f"\"{s['prompt']}\" about easy-VQA test images; {s['repeats']} calls per variant and batch size, "
               f"interleaved, median tokens per second, on {data['device']} ({data['torch_threads']} threads). A "

@@ -195,6 +195,7 @@ def test_instruct_generation_block_gives_tokens_per_second_and_agreement(tables)
 
     names = ("peftmm-int8", "peftmm-fp32", "peftmm-fp32-merged", "transformers-merged")
     data = {"bundle": "trained here", "train_steps": 4, "bundle_precision": "int8", "device": "cpu", "torch_threads": 2,
+            "recipe": "easy-vqa-instruct", "lora": {"r": 16, "alpha": 32, "targets": ["q_proj", "v_proj"]},
             "settings": {"prompt": "Describe the image.", "max_new_tokens": 32, "repeats": 5, "batches": [1, 16]},
             "results": {"1": {n: run(r) for n, r in zip(names, (10.0, 20.0, 30.0, 30.0))},
                         "16": {n: run(r) for n, r in zip(names, (100.0, 200.0, 300.0, 400.0))}},
@@ -209,4 +210,5 @@ def test_instruct_generation_block_gives_tokens_per_second_and_agreement(tables)
            "15 of 16, 15 of 16 |" in lines
     assert "| transformers `generate`, LoRA merged (`merge_and_unload`), fp32 | 30.0 | 1.00x | 400.0 | 1.00x | " \
            "(the reference) |" in lines
-    assert "a bundle trained 4 steps from the recipe (int8 LM)" in text and "9 of 16 at batch 1" in text
+    assert "a bundle trained 4 steps from `easy-vqa-instruct` (LoRA r 16 on q_proj, v_proj), int8 LM;" in text
+    assert "9 of 16 at batch 1" in text
