@@ -71,7 +71,8 @@ def generation(data: dict | None = None) -> str:
         lines.append(f"| {_variant(name)} | " + " | ".join(cells) + f" | {same} |")
     s = data["settings"]
     lora = data["lora"]
-    bundle = (f"a bundle trained {data['train_steps']} steps from `{data['recipe']}`" if data["bundle"] == "trained here"
+    trained = data["bundle"] == "trained here"
+    bundle = (f"a bundle trained {data['train_steps']} steps from `{data['recipe']}`" if trained
               else f"`{data['bundle']}`") + f" (LoRA r {lora['r']} on {', '.join(lora['targets'])})"
     reached = data["reached_max_new_tokens"]
     reference = "transformers-merged"
