@@ -1,9 +1,12 @@
-"""A bundle's measured numbers: trainable share, accuracy, and the adapter file's size next to the
+"""A bundle's measured numbers: trainable share, test metrics, and the adapter file's size next to the
 frozen backbones' weights. Writes them as JSON for the README's default-recipe table
 (bench/readme_tables.py renders it) and prints that table.
 
     .venv/bin/python bench/bundle_report.py adapters/easy-vqa-lora    # -> bench/results/default_bundle.json
     .venv/bin/python bench/bundle_report.py BUNDLE --out other.json
+
+The test metrics are the task's (bench/task_metrics.py): accuracy for VQA; exact match, token F1,
+out-of-vocabulary answers and answers generated for instruct.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import json
 from pathlib import Path
 
 from readme_tables import RESULTS, bundle_table
+from task_metrics import reported
 
 from peftmm.backbones import resolve_source
 from peftmm.bundle import WEIGHTS, read_config
 from peftmm.io import atomic_write_text
 
-KEYS = ("trainable_params", "total_params", "trainable_share", "test_accuracy", "val_accuracy", "best_epoch",
-        "train_seconds", "steps")
+# with the task's reported test metrics and its primary validation metric (task_metrics.py)
+KEYS = ("trainable_params", "total_params", "trainable_share", "best_epoch", "train_seconds", "steps")
 
 
 def backbone_bytes(source: str) -> int:
@@ -29,7 +33,9 @@ def backbone_bytes(source: str) -> int:
 
 def report(bundle: Path) -> dict:
     config = read_config(bundle)
-    return {"bundle": bundle.name, "name": config["name"], "metrics": {k: config["metrics"][k] for k in KEYS},
+    task, m = config["task"], config["metrics"]
+    return {"bundle": bundle.name, "name": config["name"], "task": task, "source": config["recipe"]["data"]["source"],
+            "metrics": {k: m[k] for k in KEYS} | reported(task, m) | reported(task, m, "val"),
             "adapter_bytes": (bundle / WEIGHTS).stat().st_size,
             "backbones": {name: {"source": t["backbone"], "bytes": backbone_bytes(t["backbone"])}
                           for name, t in config["towers"].items()}}

@@ -6,6 +6,8 @@
 
 Each recipe runs in its own process (`peftmm train`), one after another, so timings are not
 mixed. Writes bench/results/methods.json, methods.md (the docs/results.md table) and methods.png.
+Each row keeps its task's reported test metrics (bench/task_metrics.py: accuracy for VQA; exact
+match, token F1 and out-of-vocabulary answers for instruct), its primary one compared across rows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from task_metrics import metric_name, primary, reported, show  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ["easy-vqa-full", "easy-vqa-fusion-only", "easy-vqa-lora", "easy-vqa-adapter", "easy-vqa-prefix",
@@ -39,26 +44,42 @@ def run(recipe: Path, overrides: list[str], out: Path) -> dict:
     metrics, wall = train_cli(recipe, overrides, out)
     bundle = Path(metrics["bundle"])
     methods = json.loads((out / "bundle" / "peftmm_config.json").read_text())["recipe"]
+    task = methods["task"]["type"]
     return {
-        "recipe": recipe.stem,
+        "recipe": recipe.stem, "task": task, "metric": f"test_{primary(task)}",
         "vision_methods": "+".join(m["type"] for m in methods["vision"]["methods"]) or "frozen",
         "text_methods": "+".join(m["type"] for m in methods["text"]["methods"]) or "frozen",
         "trainable_params": metrics["trainable_params"], "trainable_share": metrics["trainable_share"],
         "adapter_bytes": (bundle / "adapter_model.safetensors").stat().st_size,
-        "test_accuracy": metrics["test_accuracy"], "val_accuracy": metrics["val_accuracy"],
+        **reported(task, metrics), **reported(task, metrics, "val"),
         "train_seconds": metrics["train_seconds"], "wall_seconds": round(wall, 1), "best_epoch": metrics["best_epoch"],
         "steps": metrics["steps"],
     }
 
 
+def _metric(row: dict) -> str:
+    return row.get("metric", "test_accuracy")   # rows written before the key existed: VQA accuracy
+
+
+def _score(row: dict, others: list[str]) -> str:
+    """The primary test metric, named when the rows do not all share it, and the task's other ones."""
+    key = _metric(row)
+    text = show(key, row[key]) if not others else f"{metric_name(key)} {show(key, row[key])}"
+    extra = [f"{metric_name(k)} {show(k, v)}" for k, v in row.items() if k.startswith("test_") and k != key]
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
 def table(rows: list[dict]) -> str:
     full = next((r for r in rows if r["recipe"].endswith("-full")), None)
-    lines = ["| recipe | vision | text | trainable params | share | adapter bytes | test acc. | vs full | "
-             "train loop | whole run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    mixed = sorted({_metric(r) for r in rows} - {"test_accuracy"})
+    score = "test metric" if mixed else "test acc."
+    lines = [f"| recipe | vision | text | trainable params | share | adapter bytes | {score} | vs full | train loop "
+             "| whole run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        delta = f"{100 * (r['test_accuracy'] - full['test_accuracy']):+.2f} pt" if full else "n/a"
+        same = full is not None and _metric(full) == _metric(r)
+        delta = f"{100 * (r[_metric(r)] - full[_metric(r)]):+.2f} pt" if same else "n/a"
         lines.append(f"| {r['recipe']} | {r['vision_methods']} | {r['text_methods']} | {r['trainable_params']:,} | "
-                     f"{100 * r['trainable_share']:.3f}% | {r['adapter_bytes']:,} | {100 * r['test_accuracy']:.2f}% | "
+                     f"{100 * r['trainable_share']:.3f}% | {r['adapter_bytes']:,} | {_score(r, mixed)} | "
                      f"{delta} | {r['train_seconds']:.0f} s | {r['wall_seconds']:.0f} s |")
     return "\n".join(lines) + "\n"
 
@@ -70,14 +91,16 @@ def chart(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["recipe"].replace("easy-vqa-", "") for r in rows]
+    metrics = sorted({_metric(r) for r in rows})
+    scores = [100 * r[_metric(r)] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, label, scale in [(axes[0], "test_accuracy", "test accuracy (%)", 100),
-                                  (axes[1], "trainable_share", "trainable share (%, log)", 100),
-                                  (axes[2], "train_seconds", "training time (s)", 1)]:
-        ax.bar(names, [r[key] * scale for r in rows], color="tab:blue")
+    for ax, values, label in [(axes[0], scores, f"test {' / '.join(metric_name(m) for m in metrics)} (%)"),
+                              (axes[1], [100 * r["trainable_share"] for r in rows], "trainable share (%, log)"),
+                              (axes[2], [r["train_seconds"] for r in rows], "training time (s)")]:
+        ax.bar(names, values, color="tab:blue")
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=30)
-    axes[0].set_ylim(min(r["test_accuracy"] for r in rows) * 100 - 1, 100)
+    axes[0].set_ylim(max(min(scores) - 1, 0), 100)
     axes[1].set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -86,6 +86,7 @@ class Probe:
 
         self.torch, self.cuda = torch, torch.cuda.is_available()
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []   # the process's CPU time (all threads): steadier on a shared machine
         self.report: dict = {"events": [], "device": torch.cuda.get_device_name(0) if self.cuda else "cpu",
                              "torch_threads": torch.get_num_threads()}
         from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -96,6 +97,7 @@ class Probe:
         if self.cuda:   # kernels run asynchronously: the step ends when the device is done
             self.torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
         # the peak so far, at each step: at the last one, the training phase's (before test evaluation)
         self.report["train_peak_rss"] = proc_status("VmHWM")
         if self.cuda:
@@ -127,6 +129,7 @@ class Probe:
         r["above_baseline"] = r["peak_rss"] - r.get("baseline_rss", 0)
         r["step_intervals"] = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
         r["step_stamps"] = self.stamps
+        r["step_cpu_intervals"] = [b - a for a, b in zip(self.cpu_stamps, self.cpu_stamps[1:])]
         if self.cuda:
             r["cuda_max_allocated"] = self.torch.cuda.max_memory_allocated()
             r["cuda_max_reserved"] = self.torch.cuda.max_memory_reserved()
@@ -135,6 +138,15 @@ class Probe:
 
 def peftmm_child(payload: dict, probe: Probe) -> dict:
     """One ``peftmm.train`` run (the library API the CLI calls), probed."""
+    m = probed_train(payload, probe)
+    return {"trainable_params": m["trainable_params"], "total_params": m["total_params"],
+            "accuracy": m["test_accuracy"], "eval_examples": m["test_examples"], "steps": m["steps"],
+            "best_epoch": m["best_epoch"], "train_seconds": m["train_seconds"]}
+
+
+def probed_train(payload: dict, probe: Probe) -> dict:
+    """``peftmm.train`` of the payload's recipe and overrides, with the probe's baseline taken
+    right before the model is built and the cache fills and evaluations timed; its final metrics."""
     import peftmm
     import peftmm.trainer as trainer
     from peftmm.model import MultimodalModel
@@ -157,10 +169,7 @@ def peftmm_child(payload: dict, probe: Probe) -> dict:
     trainer.fill_caches = probe.timed(trainer.fill_caches, "fill_caches")   # cache_bench reads these
     trainer.evaluate = probe.timed(trainer.evaluate, "evaluate")
     recipe = peftmm.load_recipe(payload["recipe"], payload["overrides"])
-    m = peftmm.train(recipe, payload["run_dir"], progress=False).metrics
-    return {"trainable_params": m["trainable_params"], "total_params": m["total_params"],
-            "accuracy": m["test_accuracy"], "eval_examples": m["test_examples"], "steps": m["steps"],
-            "best_epoch": m["best_epoch"], "train_seconds": m["train_seconds"]}
+    return peftmm.train(recipe, payload["run_dir"], progress=False).metrics
 
 
 def child_main(payload_path: str, report_path: str) -> None:
@@ -185,16 +194,17 @@ def child_main(payload_path: str, report_path: str) -> None:
 
 
 # -- the parent side ---------------------------------------------------------------------------
-def spawn(payload: dict, log_path: Path) -> dict:
-    """Run one child to its end; its report plus the kernel's max RSS of it and its wall time."""
+def spawn(payload: dict, log_path: Path, script: Path | None = None) -> dict:
+    """Run one child to its end; its report plus the kernel's max RSS of it and its wall time.
+    ``script``: the bench whose ``--child PAYLOAD REPORT`` runs it (default this one)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-child-") as scratch:
         given, report = Path(scratch) / "payload.json", Path(scratch) / "report.json"
         given.write_text(json.dumps(payload))
         started = time.perf_counter()
         with open(log_path, "w+") as log:
-            process = subprocess.Popen([sys.executable, __file__, "--child", str(given), str(report)], cwd=ROOT,
-                                       stdout=log, stderr=subprocess.STDOUT)
+            command = [sys.executable, str(script or __file__), "--child", str(given), str(report)]
+            process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             _, status, usage = os.wait4(process.pid, 0)   # wait4: the child's own rusage, max RSS included
             process.returncode = os.waitstatus_to_exitcode(status)
             if process.returncode != 0:

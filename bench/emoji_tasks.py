@@ -12,7 +12,8 @@ produced elsewhere (same command, same folder) and gathered here. A chain ``RECI
 RECIPE with ``init_from`` the bundle of FROM's run of the same seed, into
 RUNS/<recipe>-from-<from>-s<S>; the plain RECIPE runs are its from-scratch counterpart.
 
-Per run: test metrics, trainable parameters and share, bundle bytes, train-loop seconds and the
+Per run: test metrics (every ``test_`` number of the run: for instruct recipes exact_match,
+token_f1, out_of_vocabulary, answered), trainable parameters and share, bundle bytes, train-loop seconds and the
 whole ``peftmm train`` process's wall time (measured here and kept in the run dir as
 bench_wall.json; a run trained elsewhere has none, its train-loop time stands in and is marked).
 Retrieval bundles also classify the test images into their Unicode groups zero-shot, through the
@@ -237,7 +238,9 @@ def chart(data: dict, baselines: dict | None, path: Path) -> None:
     panels = [("retrieval", "retrieval: mean of R@1/5/10, both ways (%)", "test_mean_recall"),
               ("captioning", "captioning: unigram F1 (%)", "test_unigram_f1"),
               ("classification", "group classification: test accuracy (%)", "test_accuracy")]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    if any(a["task"] == "instruct" for a in agg.values()):   # generated answers, scored as task_metrics.py says
+        panels.append(("instruct", "instruct: exact match (%)", "test_exact_match"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(14 / 3 * len(panels), 4.2))
     for ax, (task, title, key) in zip(axes, panels):
         bars = []  # (name, mean, std, colour)
         for a in sorted(agg.values(), key=_order):

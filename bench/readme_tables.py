@@ -18,7 +18,11 @@ import re
 import sys
 from pathlib import Path
 
-from peftmm.io import atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import instruct_tables  # noqa: E402
+from task_metrics import SOURCES, metric_name, primary, show  # noqa: E402
+
+from peftmm.io import atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -35,11 +39,13 @@ def bundle_table(data: dict | None = None) -> str:
     data = data or json.loads((RESULTS / "default_bundle.json").read_text())
     m, adapter = data["metrics"], data["adapter_bytes"]
     backbones = data["backbones"]
+    source = SOURCES.get(data.get("source", "easy-vqa"), data.get("source"))   # reports before the key: easy-VQA
     rows = [
         ("trainable parameters", f"{m['trainable_params']:,} of {m['total_params']:,} "
                                  f"({100 * m['trainable_share']:.3f}%)"),
-        ("easy-VQA test accuracy", f"{100 * m['test_accuracy']:.2f}%"),
-        ("validation accuracy (best epoch)", f"{100 * m['val_accuracy']:.2f}% (epoch {m['best_epoch']})"),
+        *[(f"{source} test {metric_name(k)}", show(k, v)) for k, v in m.items() if k.startswith("test_")],
+        *[(f"validation {metric_name(k)} (best epoch)", f"{show(k, v)} (epoch {m['best_epoch']})")
+          for k, v in m.items() if k.startswith("val_")],
         ("training time (train loop only)", f"{m['train_seconds']:.0f} s, {m['steps']} steps"),
         ("adapter file", f"{adapter:,} bytes"),
         *[(f"{name} backbone weights ({b['source']}, fp32 safetensors)", f"{b['bytes']:,} bytes")
@@ -259,6 +265,13 @@ def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
             lines += ["", "Difference from the nearest neighbour in points of unigram F1 (seed means): " + "; ".join(
                 f"{_label(a)} {100 * (a['metrics']['test_unigram_f1']['mean'] - n['unigram_f1']):+.1f}"
                 for a in captioners) + "."]
+    instruct = [a for a in runs if a["task"] == "instruct"]
+    if instruct:   # generated answers (bench/task_metrics.py): no baseline rows yet
+        lines += ["", "| instruct, test split | exact match (%) | token F1 (%) | answers out of the training "
+                  "vocabulary | answers generated | seeds |", "|---|---|---|---|---|---|"]
+        lines += [f"| {_label(a)} | {_pct(a['metrics'], 'test_exact_match')} | {_pct(a['metrics'], 'test_token_f1')} | "
+                  f"{_pct(a['metrics'], 'test_out_of_vocabulary', 1)} | {_pct(a['metrics'], 'test_answered', 1, 0)} | "
+                  f"{seeds(a)} |" for a in instruct]
     groups = len(b["split"]["labels"]) if "split" in b else "the"
     lines += ["", f"| {groups} Unicode groups, test split | reads | accuracy (%) | macro-F1 (%) | seeds |",
               "|---|---|---|---|---|"]
@@ -299,7 +312,7 @@ def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
     if chains:
         lines += ["", "| stage chain | test metric | with init_from | from scratch | seeds |", "|---|---|---|---|---|"]
         for a, s in chains:
-            key = {"retrieval": "test_mean_recall", "captioning": "test_cider_d"}.get(a["task"], "test_accuracy")
+            key = f"test_{primary(a['task'])}"
             lines.append(f"| {_label(a)} | {key[5:]} | {_pct(a['metrics'], key)} | {_pct(s['metrics'], key)} | "
                          f"{seeds(a)} / {seeds(s)} |")
     if runs:
@@ -487,12 +500,14 @@ def distributed(data: dict | None = None) -> str:
 TABLES = {"bundle": bundle_table, "methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime,
           "emoji": emoji, "plan": plan, "peft": peft, "cache": cache, "distributed": distributed, "hub": hub,
           "serve-openai": serve_openai, "image-bomb": image_bomb, "hf-memory": hf_memory,
-          "gpu-smoke": gpu_smoke, "serve-instruct": serve_instruct}
+          "gpu-smoke": gpu_smoke, "serve-instruct": serve_instruct, "instruct-handwired": instruct_tables.handwired,
+          "instruct-generation": instruct_tables.generation}
 FILES = {"bundle": "default_bundle.json", "methods": "methods.md", "walltime": "main_walltime.json",
          "emoji": "emoji_baselines.json", "plan": "plan_check.json", "peft": "compare_peft.json",
          "cache": "cache_bench.json", "hub": "hub_plans.json", "serve-openai": "serve-openai.json",
          "image-bomb": "image_bomb.json", "hf-memory": "hf_memory.json",
-         "gpu-smoke": "gpu_smoke_cpu.json"}
+         "gpu-smoke": "gpu_smoke_cpu.json", "instruct-handwired": "instruct_handwired.json",
+         "instruct-generation": "instruct_generation.json"}
 MARKER = re.compile(r"^<!-- (/?)bench:([\w-]+) -->$", re.M)   # a marker is a line of its own
 # A markdown link or image target that is a path in this repository: no scheme, no anchor-only.
 LINK = re.compile(r"(\]\()(?![a-z][a-z0-9+.-]*:|#|/)([^)\s]+)(\))")

@@ -161,3 +161,54 @@ def test_retrieval_recipes_are_compared_with_the_projection_only_baseline(tables
     alone = tables.emoji({"aggregates": {"emoji-retrieval-adapters": aggregates["emoji-retrieval-adapters"]},
                           "template": "an emoji of {}"}, {})
     assert "Difference from" not in alone
+
+
+def _handwired_result(side: str, peak: int, above: int, step: float, **extra) -> dict:
+    return {"side": side, "trainable_params": 1234, "train_peak_rss": peak, "train_above_baseline": above,
+            "median_step_s": step, "median_step_cpu_s": 2 * step, "samples_per_s": 32 / step, "device": "cpu",
+            "torch_threads": 2, **extra}
+
+
+def test_instruct_handwired_block_compares_the_two_sides(tables):
+    """bench/instruct_handwired.py's JSON: both sides' memory and step, the ratios, what each side does."""
+    mib = 2**20
+    data = {"recipe": "easy-vqa-instruct", "settings": {"steps": 15, "batch_size": 32, "warmup": 3},
+            "lora": {"r": 16, "alpha": 32.0, "targets": ["q_proj", "v_proj"]},
+            "precision": {"vision": "int8", "text": "int8"}, "image_tokens": 4,
+            "same_sequences": {"compared": 480, "identical": 480, "mean_tokens": 24.3, "max_tokens": 28},
+            "results": [_handwired_result("hand-wired", 3000 * mib, 2000 * mib, 8.0, median_vision_s=1.5),
+                        _handwired_result("peftmm", 1500 * mib, 1000 * mib, 4.0, cache_fill_seconds=12.5)],
+            "ratios": {"memory_above_baseline": 0.5, "memory_raw": 0.5, "step": 0.5, "step_cpu": 0.25}}
+    text = tables.instruct_tables.handwired(data)
+    assert "| peak RSS up to the last step | 3,000 MiB | 1,500 MiB |" in text
+    assert "| median step, batch 32 | 8.00 s | 4.00 s |" in text
+    assert "| CPU time of a step (median, all threads) | 16.00 s | 8.00 s |" in text and "(0.25x its CPU time)" in text
+    assert "(median 1.50 s of the step)" in text and "before training: 12.5 s" in text
+    assert "**0.50x** the memory above the baseline" in text and "**0.50x** the step time" in text
+    assert "LoRA r 16 (alpha 32) on q_proj, v_proj" in text and "480 of 480 training questions" in text
+    assert "](bench/results/instruct_handwired.png)" in text
+
+
+def test_instruct_generation_block_gives_tokens_per_second_and_agreement(tables):
+    def run(rate):
+        return {"tokens_per_s": rate, "median_call_s": 1.0, "seconds": [1.0], "tokens": [rate], "answers": []}
+
+    names = ("peftmm-int8", "peftmm-fp32", "peftmm-fp32-merged", "transformers-merged")
+    data = {"bundle": "trained here", "train_steps": 4, "bundle_precision": "int8", "device": "cpu", "torch_threads": 2,
+            "recipe": "easy-vqa-instruct", "lora": {"r": 16, "alpha": 32, "targets": ["q_proj", "v_proj"]},
+            "settings": {"prompt": "Describe the image.", "max_new_tokens": 32, "repeats": 5, "batches": [1, 16]},
+            "results": {"1": {n: run(r) for n, r in zip(names, (10.0, 20.0, 30.0, 30.0))},
+                        "16": {n: run(r) for n, r in zip(names, (100.0, 200.0, 300.0, 400.0))}},
+            "ratios": {"1": dict(zip(names, (1 / 3, 2 / 3, 1.0, 1.0))), "16": dict(zip(names, (0.25, 0.5, 0.75, 1.0)))},
+            "agreement": {size: {n: {"same": 16 - (n == "peftmm-int8"), "of": 16} for n in names[:3]}
+                          for size in ("1", "16")},
+            "reached_max_new_tokens": {size: {n: 9 for n in names} for size in ("1", "16")}}
+    text = tables.instruct_tables.generation(data)
+    lines = text.splitlines()
+    assert lines[0].startswith("| variant | batch 1: tokens/s | vs transformers | batch 16: tokens/s |")
+    assert "| peftmm `Predictor`, LoRA unmerged, int8 LM (as the recipe trains) | 10.0 | 0.33x | 100.0 | 0.25x | " \
+           "15 of 16, 15 of 16 |" in lines
+    assert "| transformers `generate`, LoRA merged (`merge_and_unload`), fp32 | 30.0 | 1.00x | 400.0 | 1.00x | " \
+           "(the reference) |" in lines
+    assert "a bundle trained 4 steps from `easy-vqa-instruct` (LoRA r 16 on q_proj, v_proj), int8 LM;" in text
+    assert "9 of 16 at batch 1" in text
