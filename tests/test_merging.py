@@ -147,6 +147,19 @@ def test_dare_is_reproducible_with_a_seed(pair, tmp_path):
     assert any(not torch.equal(one[k], other[k]) for k in one if ".lora_A." in k)
 
 
+def test_prefix_bundles_merge_by_weighted_sum(tiny_models, tmp_path):
+    """Prefix tuning saves its folded prefixes; a merge averages them like any other tensor."""
+    recipe = _recipe(tiny_models, text_methods=[{"type": "prefix", "length": 3, "reparam_hidden": 8}])
+    with torch.random.fork_rng(devices=[]):
+        a, b = _trained(recipe, tmp_path / "a", 1), _trained(recipe, tmp_path / "b", 2)
+    out = merge_bundles(tmp_path / "merged", [a, b], combination(2, [0.5, 0.5]))
+    merged, ta, tb = read_tensors(out), read_tensors(a), read_tensors(b)
+    assert any(k.startswith("text.") for k in merged)
+    assert all(torch.allclose(merged[k], 0.5 * ta[k] + 0.5 * tb[k], atol=1e-6) for k in merged)
+    model, _, _ = load_bundle(out)
+    assert model.methods["text"][0].registry_name == "prefix"
+
+
 def test_merge_cli(pair, tmp_path):
     result = CliRunner().invoke(main, ["merge", str(tmp_path / "soup"), str(pair[0]), str(pair[1]),
                                        "--weights", "0.5,0.5", "--method", "ties", "--density", "0.5"])
@@ -289,6 +302,19 @@ def test_a_mix_answers_as_the_merged_bundle(runtime, examples):
     assert runtime.names() == ["a", "b", "merged"]
 
 
+def test_a_mix_outlives_its_sources(runtime, examples):
+    images = [examples[1][0]["image"]]
+    runtime.register_mix("kept", {"a": 0.25, "b": 0.75})
+    try:
+        before = _answers(runtime, "kept", images)
+        runtime.unregister("b")
+        assert _same_answer(_answers(runtime, "kept", images)[0], before[0])
+    finally:
+        runtime.unregister("kept")
+        if "b" not in runtime.names():
+            runtime.register("b")
+
+
 def test_mix_refusals_leave_the_runtime_as_it_was(runtime, examples):
     images = [examples[1][0]["image"]]
     before = (runtime.names(), runtime.backbones(), _answers(runtime, "a", images))
@@ -313,7 +339,7 @@ def test_the_server_registers_a_mix(runtime, examples):
         assert response.json()["mix"]["weights"] == [0.25, 0.75]
         try:
             refused = client.post("/api/adapters", json={"bundle": "a", "mix": {"a": 1.0}})
-            assert refused.status_code == 422 and "either bundle" in refused.json()["error"]
+            assert refused.status_code == 422 and "either bundle or mix, not both" in refused.json()["error"]
             refused = client.post("/api/adapters", json={"name": "m2", "mix": {"a": 1.0, "b": 1.0},
                                                          "method": "dare_ties", "density": 1.5})
             assert refused.status_code == 400 and "density 1.5 is out of range" in refused.json()["error"]
