@@ -86,6 +86,19 @@ def test_linear_with_weights_one_and_zero_reproduces_the_first_bundle(pair, exam
     assert "## Merged" in card and "`peftmm merge --method linear`" in card
 
 
+def test_linear_of_two_copies_doubles_the_lora_delta_as_peft_does(pair, tmp_path):
+    """peft's linear weights A and B by sqrt(w) each: copies at 0.5, 0.5 give (2 sqrt(0.5))^2 = 2
+    times the LoRA delta, while the other tensors (plain weighted sums) stay as they were."""
+    merged, single = read_tensors(merge_bundles(tmp_path / "twice", [pair[0], pair[0]], combination(2))), \
+        read_tensors(pair[0])
+    pairs = [k.removesuffix(".lora_A.default.weight") for k in single if k.endswith(".lora_A.default.weight")]
+    assert pairs
+    for module in pairs:
+        a, b = f"{module}.lora_A.default.weight", f"{module}.lora_B.default.weight"
+        assert torch.allclose(merged[b] @ merged[a], 2 * single[b] @ single[a], atol=1e-5), module
+    assert all(torch.allclose(merged[k], single[k], atol=1e-6) for k in single if ".lora_" not in k)
+
+
 def test_tensors_other_than_lora_are_the_weighted_sum(pair, tmp_path):
     out = merge_bundles(tmp_path / "merged", list(pair), combination(2, [0.3, 0.7]))
     merged, a, b = read_tensors(out), read_tensors(pair[0]), read_tensors(pair[1])
