@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from pathlib import Path
 
@@ -132,9 +133,13 @@ def check_template(template: str) -> None:
 
 
 def evaluate_bundle(path: str | Path, split: str = "test", batch_size: int = 256, progress: bool = True,
-                    device: str | None = None, max_samples: int | None = None) -> dict:
+                    device: str | None = None, max_samples: int | None = None, full_split: bool = False) -> dict:
+    """By default the split as the bundle's training run scored it (its data.max_eval_samples cap
+    included), so the result reproduces the card; ``full_split`` lifts that cap."""
     predictor = Predictor.load(path, device)
     spec = predictor.recipe.data
+    if full_split:
+        spec = dataclasses.replace(spec, max_eval_samples=None)
     examples = load_splits(spec)[split]
     if max_samples:
         examples = examples[:max_samples]

@@ -34,6 +34,14 @@ def test_eval_reproduces_the_test_accuracy_of_training(trained):
     assert abs(measured["accuracy"] - summary["test_accuracy"]) < 1e-6
 
 
+def test_eval_full_split_lifts_the_recipes_evaluation_cap(trained):
+    _, run, _ = trained
+    result = CliRunner().invoke(main, ["eval", str(run), "--split", "val", "--full-split", "--max-samples", "40"])
+    assert result.exit_code == 0, result.output
+    # the recipe scored 32 examples; 40 exist only past its cap (easy-VQA's val split is in the thousands)
+    assert json.loads(result.output[result.output.index("{"):])["examples"] == 40
+
+
 def test_predict_prints_answer_and_scores(trained):
     import easy_vqa
 

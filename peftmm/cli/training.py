@@ -77,12 +77,15 @@ def train(recipe, overrides, output, resume, num_processes, no_progress):
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--max-samples", type=click.IntRange(1), help="Evaluate on the first N examples only.")
+@click.option("--full-split", is_flag=True,
+              help="The whole split, even where the recipe capped evaluation (data.max_eval_samples).")
 @friendly
-def evaluate(adapter, split, batch_size, max_samples):
+def evaluate(adapter, split, batch_size, max_samples, full_split):
     """Evaluate an ADAPTER bundle (folder, run directory or name under ./adapters) on a split."""
     from ..predict import evaluate_bundle
 
-    click.echo(json.dumps(evaluate_bundle(adapter, split, batch_size, max_samples=max_samples), indent=2))
+    click.echo(json.dumps(evaluate_bundle(adapter, split, batch_size, max_samples=max_samples,
+                                               full_split=full_split), indent=2))
 
 
 @click.command()
