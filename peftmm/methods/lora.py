@@ -110,6 +110,8 @@ class LoRA(Method):
             alpha_pattern={re.escape(inside[m]): a for m, a in alphas.items()})
         with warnings.catch_warnings(), torch.random.fork_rng():
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            # peft's own PiSSA-to-LoRA conversion cannot do rsLoRA with patterns; export (below) can
+            warnings.filterwarnings("ignore", message="Using Rank-Stabilized LoRA with rank_pattern")
             torch.manual_seed(0)  # randomised SVD (pissa_niter_N): the same start on a resumed run
             inject_adapter_in_model(self.peft_config, tower.model, adapter_name=self.slot)
         _expose_conv_geometry(tower.model)
