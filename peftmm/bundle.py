@@ -76,11 +76,12 @@ def bundle_config(model, recipe: dict, metrics: dict | None = None, precision: d
 
 
 def save_bundle(model, recipe, path: str | Path, metrics: dict | None = None, overwrite: bool = True,
-                card: str | None = None, precision: dict | None = None) -> Path:
-    """Write a bundle folder atomically: readers see the old bundle or the new one, never a mix."""
+                card: str | None = None, precision: dict | None = None, extra: dict | None = None) -> Path:
+    """Write a bundle folder atomically: readers see the old bundle or the new one, never a mix.
+    ``extra``: more keys for the config (a merged bundle's ``merge`` record)."""
     path = Path(path)
     tensors, saved_recipe = model.export(recipe)  # methods fold training-only structure here
-    config = bundle_config(model, saved_recipe, metrics, precision)
+    config = bundle_config(model, saved_recipe, metrics, precision) | (extra or {})
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     check_finite(tensors, str(path))

@@ -56,6 +56,8 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
     described = task.describe_memory(recipe["task"], memory) if memory else None
     if described:   # captioning's caption memory, retrieval's pair memory
         lines[-1:] = [f"- {described}", ""]
+    if isinstance(config.get("merge"), dict):   # peftmm merge: what went in, and how
+        lines += merge_lines(config["merge"])
     if training and training.get("epochs"):
         metric = training["metric"]
         curve = ", ".join(f"{v:.4f}" for v in training["values"])
@@ -74,6 +76,17 @@ def model_card(config: dict, tensors: dict, training: dict | None = None) -> str
     arguments = task.predict_arguments(recipe["task"])
     lines += ["## Use", "", "```bash", f"peftmm predict {config['name']} --image IMAGE{arguments}", "```", ""]
     return "\n".join(lines)
+
+
+def merge_lines(merge: dict) -> list[str]:
+    """The card's section on a merged bundle: its sources with their weights, and the method."""
+    density = f", density {merge['density']}" if merge.get("density") is not None else ""
+    seed = f", seed {merge['seed']}" if merge.get("seed") is not None else ""
+    lines = ["## Merged", "", f"Made by `peftmm merge --method {merge.get('method')}`{density}{seed} from:", "",
+             "| bundle | weight | weights sha256 |", "|---|---|---|"]
+    for source, weight in zip(merge.get("sources", []), merge.get("weights", [])):
+        lines.append(f"| {source.get('name')} | {weight} | `{str(source.get('weights_sha256'))[:16]}` |")
+    return lines + [""]
 
 
 def front_matter(config: dict) -> dict:

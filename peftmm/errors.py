@@ -30,6 +30,11 @@ class BundleError(PeftmmError):
     """An adapter bundle that is missing, corrupt, or built for other backbones."""
 
 
+class MergeError(BundleError):
+    """Adapters that cannot be combined (``peftmm merge``, a runtime mix): options out of range,
+    or sources that do not agree (backbones, methods, labels, fusion, tensors)."""
+
+
 class DataError(PeftmmError):
     """A data set or image that cannot be read."""
 

@@ -38,11 +38,12 @@ from .bundle import (
     read_config,
     resolve_bundle,
 )
-from .errors import BundleError, DataError
+from .errors import BundleError, DataError, MergeError
 from .features import pad_tokens
 from .generation import GenerationOptions
 from .hub_bundles import HUB_SCHEME, parse_reference
 from .images import load_image, parse_background
+from .merging import check_agree, combination, combine_into
 from .methods.base import NO_SLOT
 from .precision import common_record, inference_context
 from .predict import default_device
@@ -60,6 +61,7 @@ class Registered:
     config: dict
     tower_keys: dict          # tower name -> key in Runtime._towers
     bytes: int
+    mix: dict | None = None   # a request-time mix: what it combines (Combination.record)
 
 
 class Runtime:
@@ -112,6 +114,43 @@ class Runtime:
             self._adapters[name] = Registered(name, path, model, recipe, config, keys, size)
             return self.describe(name)
 
+    def register_mix(self, name: str, weights: dict[str, float], method: str = "linear",
+                     density: float | None = None, seed: int | None = None) -> dict:
+        """Register ``name`` as a weighted mix of registered adapters, without writing a bundle:
+        ``weights`` maps adapter names to weights, combined as ``peftmm merge`` combines bundles
+        (merging.py; the same refusals), so the mix answers as the merged bundle would.
+
+        The mix is a copy: it keeps answering if its sources are unregistered later.
+        """
+        with self._lock:
+            name = check_adapter_name(name)
+            if name in self._adapters:
+                raise BundleError(f"an adapter named {name!r} is already registered; unregister it first",
+                                  kind="conflict")
+            if not isinstance(weights, dict) or not weights:
+                raise MergeError("a mix names registered adapters with their weights, e.g. {\"a\": 0.5, \"b\": 0.5}")
+            entries = [self._get(source) for source in weights]
+            how = combination(len(entries), list(weights.values()), method, density, seed)
+            check_agree([(e.name, e.config, {k: tuple(v.shape) for k, v in e.model.trainable_state_dict().items()})
+                         for e in entries])
+            first = entries[0]
+            for entry in entries[1:]:
+                if entry.tower_keys != first.tower_keys:
+                    raise MergeError(f"its backbones are loaded apart from {first.name}'s (another precision): "
+                                     "a mix needs its adapters on the same loaded backbones", entry.name)
+            towers = {tower: self._towers[key] for tower, key in first.tower_keys.items()}
+            model, recipe, config = load_bundle(first.path, self.device, towers=towers, slot=name)
+            try:
+                combine_into(model, [e.model for e in entries], how, [e.name for e in entries])
+            except BaseException:
+                model.remove_methods()
+                raise
+            record = how.record([{"name": e.name, "bundle": e.path.name} for e in entries])
+            config = {**config, "metrics": {}, "merge": record}
+            self._adapters[name] = Registered(name, first.path, model, recipe, config, dict(first.tower_keys), 0,
+                                              mix=record)
+            return self.describe(name)
+
     def unregister(self, name: str) -> None:
         with self._lock:
             entry = self._get(name)
@@ -138,7 +177,7 @@ class Runtime:
                               "fingerprint": config["towers"][t]["fingerprint"][:16]} for t in TOWERS},
             "question": question_use(model.task), "trainable_params": trainable, "bytes": entry.bytes,
             "metrics": {k: v for k, v in config.get("metrics", {}).items() if isinstance(v, (int, float, str))},
-        }
+        } | ({"mix": entry.mix} if entry.mix else {})
 
     def backbones(self) -> list[dict]:
         """Every loaded backbone once, with the adapters that use it."""

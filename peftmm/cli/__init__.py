@@ -44,8 +44,8 @@ def main(debug, offline):
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-from . import bundles, chat, hub, interop, plan, serve, training  # noqa: E402  (each module's commands, attached below)
+from . import bundles, chat, hub, interop, merge, plan, serve, training  # noqa: E402  (each module's commands, attached below)
 
-for _module in (training, chat, bundles, hub, interop, serve, plan):
+for _module in (training, chat, bundles, merge, hub, interop, serve, plan):
     for _command in _module.COMMANDS:
         main.add_command(_command)

@@ -56,9 +56,14 @@ class ApiBodyError(PeftmmError):
 
 
 class RegisterBody(BaseModel):
+    """A bundle from the adapters folder, or (``mix``) a weighted mix of registered adapters."""
     model_config = ConfigDict(extra="forbid")
-    bundle: str
+    bundle: str | None = None
     name: str | None = None
+    mix: dict[str, float] | None = None   # adapter name -> weight (Runtime.register_mix)
+    method: str = "linear"
+    density: float | None = None
+    seed: int | None = None
 
 
 class PredictBody(BaseModel):
@@ -230,9 +235,20 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
               openapi_extra={"requestBody": {"content": {"application/json": {
                   "schema": RegisterBody.model_json_schema()}}, "required": True}})
     async def register(request: Request):
-        """JSON ``{bundle, name?}``: load a bundle from the adapters folder."""
+        """JSON ``{bundle, name?}``: load a bundle from the adapters folder; or ``{name, mix:
+        {adapter: weight, ...}, method?, density?, seed?}``: a weighted mix of registered adapters."""
         body = parse_body(RegisterBody, await read_body(request))
-        return await run_in_threadpool(runtime.register, body.bundle, name=body.name)
+        if (body.bundle is None) == (body.mix is None):
+            raise ApiError(422, "give either bundle (a folder in the adapters folder) or mix (registered "
+                                "adapters and their weights)")
+        if body.mix is None:
+            if body.method != "linear" or body.density is not None or body.seed is not None:
+                raise ApiError(422, "method, density and seed apply to a mix only")
+            return await run_in_threadpool(runtime.register, body.bundle, name=body.name)
+        if body.name is None:
+            raise ApiError(422, "a mix needs a name")
+        return await run_in_threadpool(runtime.register_mix, body.name, body.mix, method=body.method,
+                                       density=body.density, seed=body.seed)
 
     @app.delete("/api/adapters/{name}", status_code=204)
     def unregister(name: str):
