@@ -534,7 +534,11 @@ def soups(data: dict | None = None) -> str:
         for split, by_bundle in merge["evaluations"].items():
             for bundle, metrics in by_bundle.items():
                 lines.append(f"| {split} | {bundle} | {_metric_cells(metrics, keys)} |")
-        lines.append("")
+        lines += ["", f"A merged bundle keeps its first source's recipe (prompt, data), so the merge is made once "
+                  f"with each bundle first; the two orders' tensors differ by at most "
+                  f"{merge['orders_largest_difference']:.2g}."
+                  + (f" The runs differ from their recipes by {_overrides_line(merge['beyond_method'])}."
+                     if merge["beyond_method"] else ""), ""]
     return "\n".join(lines).strip() or "No soups measured yet."
 
 

@@ -8,11 +8,10 @@ Seeds (issue 21, point 5): the seed bundles of one (task, method) of the method 
 seed on the same test split. Seeds the method table has not trained yet are trained first, by
 bench/method_table.py's own runner into its runs folder (so the two scripts share runs).
 
-Across tasks: two runs of recipes that differ in their data (trained here, same runner), merged
-with TIES or DARE (``--method``, ``--density``, optional ``--weights``); the merged bundle and
-both inputs are each evaluated on both runs' test splits. A bundle evaluated on the other run's
-data goes through ``--eval-on``: exactly ``peftmm eval``'s computation (predict.evaluate_bundle),
-with the data section of the other run's recipe.
+Across tasks: two runs of different tasks that ``peftmm merge`` accepts together (trained here,
+same runner), merged with TIES or DARE (``--method``, ``--density``, optional ``--weights``)
+once with each bundle first. A merged bundle keeps its first source's recipe, so each order is
+evaluated by ``peftmm eval`` on its first bundle's task, against that bundle alone.
 
 Resumable: merged bundles and evaluations are kept under RUNS/soups/ and reused. Writes
 bench/results/soups.json; the docs block is bench/readme_tables.py's ``soups``.
@@ -36,8 +35,8 @@ from peftmm.errors import PeftmmError  # noqa: E402
 from peftmm.io import atomic_write_text  # noqa: E402
 
 ROOT, RESULTS = mt.ROOT, mt.RESULTS
-SEED_KEYS, ACROSS_KEYS, RUN_KEYS = {"task", "method"}, {"name", "method", "density", "seed", "runs", "weights"}, \
-    {"recipe", "set"}
+SEED_KEYS, RUN_KEYS = {"task", "method"}, {"recipe", "tower", "methods", "set"}
+ACROSS_KEYS = {"name", "method", "density", "seed", "metrics", "runs", "weights"}
 MERGE_METHODS = ("ties", "dare_linear", "dare_ties", "linear")
 
 
@@ -56,6 +55,8 @@ def validate_soups(spec: dict, where: str) -> dict:
         mt._keys(merge, ACROSS_KEYS, ACROSS_KEYS - {"weights"}, key, where)
         if not isinstance(merge["name"], str) or not mt.NAME.fullmatch(merge["name"]):
             raise mt.SpecError(f"{key}.name: lower-case letters, digits, '-' and '+'", where)
+        if not isinstance(merge["seed"], int) or isinstance(merge["seed"], bool):
+            raise mt.SpecError(f"{key}.seed: the seed of both runs, a whole number, got {merge['seed']!r}", where)
         if merge["method"] not in MERGE_METHODS:
             raise mt.SpecError(f"{key}.method: one of {', '.join(MERGE_METHODS)}, got {merge['method']!r}", where)
         if not isinstance(merge["density"], (int, float)) or not 0 < merge["density"] <= 1:
@@ -64,12 +65,18 @@ def validate_soups(spec: dict, where: str) -> dict:
             raise mt.SpecError(f"{key}.runs: must name exactly two runs {{NAME: {{recipe, set}}}}", where)
         if "weights" in merge and (not isinstance(merge["weights"], list) or len(merge["weights"]) != 2):
             raise mt.SpecError(f"{key}.weights: one weight per run (two), got {merge['weights']!r}", where)
-        for name, run in merge["runs"].items():
-            mt._keys(run, RUN_KEYS, {"recipe"}, f"{key}.runs.{name}", where)
-            if not mt.NAME.fullmatch(str(name)) or not (ROOT / run["recipe"]).is_file():
-                raise mt.SpecError(f"{key}.runs.{name}: a lower-case name and an existing recipe file", where)
-            mt._overrides(run.get("set", []), f"{key}.runs.{name}.set", where)
+        # each run is a task of one method, checked as the method table checks its tasks
+        mt.validate_spec({"tasks": {f"{merge['name']}-{name}": _as_task(run, merge.get("metrics"))
+                                    for name, run in merge["runs"].items()}}, f"{where}: {key}.runs")
     return soups
+
+
+def _as_task(run, metrics) -> dict:
+    """A run of ``across_tasks`` as a method-table task of one method, ``as-given``."""
+    if not isinstance(run, dict):
+        return run   # validate_spec names it
+    task = {k: run[k] for k in ("recipe", "tower") if k in run} | {"metrics": metrics}
+    return task | {"methods": {"as-given": {k: run[k] for k in ("methods", "set") if k in run}}}
 
 
 # -- subprocesses: peftmm merge, peftmm eval, and eval on another run's data ---------------------
@@ -93,31 +100,15 @@ def merge(out: Path, bundles: list[Path], method: str, density: float | None = N
     return out
 
 
-def evaluate(bundle: Path, data_of: Path | None, cache: Path) -> dict:
-    """Test metrics of ``bundle``: by ``peftmm eval``, or on the data of run dir ``data_of``; cached."""
-    key = f"{rel(bundle)} on {rel(data_of) if data_of else 'its own data'}"
+def evaluate(bundle: Path, cache: Path) -> dict:
+    """``peftmm eval BUNDLE --split test``, cached in ``cache`` by the bundle's path."""
+    key = rel(bundle)
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     if key not in done:
-        cmd = [sys.executable, "-m", "peftmm", "eval", str(bundle), "--split", "test"] if data_of is None else \
-            [sys.executable, str(Path(__file__).resolve()), "--eval-on", str(bundle), str(data_of)]
-        done[key] = _json_of(cmd)
+        done[key] = _json_of([sys.executable, "-m", "peftmm", "eval", str(bundle), "--split", "test"])
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache, json.dumps(done, indent=2) + "\n")
     return done[key]
-
-
-def eval_on(bundle: str, run_dir: str) -> dict:
-    """predict.evaluate_bundle with the data section of ``run_dir``'s recipe instead of the bundle's."""
-    from peftmm.data import load_splits
-    from peftmm.evaluation import evaluate as evaluate_examples
-    from peftmm.predict import Predictor
-    from peftmm.recipe import load
-
-    predictor = Predictor.load(bundle)
-    examples = load_splits(load(Path(run_dir) / "recipe.yaml").data)["test"]
-    with predictor.precision():
-        return evaluate_examples(predictor.model, examples, predictor.batcher, 256, predictor.device,
-                                 progress=False, desc="test") | {"examples": len(examples)}
 
 
 # -- the two kinds of merge -------------------------------------------------------------------
@@ -130,43 +121,53 @@ def seed_soup(spec: dict, soup: dict, seeds: list[int], runs_dir: Path, size: li
     folder = runs_dir / "soups" / f"{t}-{m}-s{'-'.join(map(str, seeds))}"
     merged = merge(folder / "bundle", bundles, "linear")
     cache = folder / "evaluations.json"
-    members = [{"seed": r["seed"], "bundle": r["run_dir"] + "/bundle", "test": evaluate(b, None, cache)}
+    members = [{"seed": r["seed"], "bundle": r["run_dir"] + "/bundle", "test": evaluate(b, cache)}
                for r, b in zip(rows, bundles)]
     keys = spec["tasks"][t]["metrics"]
     return {"task": t, "method": m, "metrics": keys, "beyond_method": rows[0]["beyond_method"],
-            "members": members, "merged": rel(merged), "soup": evaluate(merged, None, cache),
+            "members": members, "merged": rel(merged), "soup": evaluate(merged, cache),
             "seed_mean": {k: statistics.fmean(s["test"][k] for s in members) for k in keys
                           if all(k in s["test"] for s in members)}}
 
 
-def _train_named(runs_dir: Path, name: str, run: dict, seed: int, size: list[str]) -> Path:
-    """A run of one recipe and overrides through the method table's runner (a task of one method)."""
-    # the recipe's own vision methods, given back to it unchanged: the run differs by `set` only
-    recipe = mt.load_yaml((ROOT / run["recipe"]).read_text(), run["recipe"], mt.SpecError)
-    methods = (recipe.get("vision") or {}).get("methods", [])
-    task = {"recipe": run["recipe"], "tower": "vision", "metrics": [],
-            "methods": {"as-recipe": {"methods": methods, "set": run.get("set", [])}}}
-    row = mt.run_one(runs_dir, {"tasks": {name: task}}, name, "as-recipe", seed, size)
-    if row is None:
-        raise PeftmmError(f"{name}: training failed; see its train.log under {rel(runs_dir / name)}")
-    return ROOT / row["run_dir"]
+def _largest_difference(a: Path, b: Path) -> float:
+    """The largest absolute difference between two bundles' tensors (same names required)."""
+    from safetensors.torch import load_file
+
+    left, right = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    if set(left) != set(right):
+        raise PeftmmError(f"{rel(a)} and {rel(b)} hold different tensors: {sorted(set(left) ^ set(right))[:3]}")
+    return max(((left[k].float() - right[k].float()).abs().max().item() for k in left if left[k].numel()),
+               default=0.0)
 
 
-def across_tasks(merge_spec: dict, runs_dir: Path, size: list[str], metrics: list[str]) -> dict:
+def across_tasks(merge_spec: dict, runs_dir: Path, size: list[str]) -> dict:
+    """Merge two tasks' bundles, once with each first: a merged bundle keeps its first source's
+    recipe, so each order is the merge as the task of its first bundle (its prompt, its data) and
+    ``peftmm eval`` measures that task. The two orders' tensors are compared: with equal weights
+    the combination does not depend on the order."""
+    name, seed = merge_spec["name"], merge_spec["seed"]
     names = list(merge_spec["runs"])
-    run_dirs = {n: _train_named(runs_dir, f"{merge_spec['name']}-{n}", merge_spec["runs"][n], merge_spec["seed"],
-                                size) for n in names}
-    folder = runs_dir / "soups" / f"{merge_spec['name']}-s{merge_spec['seed']}"
-    merged = merge(folder / "bundle", [run_dirs[n] / "bundle" for n in names], merge_spec["method"],
-                   merge_spec["density"], merge_spec.get("weights"))
+    spec = {"tasks": {f"{name}-{n}": _as_task(run, merge_spec["metrics"]) for n, run in merge_spec["runs"].items()}}
+    rows = {n: mt.run_one(runs_dir, spec, f"{name}-{n}", "as-given", seed, size) for n in names}
+    if any(r is None for r in rows.values()):
+        raise PeftmmError(f"{name}: a run's training failed; see its train.log under {rel(runs_dir)}")
+    bundles = {n: ROOT / rows[n]["run_dir"] / "bundle" for n in names}
+    folder = runs_dir / "soups" / f"{name}-s{seed}"
     cache = folder / "evaluations.json"
-    bundles = {**{n: run_dirs[n] / "bundle" for n in names}, f"merged ({merge_spec['method']})": merged}
-    evaluations = {f"{n} test": {label: evaluate(b, run_dirs[n], cache) for label, b in bundles.items()}
-                   for n in names}
-    return {"name": merge_spec["name"], "method": merge_spec["method"], "density": merge_spec["density"],
-            "weights": merge_spec.get("weights"), "seed": merge_spec["seed"], "tasks": names,
-            "runs": {n: rel(d) for n, d in run_dirs.items()}, "merged": rel(merged), "metrics": metrics,
-            "evaluations": evaluations}
+    merged, evaluations = {}, {}
+    for n in names:
+        order = [n, *(m for m in names if m != n)]
+        weights = merge_spec.get("weights")
+        merged[n] = merge(folder / f"{n}-first", [bundles[m] for m in order], merge_spec["method"],
+                          merge_spec["density"], [weights[names.index(m)] for m in order] if weights else None)
+        evaluations[f"{n} test"] = {f"{n} bundle": evaluate(bundles[n], cache),
+                                    f"merged ({merge_spec['method']})": evaluate(merged[n], cache)}
+    return {"name": name, "method": merge_spec["method"], "density": merge_spec["density"],
+            "weights": merge_spec.get("weights"), "seed": seed, "tasks": names, "metrics": merge_spec["metrics"],
+            "runs": {n: r["run_dir"] for n, r in rows.items()}, "merged": {n: rel(p) for n, p in merged.items()},
+            "orders_largest_difference": _largest_difference(*merged.values()),
+            "beyond_method": rows[names[0]]["beyond_method"], "evaluations": evaluations}
 
 
 def main() -> None:
@@ -177,14 +178,8 @@ def main() -> None:
     parser.add_argument("--max-train-samples", type=int, help="data.max_train_samples of every run")
     parser.add_argument("--runs-dir", help="default: the method table's, bench/results/runs/method-table/<size>")
     parser.add_argument("--only", choices=["seeds", "across_tasks"], help="one kind of merge only")
-    parser.add_argument("--metrics", nargs="+", default=["exact_match", "token_f1"],
-                        help="metrics shown for the merges across tasks")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--eval-on", nargs=2, metavar=("BUNDLE", "RUN_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.eval_on:   # the child that evaluates a bundle on another run's test split
-        print(json.dumps(eval_on(*args.eval_on)))
-        return
     try:
         spec_path = Path(args.spec).resolve()
         spec = mt.load_spec(spec_path)
@@ -195,8 +190,7 @@ def main() -> None:
         if args.only != "across_tasks":
             data["seeds"] = [seed_soup(spec, s, args.seeds, runs_dir, size) for s in soups.get("seeds", [])]
         if args.only != "seeds":
-            data["across_tasks"] = [across_tasks(m, runs_dir, size, args.metrics)
-                                    for m in soups.get("across_tasks", [])]
+            data["across_tasks"] = [across_tasks(m, runs_dir, size) for m in soups.get("across_tasks", [])]
     except PeftmmError as error:
         sys.exit(f"error: {error}")
     out = Path(args.out)

@@ -25,14 +25,18 @@ def spec():
     return mt.load_spec(mt.SPEC)
 
 
-def test_the_shipped_spec_validates_and_its_core_methods_parse(spec):
+def test_the_shipped_spec_validates_and_its_methods_parse(spec):
+    """Every run of the shipped spec whose method types peftmm registers parses as a recipe
+    (the LoRA variants' options, the precisions they need), before any training."""
+    from peftmm.methods import METHODS
+
     assert set(spec["tasks"]) == {"emoji-group", "emoji-instruct"}
     assert "prefix" not in spec["tasks"]["emoji-group"]["methods"]   # MobileNetV2 has no attention
     assert soups.validate_soups(spec, "spec")["across_tasks"][0]["method"] in ("ties", "dare_ties", "dare_linear")
-    core = [(t, m) for t, m in mt.selected(spec, None, None)
-            if m in ("frozen", "lora", "adapter-pfeiffer", "adapter-houlsby", "prefix", "full")]
-    assert len(core) == 10
-    assert mt.check_recipes(spec, core, mt.size_overrides(1, 64)) == []
+    known = [(t, m) for t, m in mt.selected(spec, None, None)
+             if all(x["type"] in METHODS.names() for x in spec["tasks"][t]["methods"][m]["methods"])]
+    assert {"dora", "pissa", "lora-plus", "rslora", "full", "prefix"} <= {m for _, m in known}
+    assert mt.check_recipes(spec, known, mt.size_overrides(1, 64)) == []
 
 
 def test_a_method_peftmm_does_not_know_is_caught_before_training(spec):
@@ -78,7 +82,10 @@ def test_a_bad_spec_is_one_error_naming_the_key(spec, path, value, message):
     (("soups", "across_tasks", 0, "density"), 1.5, r"density: must be in \(0, 1\]"),
     (("soups", "across_tasks", 0, "method"), "average", "method: one of ties"),
     (("soups", "across_tasks", 0, "weights"), [1.0], "weights: one weight per run"),
-    (("soups", "across_tasks", 0, "runs", "subgroup"), KeyError, "runs: must name exactly two runs"),
+    (("soups", "across_tasks", 0, "runs", "image-text"), KeyError, "runs: must name exactly two runs"),
+    (("soups", "across_tasks", 0, "runs", "image", "tower"), "fusion",
+     r"across_tasks.0.runs: tasks.group-image\+image-text-image.tower: must be vision or text"),
+    (("soups", "across_tasks", 0, "seed"), "0", "seed: the seed of both runs"),
 ])
 def test_a_bad_soups_section_is_one_error_naming_the_key(spec, path, value, message):
     with pytest.raises(mt.SpecError, match=message):
@@ -166,12 +173,14 @@ def test_the_docs_blocks_show_the_overrides_in_the_caption(spec):
             "members": [{"seed": 0, "test": {"accuracy": 0.5}}, {"seed": 1, "test": {"accuracy": 0.7}}],
             "seed_mean": {"accuracy": 0.6}, "soup": {"accuracy": 0.25}}
     across = {"name": "a+b", "method": "ties", "density": 0.5, "seed": 0, "tasks": ["a", "b"],
+              "orders_largest_difference": 0.0, "beyond_method": {"train.epochs": 1},
               "metrics": ["exact_match"], "evaluations": {"a test": {"a": {"exact_match": 0.4},
                                                                      "merged (ties)": {"exact_match": 0.3}}}}
     text = readme_tables.soups({"seeds": [soup], "across_tasks": [across]})
     assert "| mean of the seeds | 60.0 |\n| **soup** (linear, equal weights) | 25.0 |" in text
     assert "`peftmm merge --method ties --density 0.5` of `a` and `b`" in text
     assert "| a test | merged (ties) | 30.0 |" in text
+    assert "the two orders' tensors differ by at most 0." in text and "by `train.epochs=1`" in text
 
 
 def test_a_tiny_table_trains_through_the_cli_and_resumes(tiny_models, tmp_path):
