@@ -490,7 +490,7 @@ def method_table(data: dict | None = None) -> str:
                     "recipe's own size)." if beyond else "; otherwise as the recipe is written.")
         lines = [caption, "", "| method | settings | " + " | ".join(m.replace("_", " ") for m in metrics)
                  + " | trainable params | share | adapter bytes | train loop | whole run | peak RSS | seeds |",
-                 "|---|---|" + "---:|" * (len(metrics) + 7) + "---|"]
+                 "|---|---|" + "---:|" * (len(metrics) + 6) + "---|"]
         for a in rows:
             m = a["metrics"]
             lines.append(f"| {a['method']} | {_settings(a)} | " + " | ".join(_pct(m, k) for k in metrics)

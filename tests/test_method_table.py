@@ -166,6 +166,8 @@ def test_the_docs_blocks_show_the_overrides_in_the_caption(spec):
     assert "| lora | lora(r=8, alpha=16) | 55.0 ± 7.1 | – | 100 | 1.000% | 400 | 10 s | 20 s | 1,024 MiB | 0, 1 |" \
         in text
     assert "| full | full(lr=5e-05); `vision.precision=fp32` |" in text and "emoji-instruct" not in text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1 and len(table) == 4   # header, rule, two methods
     assert readme_tables.method_table({"tasks": data["tasks"], "aggregates": []}) == \
         "No method-table runs collected yet."
 
@@ -183,18 +185,32 @@ def test_the_docs_blocks_show_the_overrides_in_the_caption(spec):
     assert "the two orders' tensors differ by at most 0." in text and "by `train.epochs=1`" in text
 
 
-def test_a_tiny_table_trains_through_the_cli_and_resumes(tiny_models, tmp_path):
-    recipe = tmp_path / "tiny.yaml"
+@pytest.fixture(scope="module")
+def tiny_table(tiny_models, tmp_path_factory):
+    """A spec over a tiny recipe (LoRA in the text tower, or nothing), its table trained through
+    `peftmm train` once: (folder, the command, its JSON)."""
+    root = tmp_path_factory.mktemp("method-table")
+    recipe = root / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"])))
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"tasks": {"tiny": {
-        "recipe": str(recipe), "tower": "text", "metrics": ["accuracy"],
-        "methods": {"frozen": {"methods": []}, "lora": {"methods": [{"type": "lora", "r": 2}]}}}}}))
-    cmd = [sys.executable, str(ROOT / "bench" / "method_table.py"), "--spec", str(spec), "--seeds", "0",
-           "--epochs", "2", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    lora = [{"type": "lora", "r": 2}]
+    (root / "spec.yaml").write_text(yaml.safe_dump({
+        "tasks": {"tiny": {"recipe": str(recipe), "tower": "text", "metrics": ["accuracy"],
+                           "methods": {"frozen": {"methods": []}, "lora": {"methods": lora}}}},
+        "soups": {"seeds": [{"task": "tiny", "method": "lora"}],
+                  "across_tasks": [{"name": "pair", "method": "ties", "density": 0.5, "seed": 0,
+                                    "metrics": ["accuracy"],
+                                    "runs": {"a": {"recipe": str(recipe), "tower": "text", "methods": lora},
+                                             "b": {"recipe": str(recipe), "tower": "text", "methods": lora,
+                                                   "set": ["train.lr=0.02"]}}}]}}))
+    cmd = [sys.executable, str(ROOT / "bench" / "method_table.py"), "--spec", str(root / "spec.yaml"),
+           "--seeds", "0", "--epochs", "2", "--runs-dir", str(root / "runs"), "--out", str(root / "out")]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-3000:]
-    data = json.loads((tmp_path / "out" / "method_table.json").read_text())
+    return root, cmd, json.loads((root / "out" / "method_table.json").read_text())
+
+
+def test_a_tiny_table_trains_through_the_cli_and_resumes(tiny_table):
+    root, cmd, data = tiny_table
     frozen, lora = data["runs"]
     assert (frozen["method"], lora["method"]) == ("frozen", "lora")
     assert lora["trainable_params"] > frozen["trainable_params"] and lora["adapter_bytes"] > frozen["adapter_bytes"]
@@ -202,11 +218,46 @@ def test_a_tiny_table_trains_through_the_cli_and_resumes(tiny_models, tmp_path):
     assert lora["differs_from_recipe"]["text.methods"][0]["r"] == 2
     assert lora["beyond_method"] == {"train.epochs": 2} == frozen["beyond_method"]
     assert [a["method"] for a in data["aggregates"]] == ["frozen", "lora"]
-    assert (tmp_path / "out" / "method_table.png").stat().st_size > 1000
+    assert (root / "out" / "method_table.png").stat().st_size > 1000
 
-    result = tmp_path / "runs" / "tiny" / "lora-s0" / "result.json"
+    result = root / "runs" / "tiny" / "lora-s0" / "result.json"
     written = result.stat().st_mtime_ns
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training" not in again.stderr and result.stat().st_mtime_ns == written
-    assert json.loads((tmp_path / "out" / "method_table.json").read_text())["runs"] == data["runs"]
+    assert json.loads((root / "out" / "method_table.json").read_text())["runs"] == data["runs"]
+
+
+def test_tiny_soups_merge_with_peftmm_merge_and_evaluate_with_peftmm_eval(tiny_table):
+    root, _, table = tiny_table
+    cmd = [sys.executable, str(ROOT / "bench" / "soups.py"), "--spec", str(root / "spec.yaml"), "--seeds", "0", "1",
+           "--epochs", "2", "--runs-dir", str(root / "runs"), "--out", str(root / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "training tiny / lora / seed 0" not in done.stderr   # the table's run is reused
+    assert "training tiny / lora / seed 1" in done.stderr
+    data = json.loads((root / "out" / "soups.json").read_text())
+    soup, = data["seeds"]
+    assert [m["seed"] for m in soup["members"]] == [0, 1]
+    # peftmm eval of the seed-0 bundle gives the test accuracy its training reported
+    assert soup["members"][0]["test"]["accuracy"] == pytest.approx(table["runs"][1]["test"]["accuracy"], abs=1e-6)
+    assert soup["seed_mean"]["accuracy"] == pytest.approx(sum(m["test"]["accuracy"] for m in soup["members"]) / 2)
+    assert 0 <= soup["soup"]["accuracy"] <= 1
+    recorded = json.loads((ROOT / soup["merged"] / "peftmm_config.json").read_text())["merge"]
+    assert (recorded["method"], recorded["weights"]) == ("linear", [0.5, 0.5])
+
+    pair, = data["across_tasks"]
+    assert set(pair["evaluations"]) == {"a test", "b test"}
+    assert set(pair["evaluations"]["b test"]) == {"b bundle", "merged (ties)"}
+    assert pair["orders_largest_difference"] < 1e-6   # equal weights: the order does not matter
+    for first, path in pair["merged"].items():
+        recorded = json.loads((ROOT / path / "peftmm_config.json").read_text())
+        assert (recorded["merge"]["method"], recorded["merge"]["density"]) == ("ties", 0.5)
+        assert recorded["recipe"]["train"]["lr"] == (0.02 if first == "b" else 0.005)
+
+    merged = ROOT / soup["merged"] / "adapter_model.safetensors"
+    written = merged.stat().st_mtime_ns
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert merged.stat().st_mtime_ns == written and "training" not in again.stderr
+    assert json.loads((root / "out" / "soups.json").read_text()) == data
