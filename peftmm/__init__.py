@@ -21,7 +21,7 @@ import logging  # noqa: E402
 # not needed (nf4 works without it), and the line would otherwise end up in every command's output.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from .errors import BundleError, DataError, PeftmmError, RecipeError  # noqa: E402
+from .errors import BundleError, DataError, MergeError, PeftmmError, RecipeError  # noqa: E402
 from .recipe import from_dict as recipe_from_dict  # noqa: E402
 from .recipe import load as load_recipe  # noqa: E402
 
@@ -32,7 +32,8 @@ def __getattr__(name):
             "load_bundle": ("bundle", "load_bundle"), "save_bundle": ("bundle", "save_bundle"),
             "MultimodalModel": ("model", "MultimodalModel"), "evaluate_bundle": ("predict", "evaluate_bundle"),
             "Runtime": ("runtime", "Runtime"), "bundle_summary": ("bundle", "bundle_summary"),
-            "export_peft": ("peft_interop", "export_peft"), "import_peft": ("peft_interop", "import_peft")}
+            "export_peft": ("peft_interop", "export_peft"), "import_peft": ("peft_interop", "import_peft"),
+            "merge": ("merging", "merge")}
     if name in lazy:
         import importlib
 
@@ -41,6 +42,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'peftmm' has no attribute {name!r}")
 
 
-__all__ = ["BundleError", "DataError", "MultimodalModel", "PeftmmError", "Predictor", "RecipeError", "Runtime",
-           "bundle_summary", "evaluate_bundle", "export_peft", "import_peft", "load_bundle", "load_recipe",
-           "recipe_from_dict", "save_bundle", "train"]
+__all__ = ["BundleError", "DataError", "MergeError", "MultimodalModel", "PeftmmError", "Predictor", "RecipeError",
+           "Runtime", "bundle_summary", "evaluate_bundle", "export_peft", "import_peft", "load_bundle", "load_recipe",
+           "merge", "recipe_from_dict", "save_bundle", "train"]

@@ -31,7 +31,16 @@ from peft.utils.merge_utils import dare_linear, dare_ties, task_arithmetic, ties
 
 from . import recipe as recipes
 from .backbones import TOWERS
-from .bundle import WEIGHTS, bundle_summary, check_adapter_name, load_bundle, read_config, read_header, save_bundle
+from .bundle import (
+    WEIGHTS,
+    bundle_summary,
+    check_adapter_name,
+    load_bundle,
+    read_config,
+    read_header,
+    resolve_bundle,
+    save_bundle,
+)
 from .bundle_files import member
 from .errors import MergeError
 from .safe_load import short_repr
@@ -169,7 +178,7 @@ def combine_into(out, sources: list, how: Combination, labels: list[str]) -> Non
     slots = [source.slot for source in sources]
     lora: set[str] = set()
     for tower_name in TOWERS:
-        with torch.random.fork_rng(devices=[]):   # DARE draws its masks from torch's global generator
+        with torch.random.fork_rng():   # DARE draws its masks from torch's global generator
             if how.seed is not None:
                 torch.manual_seed(how.seed)
             lora |= {f"{tower_name}.{name}" for name in _combine_lora(out.towers[tower_name], out.slot, slots, how)}
@@ -236,6 +245,14 @@ def bundle_fingerprint(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def merge(out: str | Path, bundles: list[str | Path], weights: list[float] | None = None, method: str = "linear",
+          density: float | None = None, seed: int | None = None, device: str = "cpu", overwrite: bool = False) -> Path:
+    """``peftmm merge`` from Python: ``bundles`` are folders, run directories, names under
+    ./adapters or Hub references (resolve_bundle); the options are checked first (:func:`combination`)."""
+    how = combination(len(bundles), weights, method, density, seed)
+    return merge_bundles(out, [resolve_bundle(b) for b in bundles], how, device=device, overwrite=overwrite)
 
 
 def merge_bundles(out: str | Path, bundles: list[str | Path], how: Combination, device: str = "cpu",

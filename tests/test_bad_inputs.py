@@ -34,7 +34,7 @@ from peftmm.cli import main
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text())
 DEFAULT_ERROR = {"recipes": "RecipeError", "data": "DataError", "bundles": "BundleError", "names": "BundleError",
-                 "resume": "PeftmmError", "templates": "PeftmmError"}
+                 "resume": "PeftmmError", "templates": "PeftmmError", "merges": "MergeError"}
 QUESTION = "what shape is it?"
 
 
@@ -499,6 +499,51 @@ def test_bad_template(case, cli_run, serving, tmp_path, monkeypatch):
     assert snapshot(tmp_path) == {}
 
 
+# -- merges -----------------------------------------------------------------------------------
+
+def _swap_labels(config: dict) -> None:
+    config["labels"][0], config["labels"][1] = config["labels"][1], config["labels"][0]
+
+
+SECONDS = {
+    "same": lambda p: None,
+    "other_fingerprint": lambda p: _edit_config(p, lambda c: c["towers"]["text"].update(fingerprint="0" * 64),
+                                                resign=True),
+    "other_labels": lambda p: _edit_config(p, _swap_labels, resign=True),
+    "other_method": lambda p: _edit_config(p, lambda c: c["recipe"]["text"]["methods"][0].update(type="adapter"),
+                                           resign=True),
+    "other_fusion": lambda p: _edit_config(p, lambda c: c["recipe"]["fusion"].update(heads=4), resign=True),
+}
+
+
+@pytest.mark.parametrize("case", cases("merges"))
+def test_bad_merge(case, cli_run, tmp_path, monkeypatch):
+    from peftmm.merging import combination, merge_bundles
+    from peftmm.safe_load import short_repr
+
+    good, second = tmp_path / "good", tmp_path / "second"
+    shutil.copytree(cli_run[1] / "bundle", good)
+    shutil.copytree(cli_run[1] / "bundle", second)
+    SECONDS[case["second"]](second)
+    config, changed = json.loads((good / CONFIG).read_text()), json.loads((second / CONFIG).read_text())
+    kind, message = expected(
+        case, "merges", good=good, second=second, text=config["towers"]["text"]["backbone"],
+        fingerprint=config["towers"]["text"]["fingerprint"][:12], label0=short_repr(config["labels"][0]),
+        label1=short_repr(config["labels"][1]), fusion=json.dumps(changed["recipe"]["fusion"], sort_keys=True),
+        good_fusion=json.dumps(config["recipe"]["fusion"], sort_keys=True))
+    method, density, weights = case.get("method", "linear"), case.get("density"), case.get("weights")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+
+    with pytest.raises(errors.PeftmmError) as error:
+        merge_bundles(tmp_path / "out", [good, second], combination(2, weights, method, density))
+    check_error(error.value, kind, message)
+    options = ["--method", method] + (["--density", density] if density is not None else []) + \
+        (["--weights", ",".join(map(str, weights))] if weights else [])
+    check_cli(invoke("merge", tmp_path / "out", good, second, *options), message)
+    assert snapshot(tmp_path) == before   # no OUT, no temporary folder, both bundles as they were
+
+
 # -- HTTP requests ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -568,5 +613,5 @@ def test_the_corpus_has_distinct_cases_and_no_unused_files():
     stated = (f"{len(ids)} bad inputs ({parts['recipes']} recipes and `--set` strings, {parts['data']} data files, "
               f"{parts['bundles']} damaged bundles, {parts['names']} adapter names or paths that escape their "
               f"folder, {parts['resume']} resumes, {parts['templates']} label templates, {parts['requests']} HTTP "
-              "requests)")
+              f"requests, {parts['merges']} merges of bundles that do not agree or with bad options)")
     assert stated in " ".join(doc.split()), f"docs/input-safety.md should say: {stated}"

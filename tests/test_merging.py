@@ -86,6 +86,19 @@ def test_linear_with_weights_one_and_zero_reproduces_the_first_bundle(pair, exam
     assert "## Merged" in card and "`peftmm merge --method linear`" in card
 
 
+def test_linear_of_two_copies_doubles_the_lora_delta_as_peft_does(pair, tmp_path):
+    """peft's linear weights A and B by sqrt(w) each: copies at 0.5, 0.5 give (2 sqrt(0.5))^2 = 2
+    times the LoRA delta, while the other tensors (plain weighted sums) stay as they were."""
+    merged, single = read_tensors(merge_bundles(tmp_path / "twice", [pair[0], pair[0]], combination(2))), \
+        read_tensors(pair[0])
+    pairs = [k.removesuffix(".lora_A.default.weight") for k in single if k.endswith(".lora_A.default.weight")]
+    assert pairs
+    for module in pairs:
+        a, b = f"{module}.lora_A.default.weight", f"{module}.lora_B.default.weight"
+        assert torch.allclose(merged[b] @ merged[a], 2 * single[b] @ single[a], atol=1e-5), module
+    assert all(torch.allclose(merged[k], single[k], atol=1e-6) for k in single if ".lora_" not in k)
+
+
 def test_tensors_other_than_lora_are_the_weighted_sum(pair, tmp_path):
     out = merge_bundles(tmp_path / "merged", list(pair), combination(2, [0.3, 0.7]))
     merged, a, b = read_tensors(out), read_tensors(pair[0]), read_tensors(pair[1])
@@ -145,6 +158,19 @@ def test_dare_is_reproducible_with_a_seed(pair, tmp_path):
                                                                                    0.5, seed=4)))
     assert all(torch.equal(one[k], two[k]) for k in one)
     assert any(not torch.equal(one[k], other[k]) for k in one if ".lora_A." in k)
+
+
+def test_prefix_bundles_merge_by_weighted_sum(tiny_models, tmp_path):
+    """Prefix tuning saves its folded prefixes; a merge averages them like any other tensor."""
+    recipe = _recipe(tiny_models, text_methods=[{"type": "prefix", "length": 3, "reparam_hidden": 8}])
+    with torch.random.fork_rng(devices=[]):
+        a, b = _trained(recipe, tmp_path / "a", 1), _trained(recipe, tmp_path / "b", 2)
+    out = merge_bundles(tmp_path / "merged", [a, b], combination(2, [0.5, 0.5]))
+    merged, ta, tb = read_tensors(out), read_tensors(a), read_tensors(b)
+    assert any(k.startswith("text.") for k in merged)
+    assert all(torch.allclose(merged[k], 0.5 * ta[k] + 0.5 * tb[k], atol=1e-6) for k in merged)
+    model, _, _ = load_bundle(out)
+    assert model.methods["text"][0].registry_name == "prefix"
 
 
 def test_merge_cli(pair, tmp_path):
@@ -265,6 +291,13 @@ def _answers(runtime, adapter, images) -> list[dict]:
     return runtime.predict([{"adapter": adapter, "image": image, "text": QUESTION} for image in images])
 
 
+def _same_answer(one: dict, other: dict) -> bool:
+    """The same answer and top scores, within float tolerance (scores are rounded to 6 places)."""
+    return one["answer"] == other["answer"] and [s["answer"] for s in one["scores"]] == \
+        [s["answer"] for s in other["scores"]] and \
+        all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(one["scores"], other["scores"]))
+
+
 def test_a_mix_answers_as_the_merged_bundle(runtime, examples):
     images = [example["image"] for example in examples[1]]
     described = runtime.register_mix("mix", {"a": 0.25, "b": 0.75})
@@ -272,16 +305,27 @@ def test_a_mix_answers_as_the_merged_bundle(runtime, examples):
         assert described["mix"]["weights"] == [0.25, 0.75] and described["mix"]["method"] == "linear"
         assert [s["name"] for s in described["mix"]["sources"]] == ["a", "b"]
         mixed, merged = _answers(runtime, "mix", images), _answers(runtime, "merged", images)
-        for one, other in zip(mixed, merged):
-            assert one["answer"] == other["answer"]
-            assert all(abs(one["scores"][k] - other["scores"][k]) < 1e-5 for k in one["scores"])
-        assert mixed != _answers(runtime, "a", images)   # the mix is not its first source
+        assert all(_same_answer(one, other) for one, other in zip(mixed, merged))
+        assert not all(_same_answer(one, other) for one, other in zip(mixed, _answers(runtime, "a", images)))
         together = runtime.predict([{"adapter": name, "image": images[0], "text": QUESTION}
                                     for name in ("a", "mix", "b", "merged")])   # one call, mixed slots
-        assert together[1]["scores"] == pytest.approx(together[3]["scores"], abs=1e-5)
+        assert _same_answer(together[1], together[3]) and _same_answer(together[0], _answers(runtime, "a", images)[0])
     finally:
         runtime.unregister("mix")
     assert runtime.names() == ["a", "b", "merged"]
+
+
+def test_a_mix_outlives_its_sources(runtime, examples):
+    images = [examples[1][0]["image"]]
+    runtime.register_mix("kept", {"a": 0.25, "b": 0.75})
+    try:
+        before = _answers(runtime, "kept", images)
+        runtime.unregister("b")
+        assert _same_answer(_answers(runtime, "kept", images)[0], before[0])
+    finally:
+        runtime.unregister("kept")
+        if "b" not in runtime.names():
+            runtime.register("b")
 
 
 def test_mix_refusals_leave_the_runtime_as_it_was(runtime, examples):
@@ -308,11 +352,11 @@ def test_the_server_registers_a_mix(runtime, examples):
         assert response.json()["mix"]["weights"] == [0.25, 0.75]
         try:
             refused = client.post("/api/adapters", json={"bundle": "a", "mix": {"a": 1.0}})
-            assert refused.status_code == 422 and "either bundle" in refused.json()["error"]
+            assert refused.status_code == 422 and "either bundle or mix, not both" in refused.json()["error"]
             refused = client.post("/api/adapters", json={"name": "m2", "mix": {"a": 1.0, "b": 1.0},
                                                          "method": "dare_ties", "density": 1.5})
             assert refused.status_code == 400 and "density 1.5 is out of range" in refused.json()["error"]
             mixed = _answers(runtime, "served-mix", [image])[0]
-            assert mixed["scores"] == pytest.approx(_answers(runtime, "merged", [image])[0]["scores"], abs=1e-5)
+            assert _same_answer(mixed, _answers(runtime, "merged", [image])[0])
         finally:
             assert client.delete("/api/adapters/served-mix").status_code == 204

@@ -36,12 +36,11 @@ def merge(out, bundles, weights, method, density, seed, device, force):
     The bundles must share backbone weights, task, labels, methods and fusion; LoRA combines with
     peft's semantics, every other tensor is the weighted sum. OUT is an ordinary bundle whose
     config and card record the sources, weights and method."""
-    from ..bundle import bundle_summary, resolve_bundle
-    from ..merging import combination, merge_bundles
+    from ..bundle import bundle_summary
+    from ..merging import merge as run
     from .bundles import format_summary
 
-    how = combination(len(bundles), _weights(weights), method, density, seed)
-    path = merge_bundles(out, [resolve_bundle(b) for b in bundles], how, device=device, overwrite=force)
+    path = run(out, list(bundles), _weights(weights), method, density, seed, device=device, overwrite=force)
     click.echo(f"merged {len(bundles)} bundles ({method}) -> {path}")
     click.echo(format_summary(bundle_summary(path)))
 

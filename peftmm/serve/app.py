@@ -238,9 +238,11 @@ def create_app(runtime, allowed_image_dirs=(), max_image_bytes: int = 10 * 2**20
         """JSON ``{bundle, name?}``: load a bundle from the adapters folder; or ``{name, mix:
         {adapter: weight, ...}, method?, density?, seed?}``: a weighted mix of registered adapters."""
         body = parse_body(RegisterBody, await read_body(request))
-        if (body.bundle is None) == (body.mix is None):
-            raise ApiError(422, "give either bundle (a folder in the adapters folder) or mix (registered "
+        if body.bundle is None and body.mix is None:
+            raise ApiError(422, "bundle: Field required (a folder in the adapters folder; or mix: registered "
                                 "adapters and their weights)")
+        if body.bundle is not None and body.mix is not None:
+            raise ApiError(422, "give either bundle or mix, not both")
         if body.mix is None:
             if body.method != "linear" or body.density is not None or body.seed is not None:
                 raise ApiError(422, "method, density and seed apply to a mix only")
