@@ -284,12 +284,16 @@ def chart(data: dict, path: Path) -> None:
         rows = [a for a in data["aggregates"] if a["task"] == t]
         names, metric = [a["method"] for a in rows], data["tasks"][t]["metrics"][0]
         means = [100 * a["metrics"].get(metric, {}).get("mean", float("nan")) for a in rows]
-        stds = [100 * (a["metrics"].get(metric, {}).get("std") or 0) for a in rows]
-        left.bar(names, means, yerr=stds, capsize=3, color="tab:blue")
+        stds = [a["metrics"].get(metric, {}).get("std") for a in rows]
+        spread = any(s is not None for s in stds)   # error bars only where there are two seeds or more
+        left.bar(names, means, yerr=[100 * (s or 0) for s in stds] if spread else None, capsize=3, color="tab:blue")
         left.set_title(f"{t}: test {metric.replace('_', ' ')} (%), mean ± std over seeds", fontsize=10)
-        right.bar(names, [100 * a["metrics"]["trainable_share"]["mean"] for a in rows], color="tab:orange")
-        right.set_yscale("log")
-        right.set_title(f"{t}: trainable share (%, log)", fontsize=10)
+        shares = [100 * a["metrics"]["trainable_share"]["mean"] for a in rows]
+        right.bar(names, shares, color="tab:orange")
+        wide = max(shares) > 10 * min(shares) > 0   # full fine-tuning next to adapters: a log scale
+        if wide:
+            right.set_yscale("log")
+        right.set_title(f"{t}: trainable share (%{', log' if wide else ''})", fontsize=10)
         for ax in (left, right):
             plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
     fig.tight_layout()
