@@ -116,10 +116,14 @@ class MultimodalModel(nn.Module):
         return bool(self.methods[tower])
 
     def parameter_groups(self, lr: float) -> list[dict]:
-        """Optimizer groups: a method whose config sets ``lr`` trains its parameters at that rate."""
+        """Optimizer groups: each method says the rate of each of its parameters (full fine-tuning
+        its own ``lr``, LoRA+ a multiple for lora_B); fusion and head train at ``lr``."""
         groups: dict[float, list] = {}
-        for _, owner, _, param in self._method_parameters():
-            groups.setdefault(getattr(owner.config, "lr", None) or lr, []).append(param)
+        for name, tower in self.towers.items():
+            for pname, param in tower.model.named_parameters():
+                owner = self._owner(name, pname)
+                if owner is not None:
+                    groups.setdefault(owner.learning_rate(pname, lr), []).append(param)
         for module in (self.fusion, self.head):
             groups.setdefault(lr, []).extend(p for p in module.parameters() if p.requires_grad)
         return [{"params": params, "lr": rate} for rate, params in groups.items() if params]

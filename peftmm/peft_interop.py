@@ -1,7 +1,9 @@
 """LoRA in and out of vanilla peft: one tower's LoRA as a peft adapter folder, and back.
 
 A peft LoRA folder is ``adapter_config.json`` (peft's own format) plus
-``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight``. peftmm
+``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` (and DoRA's
+``...lora_magnitude_vector``). The variants travel as peft's own settings: ``use_dora``,
+``use_rslora``, and ``rank_pattern`` / ``alpha_pattern`` keyed by exact module names. peftmm
 injects LoRA with peft itself, under the adapter name ``default``, and names its tensors
 ``<tower>.<module>.lora_A.default.weight`` relative to the tower's transformers model, so the
 conversion is a renaming; the module names are read from the tensors, never re-resolved from
@@ -24,19 +26,23 @@ from .bundle import WEIGHTS, bundle_config, config_path, read_config, read_tenso
 from .card import hub_base, model_card
 from .errors import BundleError
 from .io import atomic_directory
+from .methods import METHODS
 from .methods.base import PLAIN_NAME  # what recipe targets read as a suffix, not a regex
+from .methods.lora import lora_layout
 from .model import MultimodalModel
 from .recipe import from_dict
-from .safe_load import load_json
+from .safe_load import load_json, short_repr
 
 PEFT_PREFIX = "base_model.model."
-_BUNDLE_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])\.default\.weight")
-_PEFT_KEY = re.compile(re.escape(PEFT_PREFIX) + r"(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+_BUNDLE_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>A|B|magnitude_vector)\.default\.weight")
+_PEFT_KEY = re.compile(re.escape(PEFT_PREFIX) + r"(?P<module>.+)\.lora_(?:(?P<ab>[AB])\.weight|magnitude_vector)")
+_PEFT_PART = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude_vector": "lora_magnitude_vector"}
 # peft settings peftmm follows (or that only say how the folder was made); any other setting
 # that differs from peft's default changes what the adapter computes, so an import refuses it.
 _UNDERSTOOD = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
                "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout",
-               "layers_to_transform", "layers_pattern", "megatron_core", "qalora_group_size", "eva_config"}
+               "layers_to_transform", "layers_pattern", "megatron_core", "qalora_group_size", "eva_config",
+               "use_dora", "use_rslora", "rank_pattern", "alpha_pattern"}
 _PLAIN_INITS = (True, False, "gaussian", "eva")  # initialisations that leave the base weights alone
 
 
@@ -61,7 +67,7 @@ def export_peft(bundle_path, tower: str, out_dir, overwrite: bool = False, allow
         raise BundleError(f"the {tower} tower also has {', '.join(others)}: a peft LoRA folder carries only "
                           "the LoRA part, so outputs would differ from peftmm's; pass allow_partial=True "
                           "(--allow-partial) to export the LoRA part anyway", str(bundle_path))
-    out_tensors, ranks = {}, set()
+    out_tensors, ranks = {}, {}
     for key, tensor in tensors.items():
         match = _BUNDLE_KEY.fullmatch(key[len(tower) + 1:]) if key.startswith(f"{tower}.") else None
         if match:
@@ -71,23 +77,33 @@ def export_peft(bundle_path, tower: str, out_dir, overwrite: bool = False, allow
             if module.endswith(".base_layer") and any(k.startswith(f"{tower}.{module[:-11]}.peftmm_adapter.")
                                                       for k in tensors):
                 module = module[:-11]
-            out_tensors[f"{PEFT_PREFIX}{module}.lora_{match['ab']}.weight"] = tensor.contiguous()
+            out_tensors[f"{PEFT_PREFIX}{module}.{_PEFT_PART[match['ab']]}"] = tensor.contiguous()
             if match["ab"] == "A":
-                ranks.add(tensor.shape[0])
-    if ranks != {lora["r"]}:
-        raise BundleError(f"the {tower} LoRA tensors have rank {sorted(ranks)} but the config says r = "
-                          f"{lora['r']}", str(bundle_path))
-    modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in out_tensors})
+                ranks[module] = tensor.shape[0]
     info = config["towers"][tower]
     if base_path is not None and not Path(base_path).is_dir():
         raise BundleError(f"--base-path {base_path}: no such folder (the {tower} backbone, saved with "
                           "save_pretrained)", str(bundle_path))
     base = str(Path(base_path).absolute()) if base_path is not None else hub_base(info["backbone"]) or info["backbone"]
     spec = config["recipe"][tower]
-    model_class = type(load_tower(tower, spec["backbone"], spec.get("precision", "fp32")).model)
-    alpha = lora["alpha"]
-    peft_config = LoraConfig(r=lora["r"], lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
-                             lora_dropout=lora["dropout"], target_modules=modules, bias="none", task_type=None,
+    probe = load_tower(tower, spec["backbone"], spec.get("precision", "fp32"))
+    model_class = type(probe.model)
+    settings = METHODS.config(lora, f"{tower}.methods", str(config_path(bundle_path)))
+    # the recipe's patterns, resolved in the plain backbone as LoRA resolved them in the tower
+    _, rank_of, alpha_of = lora_layout(probe, settings)
+    del probe
+    wrong = [f"{m} (rank {r}, the config says {rank_of.get(m, settings.r)})" for m, r in sorted(ranks.items())
+             if r != rank_of.get(m, settings.r)]
+    if wrong:
+        raise BundleError(f"the {tower} LoRA tensors do not have the ranks its config gives: {_few(wrong)}",
+                          str(bundle_path))
+    modules = sorted(ranks)
+    alpha = settings.alpha
+    peft_config = LoraConfig(r=settings.r, lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+                             lora_dropout=settings.dropout, target_modules=modules, bias="none", task_type=None,
+                             use_dora=settings.use_dora, use_rslora=settings.use_rslora,
+                             rank_pattern={re.escape(m): r for m, r in rank_of.items() if m in ranks},
+                             alpha_pattern={re.escape(m): a for m, a in alpha_of.items() if m in ranks},
                              base_model_name_or_path=base, inference_mode=True)
     # what AutoPeftModel instantiates the base with (peft writes it only for models it wrapped itself)
     peft_config.auto_mapping = {"base_model_class": model_class.__name__, "parent_library": model_class.__module__}
@@ -118,19 +134,30 @@ def import_peft(peft_dir, bundle_path, tower: str, out_dir, overwrite: bool = Fa
     probe = load_tower(tower, spec["backbone"], spec.get("precision", "fp32"))
     known = probe.module_names()
     prefix = getattr(probe.model, "base_model_prefix", "") + "."
+    # peft matched rank_pattern / alpha_pattern against the names as the adapter has them
+    rank_of = {m: _pattern_value(peft.get("rank_pattern"), m, peft["r"]) for m in pairs}
+    alpha_of = {m: float(_pattern_value(peft.get("alpha_pattern"), m, peft["lora_alpha"])) for m in pairs}
     if not set(pairs) <= set(known) and all(m.startswith(prefix) and m[len(prefix):] in known for m in pairs):
-        pairs = {m[len(prefix):]: ab for m, ab in pairs.items()}
+        pairs, rank_of, alpha_of = ({m[len(prefix):]: v for m, v in d.items()} for d in (pairs, rank_of, alpha_of))
     missing = sorted(set(pairs) - set(known))
     if missing:
         raise BundleError(f"the peft adapter has LoRA on {len(missing)} module(s) the {tower} backbone "
                           f"{spec['backbone']!r} does not have as Linear/Conv2d layers: {_few(missing)}", str(peft_dir))
     # Exact names: a plain name where it matches nothing else as a suffix, else an escaped regex.
-    targets = [m if PLAIN_NAME.match(m) and not any(n.endswith("." + m) for n in known) else re.escape(m)
-               for m in sorted(pairs)]
+    target = {m: m if PLAIN_NAME.match(m) and not any(n.endswith("." + m) for n in known) else re.escape(m)
+              for m in sorted(pairs)}
     del probe
+    dora = bool(peft.get("use_dora"))
+    odd = [m for m, parts in pairs.items() if ("magnitude_vector" in parts) != dora]
+    if odd:
+        raise BundleError(f"use_dora is {str(dora).lower()} but {_few(odd)} {'lack' if dora else 'carry'} "
+                          "lora_magnitude_vector tensors", str(peft_dir))
 
     lora = {"type": "lora", "r": peft["r"], "alpha": float(peft["lora_alpha"]),
-            "dropout": float(peft.get("lora_dropout", 0.0)), "targets": targets}
+            "dropout": float(peft.get("lora_dropout", 0.0)), "targets": list(target.values()),
+            "use_dora": dora, "use_rslora": bool(peft.get("use_rslora")),
+            "rank_pattern": {target[m]: r for m, r in rank_of.items() if r != peft["r"]},
+            "alpha_pattern": {target[m]: a for m, a in alpha_of.items() if a != float(peft["lora_alpha"])}}
     methods = spec["methods"]  # the LoRA entry is replaced in place, or added last
     at = next((i for i, m in enumerate(methods) if m.get("type") == "lora"), len(methods))
     methods[at:at + 1] = [lora]
@@ -142,7 +169,8 @@ def import_peft(peft_dir, bundle_path, tower: str, out_dir, overwrite: bool = Fa
                               "was trained on (fingerprint changed)", str(bundle_path))
 
     expected = model.trainable_state_dict()
-    state = {k: v for k, v in old.items() if not (k.startswith(f"{tower}.") and re.search(r"\.lora_[AB]\.", k))}
+    state = {k: v for k, v in old.items()
+             if not (k.startswith(f"{tower}.") and re.search(r"\.lora_(A|B|magnitude_vector)\.", k))}
     for module, ab in pairs.items():
         for part, tensor in ab.items():
             # a module under a bottleneck adapter holds its LoRA on the layer inside (methods/lora.py)
@@ -152,7 +180,7 @@ def import_peft(peft_dir, bundle_path, tower: str, out_dir, overwrite: bool = Fa
                 raise BundleError(f"{module} takes no LoRA in this bundle's {tower} tower", str(peft_dir))
             if tuple(tensor.shape) != tuple(expected[key].shape):
                 raise BundleError(f"{module}.lora_{part} has shape {tuple(tensor.shape)}, the {tower} backbone "
-                                  f"needs {tuple(expected[key].shape)} at r = {peft['r']}", str(peft_dir))
+                                  f"needs {tuple(expected[key].shape)} at r = {rank_of[module]}", str(peft_dir))
             state[key] = tensor
     model.load_trainable_state_dict(state, where=str(bundle_path / WEIGHTS))
 
@@ -191,6 +219,11 @@ def _read_peft_config(peft_dir: Path) -> dict:
         raise BundleError(f"peft_type is {kind!r}: only LORA adapters can be imported", str(path))
     if not isinstance(peft.get("r"), int) or not isinstance(peft.get("lora_alpha"), (int, float)):
         raise BundleError("r and lora_alpha must be numbers", str(path))
+    for key, kind, what in (("rank_pattern", int, "ranks"), ("alpha_pattern", (int, float), "numbers")):
+        pattern = peft.get(key) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and isinstance(v, kind)
+                                                    and not isinstance(v, bool) and v > 0 for k, v in pattern.items()):
+            raise BundleError(f"{key} must map module patterns to {what} > 0, got {short_repr(pattern)}", str(path))
     defaults = json.loads(json.dumps(LoraConfig().to_dict(), default=str))
     for key, value in peft.items():
         if key == "init_lora_weights":
@@ -222,14 +255,24 @@ def _read_peft_tensors(peft_dir: Path) -> dict[str, dict]:
     for key, tensor in tensors.items():
         match = _PEFT_KEY.fullmatch(key)
         if match:
-            pairs.setdefault(match["module"], {})[match["ab"]] = tensor
+            pairs.setdefault(match["module"], {})[match["ab"] or "magnitude_vector"] = tensor
         else:
             strange.append(key)
-    strange += [f"{m} (no lora_{'B' if 'A' in ab else 'A'})" for m, ab in pairs.items() if len(ab) != 2]
+    strange += [f"{m} (no lora_{'B' if 'A' in ab else 'A'})" for m, ab in pairs.items() if not {"A", "B"} <= set(ab)]
     if strange or not pairs:
         raise BundleError(f"tensors that are not plain LoRA pairs: {_few(strange) if strange else 'no LoRA tensors'}",
                           str(path))
     return pairs
+
+
+def _pattern_value(pattern, module: str, default):
+    """What peft's rank_pattern / alpha_pattern gives ``module`` (peft's own matching rule)."""
+    from peft.utils.other import get_pattern_key
+
+    if not pattern:
+        return default
+    key = get_pattern_key(list(pattern), module)
+    return pattern.get(key, default)
 
 
 def _few(items: list[str]) -> str:

@@ -203,6 +203,9 @@ class Recipe:
             tower.methods = [METHODS.config(m, f"{tower_name}.methods.{i}", self.source)
                              for i, m in enumerate(tower.methods)]
             check_method_combination(tower.methods, f"{tower_name}.methods", self.source)
+            for i, config in enumerate(tower.methods):
+                METHODS.get(config.type).check_precision(config, tower.precision, f"{tower_name}.methods.{i}",
+                                                         self.source)
 
     def to_dict(self) -> dict:
         data = schema.to_dict(self)

@@ -94,7 +94,11 @@ def check_value(tp: Any, value: Any, key: str, where: str | None, meta: Any = No
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{key} must be a mapping, got {_show(value)}", where)
-        return dict(value)
+        if not get_args(tp):
+            return dict(value)
+        key_tp, value_tp = get_args(tp)
+        return {check_value(key_tp, k, f"{key} (a key)", where): check_value(value_tp, v, _join(key, k), where)
+                for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key, where)
     if tp is Any:

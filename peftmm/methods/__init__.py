@@ -25,4 +25,4 @@ def check_method_combination(configs, path: str, where: str | None = None) -> No
                           f"{', '.join(n for n in names if n != 'full')}", where)
 
 
-from . import adapter, full, lora, prefix  # noqa: E402,F401  (each registers itself)
+from . import adapter, full, lora, peft_tuner, prefix  # noqa: E402,F401  (each registers itself)

@@ -52,6 +52,15 @@ class Method:
         self.config = config
         self.slot = slot
 
+    @classmethod
+    def check_precision(cls, config, precision: str, key: str, where: str | None = None) -> None:
+        """Refuse (RecipeError naming ``key``) settings that cannot work on a tower loaded at
+        ``precision``: called when the recipe loads, before any backbone does."""
+
+    def learning_rate(self, parameter_name: str, lr: float) -> float:
+        """The rate one of this method's parameters trains at, given the run's ``lr``."""
+        return lr
+
     def inject(self, tower) -> None:
         raise NotImplementedError
 

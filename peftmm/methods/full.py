@@ -16,6 +16,9 @@ class FullFineTuning(Method):
         # Pretrained weights want a far smaller step than freshly initialised fusion and heads.
         lr: float = field(default=5e-5, metadata={"gt": 0.0, "max": 1.0})
 
+    def learning_rate(self, parameter_name: str, lr: float) -> float:
+        return self.config.lr
+
     def inject(self, tower) -> None:
         if tower.info.precision in ("int8", "nf4"):
             raise PeftmmError(f"{tower.name}.methods full: a {tower.info.precision} backbone cannot be "

@@ -1,0 +1,204 @@
+"""Model soups and merges across tasks, with `peftmm merge`, against the bundles merged.
+
+    .venv/bin/python bench/soups.py                                 # bench/method_table.yaml's soups: section
+    .venv/bin/python bench/soups.py --epochs 1 --max-train-samples 256   # over a reduced method table's runs
+
+Seeds (issue 21, point 5): the seed bundles of one (task, method) of the method table,
+``peftmm merge --method linear`` with equal weights, then ``peftmm eval`` of the soup and of each
+seed on the same test split. Seeds the method table has not trained yet are trained first, by
+bench/method_table.py's own runner into its runs folder (so the two scripts share runs).
+
+Across tasks: two runs of different tasks that ``peftmm merge`` accepts together (trained here,
+same runner), merged with TIES or DARE (``--method``, ``--density``, optional ``--weights``)
+once with each bundle first. A merged bundle keeps its first source's recipe, so each order is
+evaluated by ``peftmm eval`` on its first bundle's task, against that bundle alone.
+
+Resumable: merged bundles and evaluations are kept under RUNS/soups/ and reused. Writes
+bench/results/soups.json; the docs block is bench/readme_tables.py's ``soups``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import method_table as mt  # noqa: E402
+from emoji_tasks import rel  # noqa: E402
+
+from peftmm.errors import PeftmmError  # noqa: E402
+from peftmm.io import atomic_write_text  # noqa: E402
+
+ROOT, RESULTS = mt.ROOT, mt.RESULTS
+SEED_KEYS, RUN_KEYS = {"task", "method"}, {"recipe", "tower", "methods", "set"}
+ACROSS_KEYS = {"name", "method", "density", "seed", "metrics", "runs", "weights"}
+MERGE_METHODS = ("ties", "dare_linear", "dare_ties", "linear")
+
+
+def validate_soups(spec: dict, where: str) -> dict:
+    """The ``soups:`` section: seed soups name (task, method) pairs of the spec's tasks; merges
+    across tasks name two runs, a merge method and a density in (0, 1]."""
+    soups = spec.get("soups")
+    mt._keys(soups, {"seeds", "across_tasks"}, set(), "soups", where)
+    for i, soup in enumerate(soups.get("seeds", [])):
+        key = f"soups.seeds.{i}"
+        mt._keys(soup, SEED_KEYS, SEED_KEYS, key, where)
+        if soup["method"] not in spec["tasks"].get(soup["task"], {}).get("methods", {}):
+            raise mt.SpecError(f"{key}: no method {soup['method']!r} in tasks.{soup['task']} of the spec", where)
+    for i, merge in enumerate(soups.get("across_tasks", [])):
+        key = f"soups.across_tasks.{i}"
+        mt._keys(merge, ACROSS_KEYS, ACROSS_KEYS - {"weights"}, key, where)
+        if not isinstance(merge["name"], str) or not mt.NAME.fullmatch(merge["name"]):
+            raise mt.SpecError(f"{key}.name: lower-case letters, digits, '-' and '+'", where)
+        if not isinstance(merge["seed"], int) or isinstance(merge["seed"], bool):
+            raise mt.SpecError(f"{key}.seed: the seed of both runs, a whole number, got {merge['seed']!r}", where)
+        if merge["method"] not in MERGE_METHODS:
+            raise mt.SpecError(f"{key}.method: one of {', '.join(MERGE_METHODS)}, got {merge['method']!r}", where)
+        if not isinstance(merge["density"], (int, float)) or not 0 < merge["density"] <= 1:
+            raise mt.SpecError(f"{key}.density: must be in (0, 1], got {merge['density']!r}", where)
+        if not isinstance(merge["runs"], dict) or len(merge["runs"]) != 2:
+            raise mt.SpecError(f"{key}.runs: must name exactly two runs {{NAME: {{recipe, set}}}}", where)
+        if "weights" in merge and (not isinstance(merge["weights"], list) or len(merge["weights"]) != 2):
+            raise mt.SpecError(f"{key}.weights: one weight per run (two), got {merge['weights']!r}", where)
+        # each run is a task of one method, checked as the method table checks its tasks
+        mt.validate_spec({"tasks": {f"{merge['name']}-{name}": _as_task(run, merge.get("metrics"))
+                                    for name, run in merge["runs"].items()}}, f"{where}: {key}.runs")
+    return soups
+
+
+def _as_task(run, metrics) -> dict:
+    """A run of ``across_tasks`` as a method-table task of one method, ``as-given``."""
+    if not isinstance(run, dict):
+        return run   # validate_spec names it
+    task = {k: run[k] for k in ("recipe", "tower") if k in run} | {"metrics": metrics}
+    return task | {"methods": {"as-given": {k: run[k] for k in ("methods", "set") if k in run}}}
+
+
+# -- subprocesses: peftmm merge, peftmm eval, and eval on another run's data ---------------------
+def _json_of(cmd: list[str]) -> dict:
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise PeftmmError(f"{' '.join(cmd[1:])} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def merge(out: Path, bundles: list[Path], method: str, density: float | None = None,
+          weights: list[float] | None = None) -> Path:
+    """``peftmm merge OUT BUNDLE...``; an existing merged bundle is reused."""
+    if not (out / "adapter_model.safetensors").is_file():
+        cmd = [sys.executable, "-m", "peftmm", "merge", str(out), *map(str, bundles), "--method", method]
+        cmd += ["--density", str(density)] if density is not None else []
+        cmd += ["--weights", ",".join(map(str, weights))] if weights else []
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if result.returncode != 0:
+            raise PeftmmError(f"{' '.join(cmd[1:])} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    return out
+
+
+def evaluate(bundle: Path, cache: Path) -> dict:
+    """``peftmm eval BUNDLE --split test``, cached in ``cache`` by the bundle's path."""
+    key = rel(bundle)
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key not in done:
+        done[key] = _json_of([sys.executable, "-m", "peftmm", "eval", str(bundle), "--split", "test"])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, json.dumps(done, indent=2) + "\n")
+    return done[key]
+
+
+# -- the two kinds of merge -------------------------------------------------------------------
+def seed_soup(spec: dict, soup: dict, seeds: list[int], runs_dir: Path, size: list[str]) -> dict:
+    t, m = soup["task"], soup["method"]
+    rows = [mt.run_one(runs_dir, spec, t, m, seed, size) for seed in seeds]
+    if any(r is None for r in rows):
+        raise PeftmmError(f"{t} / {m}: a seed's training failed; see its train.log under {rel(runs_dir)}")
+    bundles = [ROOT / r["run_dir"] / "bundle" for r in rows]
+    folder = runs_dir / "soups" / f"{t}-{m}-s{'-'.join(map(str, seeds))}"
+    merged = merge(folder / "bundle", bundles, "linear")
+    cache = folder / "evaluations.json"
+    members = [{"seed": r["seed"], "bundle": r["run_dir"] + "/bundle", "test": evaluate(b, cache)}
+               for r, b in zip(rows, bundles)]
+    keys = spec["tasks"][t]["metrics"]
+    return {"task": t, "method": m, "metrics": keys, "beyond_method": rows[0]["beyond_method"],
+            "members": members, "merged": rel(merged), "soup": evaluate(merged, cache),
+            "seed_mean": {k: statistics.fmean(s["test"][k] for s in members) for k in keys
+                          if all(k in s["test"] for s in members)}}
+
+
+def _largest_difference(a: Path, b: Path) -> float:
+    """The largest absolute difference between two bundles' tensors (same names required)."""
+    from safetensors.torch import load_file
+
+    left, right = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    if set(left) != set(right):
+        raise PeftmmError(f"{rel(a)} and {rel(b)} hold different tensors: {sorted(set(left) ^ set(right))[:3]}")
+    return max(((left[k].float() - right[k].float()).abs().max().item() for k in left if left[k].numel()),
+               default=0.0)
+
+
+def across_tasks(merge_spec: dict, runs_dir: Path, size: list[str]) -> dict:
+    """Merge two tasks' bundles, once with each first: a merged bundle keeps its first source's
+    recipe, so each order is the merge as the task of its first bundle (its prompt, its data) and
+    ``peftmm eval`` measures that task. The two orders' tensors are compared: with equal weights
+    the combination does not depend on the order."""
+    name, seed = merge_spec["name"], merge_spec["seed"]
+    names = list(merge_spec["runs"])
+    spec = {"tasks": {f"{name}-{n}": _as_task(run, merge_spec["metrics"]) for n, run in merge_spec["runs"].items()}}
+    rows = {n: mt.run_one(runs_dir, spec, f"{name}-{n}", "as-given", seed, size) for n in names}
+    if any(r is None for r in rows.values()):
+        raise PeftmmError(f"{name}: a run's training failed; see its train.log under {rel(runs_dir)}")
+    bundles = {n: ROOT / rows[n]["run_dir"] / "bundle" for n in names}
+    folder = runs_dir / "soups" / f"{name}-s{seed}"
+    cache = folder / "evaluations.json"
+    merged, evaluations = {}, {}
+    for n in names:
+        order = [n, *(m for m in names if m != n)]
+        weights = merge_spec.get("weights")
+        merged[n] = merge(folder / f"{n}-first", [bundles[m] for m in order], merge_spec["method"],
+                          merge_spec["density"], [weights[names.index(m)] for m in order] if weights else None)
+        evaluations[f"{n} test"] = {f"{n} bundle": evaluate(bundles[n], cache),
+                                    f"merged ({merge_spec['method']})": evaluate(merged[n], cache)}
+    return {"name": name, "method": merge_spec["method"], "density": merge_spec["density"],
+            "weights": merge_spec.get("weights"), "seed": seed, "tasks": names, "metrics": merge_spec["metrics"],
+            "runs": {n: r["run_dir"] for n, r in rows.items()}, "merged": {n: rel(p) for n, p in merged.items()},
+            "orders_largest_difference": _largest_difference(*merged.values()),
+            "beyond_method": rows[names[0]]["beyond_method"], "evaluations": evaluations}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default=str(mt.SPEC))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the seeds a soup averages")
+    parser.add_argument("--epochs", type=int, help="train.epochs of every run (default: the recipe's)")
+    parser.add_argument("--max-train-samples", type=int, help="data.max_train_samples of every run")
+    parser.add_argument("--runs-dir", help="default: the method table's, bench/results/runs/method-table/<size>")
+    parser.add_argument("--only", choices=["seeds", "across_tasks"], help="one kind of merge only")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    try:
+        spec_path = Path(args.spec).resolve()
+        spec = mt.load_spec(spec_path)
+        soups = validate_soups(spec, str(spec_path))
+        size = mt.size_overrides(args.epochs, args.max_train_samples)
+        runs_dir = Path(args.runs_dir or RESULTS / "runs" / "method-table" / mt.size_tag(size)).resolve()
+        data = {"spec": rel(spec_path), "runs_dir": rel(runs_dir), "size": size, "seeds": [], "across_tasks": []}
+        if args.only != "across_tasks":
+            data["seeds"] = [seed_soup(spec, s, args.seeds, runs_dir, size) for s in soups.get("seeds", [])]
+        if args.only != "seeds":
+            data["across_tasks"] = [across_tasks(m, runs_dir, size) for m in soups.get("across_tasks", [])]
+    except PeftmmError as error:
+        sys.exit(f"error: {error}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "soups.json", json.dumps(data, indent=2) + "\n")
+    print(json.dumps({s["task"] + "/" + s["method"]: {"soup": s["soup"], "seed_mean": s["seed_mean"]}
+                      for s in data["seeds"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
