@@ -4,6 +4,12 @@ frozen backbones' weights. Writes them as JSON for the README's default-recipe t
 
     .venv/bin/python bench/bundle_report.py adapters/easy-vqa-lora    # -> bench/results/default_bundle.json
     .venv/bin/python bench/bundle_report.py BUNDLE --out other.json
+    .venv/bin/peftmm eval adapters/easy-vqa-instruct --full-split > full.json   # the whole test split
+    .venv/bin/python bench/bundle_report.py adapters/easy-vqa-instruct --whole-split full.json \
+        --out bench/results/instruct_bundle.json
+
+``--whole-split`` records what ``peftmm eval --full-split`` printed for the bundle (a training run
+may score only the first ``data.max_eval_samples`` test examples).
 
 The test metrics are the task's (bench/task_metrics.py): accuracy for VQA; exact match, token F1,
 out-of-vocabulary answers and answers generated for instruct.
@@ -45,8 +51,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle")
     parser.add_argument("--out", type=Path, default=RESULTS / "default_bundle.json")
+    parser.add_argument("--whole-split", type=Path, help="JSON printed by `peftmm eval BUNDLE --full-split`")
     args = parser.parse_args()
     data = report(Path(args.bundle))
+    if args.whole_split:
+        printed = args.whole_split.read_text()
+        data["whole_test_split"] = json.loads(printed[printed.index("{"):])
     atomic_write_text(args.out, json.dumps(data, indent=2) + "\n")
     print(bundle_table(data))
 

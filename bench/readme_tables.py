@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import instruct_tables  # noqa: E402
-from task_metrics import SOURCES, metric_name, primary, show  # noqa: E402
+from task_metrics import REPORTED, SOURCES, metric_name, primary, show  # noqa: E402
 
 from peftmm.io import atomic_write_text  # noqa: E402
 
@@ -38,7 +38,7 @@ def bundle_table(data: dict | None = None) -> str:
     """The default recipe's shipped bundle (bench/bundle_report.py)."""
     data = data or json.loads((RESULTS / "default_bundle.json").read_text())
     m, adapter = data["metrics"], data["adapter_bytes"]
-    backbones = data["backbones"]
+    backbones, whole = data["backbones"], data.get("whole_test_split") or {}
     source = SOURCES.get(data.get("source", "easy-vqa"), data.get("source"))   # reports before the key: easy-VQA
     rows = [
         ("trainable parameters", f"{m['trainable_params']:,} of {m['total_params']:,} "
@@ -46,6 +46,8 @@ def bundle_table(data: dict | None = None) -> str:
         *[(f"{source} test {metric_name(k)}", show(k, v)) for k, v in m.items() if k.startswith("test_")],
         *[(f"validation {metric_name(k)} (best epoch)", f"{show(k, v)} (epoch {m['best_epoch']})")
           for k, v in m.items() if k.startswith("val_")],
+        *[(f"{source} test {metric_name(k)}, whole split ({whole['examples']:,} examples)", show(k, whole[k]))
+          for k in REPORTED.get(data.get("task", "vqa"), ("accuracy",)) if k in whole],
         ("training time (train loop only)", f"{m['train_seconds']:.0f} s, {m['steps']} steps"),
         ("adapter file", f"{adapter:,} bytes"),
         *[(f"{name} backbone weights ({b['source']}, fp32 safetensors)", f"{b['bytes']:,} bytes")
@@ -53,6 +55,11 @@ def bundle_table(data: dict | None = None) -> str:
         ("adapter / backbones", f"{100 * adapter / sum(b['bytes'] for b in backbones.values()):.2f}%"),
     ]
     return "\n".join([f"| {data['name']} | measured |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def instruct_bundle() -> str:
+    """The shipped easy-VQA instruct bundle, with its score on the whole test split."""
+    return bundle_table(json.loads((RESULTS / "instruct_bundle.json").read_text()))
 
 
 def methods() -> str:
@@ -581,7 +588,8 @@ def soups(data: dict | None = None) -> str:
 TABLES = {"bundle": bundle_table, "methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime,
           "emoji": emoji, "plan": plan, "peft": peft, "cache": cache, "distributed": distributed, "hub": hub,
           "serve-openai": serve_openai, "image-bomb": image_bomb, "hf-memory": hf_memory,
-          "gpu-smoke": gpu_smoke, "serve-instruct": serve_instruct, "instruct-handwired": instruct_tables.handwired,
+          "gpu-smoke": gpu_smoke, "serve-instruct": serve_instruct, "instruct-bundle": instruct_bundle,
+          "instruct-handwired": instruct_tables.handwired,
           "instruct-generation": instruct_tables.generation, "method-table": method_table, "soups": soups}
 FILES = {"bundle": "default_bundle.json", "methods": "methods.md", "walltime": "main_walltime.json",
          "emoji": "emoji_baselines.json", "plan": "plan_check.json", "peft": "compare_peft.json",
@@ -589,7 +597,7 @@ FILES = {"bundle": "default_bundle.json", "methods": "methods.md", "walltime": "
          "image-bomb": "image_bomb.json", "hf-memory": "hf_memory.json",
          "gpu-smoke": "gpu_smoke_cpu.json", "instruct-handwired": "instruct_handwired.json",
          "instruct-generation": "instruct_generation.json", "method-table": "method_table.json",
-         "soups": "soups.json"}
+         "soups": "soups.json", "instruct-bundle": "instruct_bundle.json"}
 MARKER = re.compile(r"^<!-- (/?)bench:([\w-]+) -->$", re.M)   # a marker is a line of its own
 # A markdown link or image target that is a path in this repository: no scheme, no anchor-only.
 LINK = re.compile(r"(\]\()(?![a-z][a-z0-9+.-]*:|#|/)([^)\s]+)(\))")
