@@ -209,3 +209,14 @@ def test_saved_variant_settings_are_in_the_bundle_config(tiny_models, tmp_path):
                                          "rank_pattern": {"value": 4}, "alpha_pattern": {"layer.0.attention.self.query":
                                                                                          3.0},
                                          "loraplus_lr_ratio": 2.0}
+
+
+@pytest.mark.parametrize("method", [{"type": "lora", "init_lora_weights": "pissa", "use_dora": True},
+                                    {"type": "peft", "tuner": "ia3"}])
+def test_planner_builds_them_on_meta_tensors(tiny_models, tmp_path, method):
+    import yaml
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"],
+                                                                text_methods=[method])))
+    result = CliRunner().invoke(main, ["plan", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 0 and "fits 8.00 GiB: yes" in result.output, result.output

@@ -103,6 +103,8 @@ class LoRA(Method):
         inside = {name: _inside_adapter(tower.model, name) for name in targets}
         self.target_modules = list(inside.values())
         init = True if config.init_lora_weights == "default" else config.init_lora_weights
+        if mutates_base(config.init_lora_weights) and next(tower.model.parameters()).is_meta:
+            init = True  # the planner (plan.py) builds on meta tensors: shapes only, nothing to decompose
         self.peft_config = LoraConfig(
             r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=self.target_modules,
             use_dora=config.use_dora, use_rslora=config.use_rslora, init_lora_weights=init,
