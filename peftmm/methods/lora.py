@@ -71,6 +71,10 @@ class LoRA(Method):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                     raise ValueError(f"alpha_pattern.{key} = {value!r}: an alpha must be a number > 0")
 
+    def __init__(self, config, slot: str = DEFAULT_SLOT):
+        super().__init__(config, slot)
+        self.mixed_batches = not config.use_dora  # peft: "Cannot pass `adapter_names` when DoRA is enabled"
+
     @classmethod
     def check_precision(cls, config, precision: str, key: str, where: str | None = None) -> None:
         """Refuse what peft cannot do on bitsandbytes layers (measured with peft 0.21, bitsandbytes 0.50)."""
