@@ -209,3 +209,37 @@ def test_saved_variant_settings_are_in_the_bundle_config(tiny_models, tmp_path):
                                          "rank_pattern": {"value": 4}, "alpha_pattern": {"layer.0.attention.self.query":
                                                                                          3.0},
                                          "loraplus_lr_ratio": 2.0}
+
+
+@pytest.mark.parametrize("method", [{"type": "lora", "init_lora_weights": "pissa", "use_dora": True},
+                                    {"type": "peft", "tuner": "ia3"}])
+def test_planner_builds_them_on_meta_tensors(tiny_models, tmp_path, method):
+    import yaml
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"],
+                                                                text_methods=[method])))
+    result = CliRunner().invoke(main, ["plan", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 0 and "fits 8.00 GiB: yes" in result.output, result.output
+
+
+def test_runtime_serves_a_dora_bundle_beside_plain_lora(tiny_models, tmp_path):
+    """peft cannot mix DoRA rows in one pass (adapter_names): the runtime runs them apart, same answers."""
+    from serving import make_bundle
+
+    from peftmm.predict import Predictor
+    from peftmm.runtime import Runtime
+
+    make_bundle(tiny_models, tmp_path, "dora", 5, text_methods=[{"type": "lora", "r": 2, "use_dora": True}])
+    _, splits = make_bundle(tiny_models, tmp_path, "lora", 6, text_methods=[{"type": "lora", "r": 2}])
+    examples = [{"image": e["image"], "text": e["text"]} for e in splits.test[:4]]
+    runtime = Runtime(device="cpu", root=tmp_path)
+    runtime.register("dora")
+    runtime.register("lora")
+    names = ["dora", "lora", "lora", "dora"]
+    mixed = runtime.predict([{"adapter": n, **e} for n, e in zip(names, examples)])
+    for name in ("dora", "lora"):
+        alone = Predictor.load(tmp_path / name, device="cpu").predict_batch(examples)
+        for i, n in enumerate(names):
+            if n == name:
+                assert mixed[i]["answer"] == alone[i]["answer"]
+                assert all(abs(s["score"] - t["score"]) < 1e-5 for s, t in zip(mixed[i]["scores"], alone[i]["scores"]))

@@ -90,7 +90,8 @@ def test_import_adds_a_vision_lora(base, vit_peft, with_vision):
     reloaded, _, config = load_bundle(with_vision)
     _same(reloaded.towers["vision"], vit_peft[1], PIXELS)
     assert config["recipe"]["vision"]["methods"][0] | {"targets": None} == \
-        {"type": "lora", "r": 2, "alpha": 5.0, "dropout": 0.0, "targets": None}
+        {"type": "lora", "r": 2, "alpha": 5.0, "dropout": 0.0, "targets": None, "use_dora": False, "use_rslora": False,
+         "init_lora_weights": "default", "rank_pattern": {}, "alpha_pattern": {}, "loraplus_lr_ratio": None}
     assert config["metrics"]["imported_from_peft"]["tower"] == "vision"
     old, new = read_tensors(base[0]), read_tensors(with_vision)
     assert all(torch.equal(old[k], new[k]) for k in old)  # text LoRA, fusion and head stay
@@ -163,11 +164,12 @@ def _transposed(path):
 
 @pytest.mark.parametrize("damage,tower,message", [
     (_bin_only, "vision", "only safetensors is read"),
-    (lambda p: _edit(p, use_dora=True), "vision", "use_dora = true is not supported"),
-    (lambda p: _edit(p, use_rslora=True), "vision", "use_rslora"),
+    (lambda p: _edit(p, use_dora=True), "vision", "use_dora is true but .*q_proj.* lack lora_magnitude_vector"),
+    (lambda p: _edit(p, rank_pattern={"q_proj": "four"}), "vision", "rank_pattern must map module patterns to ranks"),
     (lambda p: _edit(p, modules_to_save=["classifier"]), "vision", "modules_to_save"),
     (lambda p: _edit(p, bias="all"), "vision", 'bias = "all"'),
-    (lambda p: _edit(p, rank_pattern={"q_proj": 4}), "vision", "rank_pattern"),
+    (lambda p: _edit(p, rank_pattern={"q_proj": 4}), "vision",
+     r"q_proj.lora_A has shape \(2, 32\), the vision backbone needs \(4, 32\) at r = 4"),
     (lambda p: _edit(p, init_lora_weights="pissa"), "vision", "changes the base weights"),
     (lambda p: _edit(p, peft_type="IA3"), "vision", "only LORA adapters"),
     (_transposed, "vision", r"lora_A has shape \(32, 2\), the vision backbone needs \(2, 32\)"),

@@ -71,6 +71,10 @@ class LoRA(Method):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                     raise ValueError(f"alpha_pattern.{key} = {value!r}: an alpha must be a number > 0")
 
+    def __init__(self, config, slot: str = DEFAULT_SLOT):
+        super().__init__(config, slot)
+        self.mixed_batches = not config.use_dora  # peft: "Cannot pass `adapter_names` when DoRA is enabled"
+
     @classmethod
     def check_precision(cls, config, precision: str, key: str, where: str | None = None) -> None:
         """Refuse what peft cannot do on bitsandbytes layers (measured with peft 0.21, bitsandbytes 0.50)."""
@@ -103,6 +107,8 @@ class LoRA(Method):
         inside = {name: _inside_adapter(tower.model, name) for name in targets}
         self.target_modules = list(inside.values())
         init = True if config.init_lora_weights == "default" else config.init_lora_weights
+        if mutates_base(config.init_lora_weights) and next(tower.model.parameters()).is_meta:
+            init = True  # the planner (plan.py) builds on meta tensors: shapes only, nothing to decompose
         self.peft_config = LoraConfig(
             r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=self.target_modules,
             use_dora=config.use_dora, use_rslora=config.use_rslora, init_lora_weights=init,

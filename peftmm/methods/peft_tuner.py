@@ -123,7 +123,7 @@ class PeftTuner(Method):
             _check_types(config_cls, self.options)
             try:  # peft's own checks of the values
                 self.peft_config(["placeholder"], {name: [] for name in MODULE_OPTIONS if name in fields})
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, AttributeError, KeyError) as e:  # whatever peft's checks raise
                 raise ValueError(f"options for {kind} are refused by peft's {config_cls.__name__}: {e}") from None
 
         def peft_config(self, targets: list[str], modules: dict):
