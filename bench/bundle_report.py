@@ -42,6 +42,7 @@ def report(bundle: Path) -> dict:
     task, m = config["task"], config["metrics"]
     return {"bundle": bundle.name, "name": config["name"], "task": task, "source": config["recipe"]["data"]["source"],
             "metrics": {k: m[k] for k in KEYS} | reported(task, m) | reported(task, m, "val"),
+            "test_examples": m.get("test_examples"),
             "adapter_bytes": (bundle / WEIGHTS).stat().st_size,
             "backbones": {name: {"source": t["backbone"], "bytes": backbone_bytes(t["backbone"])}
                           for name, t in config["towers"].items()}}

@@ -43,7 +43,9 @@ def bundle_table(data: dict | None = None) -> str:
     rows = [
         ("trainable parameters", f"{m['trainable_params']:,} of {m['total_params']:,} "
                                  f"({100 * m['trainable_share']:.3f}%)"),
-        *[(f"{source} test {metric_name(k)}", show(k, v)) for k, v in m.items() if k.startswith("test_")],
+        # a run that scored only part of the test split says so when the whole split was scored too
+        *[(f"{source} test {metric_name(k)}" + (f" (the run's first {data['test_examples']:,})" if whole else ""),
+           show(k, v)) for k, v in m.items() if k.startswith("test_")],
         *[(f"validation {metric_name(k)} (best epoch)", f"{show(k, v)} (epoch {m['best_epoch']})")
           for k, v in m.items() if k.startswith("val_")],
         *[(f"{source} test {metric_name(k)}, whole split ({whole['examples']:,} examples)", show(k, whole[k]))
