@@ -122,18 +122,22 @@ def serve_instruct(data: dict | None = None) -> str:
     kinds, first = data["latency_by_kind_s"], data["time_to_first_token_s"]
     server = data["server"]
     return "\n".join([
-        "| clients x requests | instruct adapters (streamed) | VQA adapters | wrong or mixed answers | errors | "
+        "| clients x requests | instruct adapters (streamed) | VQA adapters | mixed or wrong answers | errors | "
         "p50 / p95 latency | instruct p50 / p95 | VQA p50 / p95 | time to first token p50 / p95 | throughput |",
         "|---|---|---|---|---|---|---|---|---|---|",
         f"| {data['clients']} x {data['requests_per_client']} | {', '.join(data['adapters']['instruct'])} | "
-        f"{', '.join(data['adapters']['vqa'])} | {data['wrong_or_mixed']} of {data['total']} | {data['errors']} | "
+        f"{', '.join(data['adapters']['vqa'])} | {data.get('mixed', data['wrong_or_mixed'])} of {data['total']} | "
+        f"{data['errors']} | "
         f"{_ms(data['latency_s']['p50'])} / {_ms(data['latency_s']['p95'])} | "
         f"{_ms(kinds['instruct']['p50'])} / {_ms(kinds['instruct']['p95'])} | "
         f"{_ms(kinds['vqa']['p50'])} / {_ms(kinds['vqa']['p95'])} | {_ms(first['p50'])} / {_ms(first['p95'])} | "
         f"{data['requests_per_s']:.1f} requests/s |",
         "",
         f"Server batches: {server['batches']} for {data['total']} requests (mean {server['mean_batch']:.1f}, "
-        f"largest {server['largest_batch']}, --max-batch {server['max_batch']}) on {server['device']}.",
+        f"largest {server['largest_batch']}, --max-batch {server['max_batch']}) on {server['device']}. "
+        f"Answers that differ from the same request run alone but that the request also gets in a batch of "
+        f"its own adapter's rows (greedy decoding tipped at a near-tie by the batch's rounding, not a mix): "
+        f"{data.get('differs_from_alone_by_batch_numerics', 0)}.",
         "",
         "![latency per adapter](bench/results/serve-instruct.png)"])
 
