@@ -75,6 +75,17 @@ def ask_openai(client, item: dict) -> tuple[int, dict]:
                  "scores": extra["scores"]}
 
 
+def run_clients(client, count: int) -> float:
+    """Run ``client(k)`` for k in range(count) in threads at once; the wall time until all end."""
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
 def wait_until_up(url: str, process, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -298,13 +309,7 @@ def instruct_mix(args) -> None:
                 with lock:
                     results.append((index, status, body, elapsed, first))
 
-        started = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - started
+        wall = run_clients(client, args.clients)
         after = json.loads(urllib.request.urlopen(url + "/api/health", timeout=10).read())
     finally:
         server.terminate()
@@ -421,13 +426,7 @@ def main() -> None:
                 with lock:
                     results.append((index, status, body, elapsed))
 
-        started = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - started
+        wall = run_clients(client, args.clients)
         if args.screenshot:
             import easy_vqa
 
