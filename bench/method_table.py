@@ -2,22 +2,25 @@
 
     .venv/bin/python bench/method_table.py                          # bench/method_table.yaml, seeds 0 1 2
     .venv/bin/python bench/method_table.py --tasks emoji-group --methods lora dora --seeds 0
-    .venv/bin/python bench/method_table.py --epochs 1 --max-train-samples 256    # a reduced table
+    .venv/bin/python bench/method_table.py --epochs 1 --max-train-samples 256    # smaller than the spec's sizes
     .venv/bin/python bench/method_table.py --check                  # parse every run's recipe, train nothing
     .venv/bin/python bench/method_table.py --render                 # redraw the chart from the JSON
 
 The tasks and methods are data (bench/method_table.yaml): per task a recipe, the tower the
-methods go into, and each method as the list that replaces that tower's ``methods`` (plus any
-further ``--set`` it needs). Every run is ``peftmm train RECIPE --set ... --set train.seed=S``
+methods go into, the run size (``size:``, e.g. fewer epochs than the recipe: the table's caption
+says so), and each method as the list that replaces that tower's ``methods`` (plus any further
+``--set`` it needs). Every run is ``peftmm train RECIPE --set ... --set train.seed=S``
 in its own process, one after another; the process's wall time and its peak resident memory
 (the kernel's high-water mark for it, from wait4) are measured around it.
 
 Resumable: a run whose RUNS/<task>/<method>-s<seed>/result.json exists is read, not trained
 again; a run that was killed after a checkpoint continues with ``peftmm train --resume``. The
-run-size options (--epochs, --max-train-samples) pick their own runs folder, so a reduced table
-never mixes with a full one, and are recorded per run (``differs_from_recipe``) and in the
-table's caption. Writes bench/results/method_table.json and method_table.png; the docs block is
-bench/readme_tables.py's ``method-table``.
+run size (the spec's, or --epochs, --max-train-samples, --max-eval-samples for every task) picks
+its own runs folder, so a reduced table never mixes with a full one, and is recorded per run
+(``differs_from_recipe``) and in the table's caption. Tasks can be trained by separate calls
+(``--tasks``, at the same time): each call writes the table of every finished run of the spec.
+Writes bench/results/method_table.json and method_table.png; the docs block is
+bench/readme_tables.py's ``method-table`` (rendered by bench/method_tables.py).
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ from peftmm.safe_load import load_yaml  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SPEC = ROOT / "bench" / "method_table.yaml"
-TASK_KEYS = {"recipe", "tower", "metrics", "methods"}
+TASK_KEYS = {"recipe", "tower", "metrics", "methods"}   # and optionally size
+# a task's run size (``size:``): the recipe keys it sets, and the tag each takes in the runs folder's name
+SIZE_KEYS = {"epochs": ("train.epochs", "epochs"), "max_train_samples": ("data.max_train_samples", "train"),
+             "max_eval_samples": ("data.max_eval_samples", "eval")}
 METHOD_KEYS = {"methods", "set"}
 NAME = re.compile(r"[a-z0-9][a-z0-9+-]*")   # task and method names become folder names
 AGGREGATED = ("trainable_params", "trainable_share", "adapter_bytes", "train_seconds", "wall_seconds",
@@ -90,7 +96,11 @@ def validate_spec(data, where: str) -> None:
         key = f"tasks.{name}"
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise SpecError(f"{key}: a task name is lower-case letters, digits, '-' and '+'", where)
-        _keys(task, TASK_KEYS, TASK_KEYS, key, where)
+        _keys(task, TASK_KEYS | {"size"}, TASK_KEYS, key, where)
+        _keys(task.get("size", {}), set(SIZE_KEYS), set(), f"{key}.size", where)
+        for size_key, value in task.get("size", {}).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SpecError(f"{key}.size.{size_key}: must be a whole number >= 1, got {value!r}", where)
         if not isinstance(task["recipe"], str) or not (ROOT / task["recipe"]).is_file():
             raise SpecError(f"{key}.recipe: no recipe file {task['recipe']!r} (paths are relative to the "
                             "repository root)", where)
@@ -125,15 +135,23 @@ def method_keys(task: dict, method: dict) -> set[str]:
     return {f"{task['tower']}.methods"} | {item.split("=", 1)[0].strip() for item in method.get("set", [])}
 
 
-def size_overrides(epochs: int | None, max_train_samples: int | None) -> list[str]:
-    return ([f"train.epochs={epochs}"] if epochs else []) + \
-        ([f"data.max_train_samples={max_train_samples}"] if max_train_samples else [])
+def run_size(task: dict, given: dict) -> list[str]:
+    """The run-size overrides of one task: its spec's ``size:``, each key replaced where the
+    command line gives one (``given``: SIZE_KEYS to a number or None)."""
+    size = {**task.get("size", {}), **{k: v for k, v in given.items() if v}}
+    return [f"{recipe_key}={size[k]}" for k, (recipe_key, _) in SIZE_KEYS.items() if size.get(k)]
 
 
 def size_tag(size: list[str]) -> str:
     """The runs folder of one run size: ``recipe`` for the recipes as written."""
-    return "-".join(re.sub(r"[^a-z0-9]+", "", s.split(".")[-1].replace("max_train_samples", "train"))
-                    for s in size) or "recipe"
+    tags = {recipe_key: tag for recipe_key, tag in SIZE_KEYS.values()}
+    return "-".join(tags[s.split("=")[0]] + s.split("=")[1] for s in size) or "recipe"
+
+
+def runs_folder(given: str | None, size: list[str]) -> Path:
+    """Where a task's runs live: --runs-dir, else one folder per run size, so a reduced run never
+    mixes with a full one."""
+    return Path(given or RESULTS / "runs" / "method-table" / size_tag(size)).resolve()
 
 
 def selected(spec: dict, tasks: list[str] | None, methods: list[str] | None) -> list[tuple[str, str]]:
@@ -147,7 +165,7 @@ def selected(spec: dict, tasks: list[str] | None, methods: list[str] | None) -> 
             for m in task["methods"] if not methods or m in methods]
 
 
-def check_recipes(spec: dict, pairs, size: list[str]) -> list[str]:
+def check_recipes(spec: dict, pairs, given: dict) -> list[str]:
     """Every run's recipe through peftmm's own parser (unknown methods and options fail here,
     before hours of training): the errors, one line each."""
     from peftmm.recipe import load
@@ -156,7 +174,7 @@ def check_recipes(spec: dict, pairs, size: list[str]) -> list[str]:
     for t, m in pairs:
         task = spec["tasks"][t]
         try:
-            load(ROOT / task["recipe"], [*method_overrides(task, task["methods"][m]), *size])
+            load(ROOT / task["recipe"], [*method_overrides(task, task["methods"][m]), *run_size(task, given)])
         except PeftmmError as error:
             errors.append(f"{t} / {m}: {error}")
     return errors
@@ -309,8 +327,10 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", help="only these tasks of the spec")
     parser.add_argument("--methods", nargs="+", help="only these methods of the spec")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, help="train.epochs of every run (default: the recipe's)")
+    parser.add_argument("--epochs", type=int, help="train.epochs of every run (default: the spec's size, "
+                        "else the recipe's)")
     parser.add_argument("--max-train-samples", type=int, help="data.max_train_samples of every run")
+    parser.add_argument("--max-eval-samples", type=int, help="data.max_eval_samples of every run")
     parser.add_argument("--runs-dir", help="where run dirs live (default bench/results/runs/method-table/<size>)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for method_table.json and .png")
     parser.add_argument("--check", action="store_true", help="only parse every selected run's recipe")
@@ -325,25 +345,28 @@ def main() -> None:
         spec_path = Path(args.spec).resolve()
         spec = load_spec(spec_path)
         pairs = selected(spec, args.tasks, args.methods)
-        size = size_overrides(args.epochs, args.max_train_samples)
-        errors = check_recipes(spec, pairs, size)
+        given = {"epochs": args.epochs, "max_train_samples": args.max_train_samples,
+                 "max_eval_samples": args.max_eval_samples}
+        errors = check_recipes(spec, pairs, given)
         if errors or args.check:
             print("\n".join(errors) or f"{len(pairs)} method recipes parse", file=sys.stderr)
             sys.exit(1 if errors else 0)
-        runs_dir = Path(args.runs_dir or RESULTS / "runs" / "method-table" / size_tag(size)).resolve()
-        rows, failed = [], []
+        sizes = {t: run_size(task, given) for t, task in spec["tasks"].items()}
+        folders = {t: runs_folder(args.runs_dir, sizes[t]) for t in spec["tasks"]}
+        failed = []
         for t, m in pairs:
             for seed in args.seeds:
-                row = run_one(runs_dir, spec, t, m, seed, size)
-                (rows.append(row) if row else failed.append(f"{t}/{m}/s{seed}"))
-        # the table holds every finished run of the spec in this runs folder, not only this call's
+                if run_one(folders[t], spec, t, m, seed, sizes[t]) is None:
+                    failed.append(f"{t}/{m}/s{seed}")
+        # the table holds every finished run of the spec at its size, not only this call's
         rows = [json.loads(p.read_text()) for t, m in selected(spec, None, None)
-                for p in sorted((runs_dir / t).glob(f"{m}-s*/result.json"))
+                for p in sorted((folders[t] / t).glob(f"{m}-s*/result.json"))
                 if re.fullmatch(rf"{re.escape(m)}-s\d+", p.parent.name)]
     except PeftmmError as error:
         sys.exit(f"error: {error}")
-    data = {"spec": rel(spec_path), "runs_dir": rel(runs_dir), "size": size,
-            "tasks": {t: {k: task[k] for k in ("recipe", "tower", "metrics")} for t, task in spec["tasks"].items()},
+    data = {"spec": rel(spec_path),
+            "tasks": {t: {**{k: task[k] for k in ("recipe", "tower", "metrics")}, "size": sizes[t],
+                          "runs_dir": rel(folders[t])} for t, task in spec["tasks"].items()},
             "runs": rows, "aggregates": aggregate(rows, spec)}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json_path, json.dumps(data, indent=2) + "\n")

@@ -1,12 +1,13 @@
 """Model soups and merges across tasks, with `peftmm merge`, against the bundles merged.
 
     .venv/bin/python bench/soups.py                                 # bench/method_table.yaml's soups: section
-    .venv/bin/python bench/soups.py --epochs 1 --max-train-samples 256   # over a reduced method table's runs
+    .venv/bin/python bench/soups.py --epochs 1 --max-train-samples 256   # smaller than the spec's sizes
 
 Seeds (issue 21, point 5): the seed bundles of one (task, method) of the method table,
 ``peftmm merge --method linear`` with equal weights, then ``peftmm eval`` of the soup and of each
 seed on the same test split. Seeds the method table has not trained yet are trained first, by
-bench/method_table.py's own runner into its runs folder (so the two scripts share runs).
+bench/method_table.py's own runner into its runs folder at the task's size (so the two scripts
+share runs).
 
 Across tasks: two runs of different tasks that ``peftmm merge`` accepts together (trained here,
 same runner), merged with TIES or DARE (``--method``, ``--density``, optional ``--weights``)
@@ -36,7 +37,7 @@ from peftmm.io import atomic_write_text  # noqa: E402
 
 ROOT, RESULTS = mt.ROOT, mt.RESULTS
 SEED_KEYS, RUN_KEYS = {"task", "method"}, {"recipe", "tower", "methods", "set"}
-ACROSS_KEYS = {"name", "method", "density", "seed", "metrics", "runs", "weights"}
+ACROSS_KEYS = {"name", "method", "density", "seed", "metrics", "runs", "weights", "size"}
 MERGE_METHODS = ("ties", "dare_linear", "dare_ties", "linear")
 
 
@@ -52,7 +53,7 @@ def validate_soups(spec: dict, where: str) -> dict:
             raise mt.SpecError(f"{key}: no method {soup['method']!r} in tasks.{soup['task']} of the spec", where)
     for i, merge in enumerate(soups.get("across_tasks", [])):
         key = f"soups.across_tasks.{i}"
-        mt._keys(merge, ACROSS_KEYS, ACROSS_KEYS - {"weights"}, key, where)
+        mt._keys(merge, ACROSS_KEYS, ACROSS_KEYS - {"weights", "size"}, key, where)
         if not isinstance(merge["name"], str) or not mt.NAME.fullmatch(merge["name"]):
             raise mt.SpecError(f"{key}.name: lower-case letters, digits, '-' and '+'", where)
         if not isinstance(merge["seed"], int) or isinstance(merge["seed"], bool):
@@ -66,17 +67,23 @@ def validate_soups(spec: dict, where: str) -> dict:
         if "weights" in merge and (not isinstance(merge["weights"], list) or len(merge["weights"]) != 2):
             raise mt.SpecError(f"{key}.weights: one weight per run (two), got {merge['weights']!r}", where)
         # each run is a task of one method, checked as the method table checks its tasks
-        mt.validate_spec({"tasks": {f"{merge['name']}-{name}": _as_task(run, merge.get("metrics"))
-                                    for name, run in merge["runs"].items()}}, f"{where}: {key}.runs")
+        mt.validate_spec({"tasks": _pair_tasks(merge)}, f"{where}: {key}")
     return soups
 
 
-def _as_task(run, metrics) -> dict:
-    """A run of ``across_tasks`` as a method-table task of one method, ``as-given``."""
-    if not isinstance(run, dict):
-        return run   # validate_spec names it
-    task = {k: run[k] for k in ("recipe", "tower") if k in run} | {"metrics": metrics}
-    return task | {"methods": {"as-given": {k: run[k] for k in ("methods", "set") if k in run}}}
+def _pair_tasks(merge: dict) -> dict:
+    """The two runs of an ``across_tasks`` merge as method-table tasks (``NAME-RUN``) of one
+    method each, ``as-given``, at the merge's size."""
+    tasks = {}
+    for name, run in merge["runs"].items():
+        if not isinstance(run, dict):
+            tasks[f"{merge['name']}-{name}"] = run   # validate_spec names it
+            continue
+        task = {k: run[k] for k in ("recipe", "tower") if k in run} | {"metrics": merge.get("metrics")}
+        task |= {"size": merge["size"]} if "size" in merge else {}
+        tasks[f"{merge['name']}-{name}"] = task | {
+            "methods": {"as-given": {k: run[k] for k in ("methods", "set") if k in run}}}
+    return tasks
 
 
 # -- subprocesses: peftmm merge, peftmm eval, and eval on another run's data ---------------------
@@ -112,8 +119,10 @@ def evaluate(bundle: Path, cache: Path) -> dict:
 
 
 # -- the two kinds of merge -------------------------------------------------------------------
-def seed_soup(spec: dict, soup: dict, seeds: list[int], runs_dir: Path, size: list[str]) -> dict:
+def seed_soup(spec: dict, soup: dict, seeds: list[int], given: dict, runs_dir_given: str | None) -> dict:
     t, m = soup["task"], soup["method"]
+    size = mt.run_size(spec["tasks"][t], given)
+    runs_dir = mt.runs_folder(runs_dir_given, size)
     rows = [mt.run_one(runs_dir, spec, t, m, seed, size) for seed in seeds]
     if any(r is None for r in rows):
         raise PeftmmError(f"{t} / {m}: a seed's training failed; see its train.log under {rel(runs_dir)}")
@@ -141,14 +150,16 @@ def _largest_difference(a: Path, b: Path) -> float:
                default=0.0)
 
 
-def across_tasks(merge_spec: dict, runs_dir: Path, size: list[str]) -> dict:
+def across_tasks(merge_spec: dict, given: dict, runs_dir_given: str | None) -> dict:
     """Merge two tasks' bundles, once with each first: a merged bundle keeps its first source's
     recipe, so each order is the merge as the task of its first bundle (its prompt, its data) and
     ``peftmm eval`` measures that task. The two orders' tensors are compared: with equal weights
     the combination does not depend on the order."""
     name, seed = merge_spec["name"], merge_spec["seed"]
     names = list(merge_spec["runs"])
-    spec = {"tasks": {f"{name}-{n}": _as_task(run, merge_spec["metrics"]) for n, run in merge_spec["runs"].items()}}
+    spec = {"tasks": _pair_tasks(merge_spec)}
+    size = mt.run_size(spec["tasks"][f"{name}-{names[0]}"], given)
+    runs_dir = mt.runs_folder(runs_dir_given, size)
     rows = {n: mt.run_one(runs_dir, spec, f"{name}-{n}", "as-given", seed, size) for n in names}
     if any(r is None for r in rows.values()):
         raise PeftmmError(f"{name}: a run's training failed; see its train.log under {rel(runs_dir)}")
@@ -174,8 +185,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=str(mt.SPEC))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the seeds a soup averages")
-    parser.add_argument("--epochs", type=int, help="train.epochs of every run (default: the recipe's)")
+    parser.add_argument("--epochs", type=int, help="train.epochs of every run (default: the spec's size, "
+                        "else the recipe's)")
     parser.add_argument("--max-train-samples", type=int, help="data.max_train_samples of every run")
+    parser.add_argument("--max-eval-samples", type=int, help="data.max_eval_samples of every run")
     parser.add_argument("--runs-dir", help="default: the method table's, bench/results/runs/method-table/<size>")
     parser.add_argument("--only", choices=["seeds", "across_tasks"], help="one kind of merge only")
     parser.add_argument("--out", default=str(RESULTS))
@@ -184,13 +197,13 @@ def main() -> None:
         spec_path = Path(args.spec).resolve()
         spec = mt.load_spec(spec_path)
         soups = validate_soups(spec, str(spec_path))
-        size = mt.size_overrides(args.epochs, args.max_train_samples)
-        runs_dir = Path(args.runs_dir or RESULTS / "runs" / "method-table" / mt.size_tag(size)).resolve()
-        data = {"spec": rel(spec_path), "runs_dir": rel(runs_dir), "size": size, "seeds": [], "across_tasks": []}
+        given = {"epochs": args.epochs, "max_train_samples": args.max_train_samples,
+                 "max_eval_samples": args.max_eval_samples}
+        data = {"spec": rel(spec_path), "seeds": [], "across_tasks": []}
         if args.only != "across_tasks":
-            data["seeds"] = [seed_soup(spec, s, args.seeds, runs_dir, size) for s in soups.get("seeds", [])]
+            data["seeds"] = [seed_soup(spec, s, args.seeds, given, args.runs_dir) for s in soups.get("seeds", [])]
         if args.only != "seeds":
-            data["across_tasks"] = [across_tasks(m, runs_dir, size) for m in soups.get("across_tasks", [])]
+            data["across_tasks"] = [across_tasks(m, given, args.runs_dir) for m in soups.get("across_tasks", [])]
     except PeftmmError as error:
         sys.exit(f"error: {error}")
     out = Path(args.out)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import method_table as mt  # noqa: E402
-import readme_tables  # noqa: E402
+import method_tables  # noqa: E402
 import soups  # noqa: E402
 
 
@@ -36,13 +36,13 @@ def test_the_shipped_spec_validates_and_its_methods_parse(spec):
     known = [(t, m) for t, m in mt.selected(spec, None, None)
              if all(x["type"] in METHODS.names() for x in spec["tasks"][t]["methods"][m]["methods"])]
     assert {"dora", "pissa", "lora-plus", "rslora", "full", "prefix"} <= {m for _, m in known}
-    assert mt.check_recipes(spec, known, mt.size_overrides(1, 64)) == []
+    assert mt.check_recipes(spec, known, {"epochs": 1, "max_train_samples": 64}) == []
 
 
 def test_a_method_peftmm_does_not_know_is_caught_before_training(spec):
     broken = copy.deepcopy(spec)
     broken["tasks"]["emoji-group"]["methods"]["lora"]["methods"][0]["rank"] = 4
-    errors = mt.check_recipes(broken, [("emoji-group", "lora")], [])
+    errors = mt.check_recipes(broken, [("emoji-group", "lora")], {})
     assert len(errors) == 1 and errors[0].startswith("emoji-group / lora: ") and "rank" in errors[0]
 
 
@@ -70,6 +70,9 @@ def _mutated(spec, path, value):
     (("tasks", "emoji-group", "methods", "lora", "set"), ["train.epochs"], "methods.lora.set: must be a list of KEY="),
     (("tasks", "emoji-group", "methods", "lora", "set"), ["vision.methods=[]"], "is what `methods:` sets"),
     (("tasks", "emoji-group", "methods", "full", "methods"), KeyError, "methods.full: missing methods"),
+    (("tasks", "emoji-group", "size"), {"steps": 10}, "tasks.emoji-group.size: unknown key.*steps"),
+    (("tasks", "emoji-group", "size"), {"epochs": 0}, r"tasks.emoji-group.size.epochs: must be a whole number >= 1"),
+    (("tasks", "emoji-group", "size"), {"max_eval_samples": "all"}, "size.max_eval_samples: must be a whole number"),
 ])
 def test_a_bad_spec_is_one_error_naming_the_key(spec, path, value, message):
     with pytest.raises(mt.SpecError, match="^spec.yaml: .*" + message.replace("[", r"\[")):
@@ -84,8 +87,10 @@ def test_a_bad_spec_is_one_error_naming_the_key(spec, path, value, message):
     (("soups", "across_tasks", 0, "weights"), [1.0], "weights: one weight per run"),
     (("soups", "across_tasks", 0, "runs", "image-text"), KeyError, "runs: must name exactly two runs"),
     (("soups", "across_tasks", 0, "runs", "image", "tower"), "fusion",
-     r"across_tasks.0.runs: tasks.group-image\+image-text-image.tower: must be vision or text"),
+     r"across_tasks.0: tasks.group-image\+image-text-image.tower: must be vision or text"),
     (("soups", "across_tasks", 0, "seed"), "0", "seed: the seed of both runs"),
+    (("soups", "across_tasks", 0, "size"), {"epochs": -1}, r"across_tasks.0: tasks.group-image\+image-text-image.size"
+     r".epochs: must be a whole number"),
 ])
 def test_a_bad_soups_section_is_one_error_naming_the_key(spec, path, value, message):
     with pytest.raises(mt.SpecError, match=message):
@@ -97,7 +102,14 @@ def test_selection_and_run_sizes(spec):
     with pytest.raises(mt.SpecError, match="--methods: unknown lora2"):
         mt.selected(spec, None, ["lora2"])
     assert mt.size_tag([]) == "recipe"
-    assert mt.size_tag(mt.size_overrides(1, 256)) == "epochs1-train256"
+    task = {"size": {"epochs": 3, "max_eval_samples": 120}}
+    assert mt.run_size(task, {}) == ["train.epochs=3", "data.max_eval_samples=120"]
+    # the command line replaces the spec's size key by key
+    size = mt.run_size(task, {"epochs": 1, "max_train_samples": 256, "max_eval_samples": None})
+    assert size == ["train.epochs=1", "data.max_train_samples=256", "data.max_eval_samples=120"]
+    assert mt.size_tag(size) == "epochs1-train256-eval120"
+    assert mt.runs_folder(None, size) == mt.RESULTS / "runs" / "method-table" / "epochs1-train256-eval120"
+    assert mt.run_size({}, {}) == [] and mt.runs_folder("elsewhere", size) == Path("elsewhere").resolve()
     task = spec["tasks"]["emoji-group"]
     assert mt.method_overrides(task, task["methods"]["full"]) == \
         ['vision.methods=[{"type": "full", "lr": 5e-05}]', "vision.precision=fp32"]
@@ -161,14 +173,14 @@ def test_the_docs_blocks_show_the_overrides_in_the_caption(spec):
     rows = [_row("emoji-group", m, s, 0.5 + 0.1 * s) for m in ("lora", "full") for s in (0, 1)]
     data = {"tasks": {t: {k: v[k] for k in ("recipe", "tower", "metrics")} for t, v in spec["tasks"].items()},
             "aggregates": mt.aggregate(rows, spec)}
-    text = readme_tables.method_table(data)
+    text = method_tables.method_table(data)
     assert "every run also differs from the recipe by `train.epochs=1`" in text
     assert "| lora | lora(r=8, alpha=16) | 55.0 ± 7.1 | – | 100 | 1.000% | 400 | 10 s | 20 s | 1,024 MiB | 0, 1 |" \
         in text
     assert "| full | full(lr=5e-05); `vision.precision=fp32` |" in text and "emoji-instruct" not in text
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1 and len(table) == 4   # header, rule, two methods
-    assert readme_tables.method_table({"tasks": data["tasks"], "aggregates": []}) == \
+    assert method_tables.method_table({"tasks": data["tasks"], "aggregates": []}) == \
         "No method-table runs collected yet."
 
     soup = {"task": "emoji-group", "method": "lora", "metrics": ["accuracy"], "beyond_method": {},
@@ -178,7 +190,7 @@ def test_the_docs_blocks_show_the_overrides_in_the_caption(spec):
               "orders_largest_difference": 0.0, "beyond_method": {"train.epochs": 1},
               "metrics": ["exact_match"], "evaluations": {"a test": {"a": {"exact_match": 0.4},
                                                                      "merged (ties)": {"exact_match": 0.3}}}}
-    text = readme_tables.soups({"seeds": [soup], "across_tasks": [across]})
+    text = method_tables.soups({"seeds": [soup], "across_tasks": [across]})
     assert "| mean of the seeds | 60.0 |\n| **soup** (linear, equal weights) | 25.0 |" in text
     assert "`peftmm merge --method ties --density 0.5` of `a` and `b`" in text
     assert "| a test | merged (ties) | 30.0 |" in text
@@ -194,16 +206,16 @@ def tiny_table(tiny_models, tmp_path_factory):
     recipe.write_text(yaml.safe_dump(tiny.recipe(tiny_models["mobilenet_v2"], tiny_models["bert"])))
     lora = [{"type": "lora", "r": 2}]
     (root / "spec.yaml").write_text(yaml.safe_dump({
-        "tasks": {"tiny": {"recipe": str(recipe), "tower": "text", "metrics": ["accuracy"],
+        "tasks": {"tiny": {"recipe": str(recipe), "tower": "text", "metrics": ["accuracy"], "size": {"epochs": 2},
                            "methods": {"frozen": {"methods": []}, "lora": {"methods": lora}}}},
         "soups": {"seeds": [{"task": "tiny", "method": "lora"}],
-                  "across_tasks": [{"name": "pair", "method": "ties", "density": 0.5, "seed": 0,
+                  "across_tasks": [{"name": "pair", "method": "ties", "density": 0.5, "seed": 0, "size": {"epochs": 2},
                                     "metrics": ["accuracy"],
                                     "runs": {"a": {"recipe": str(recipe), "tower": "text", "methods": lora},
                                              "b": {"recipe": str(recipe), "tower": "text", "methods": lora,
                                                    "set": ["train.lr=0.02"]}}}]}}))
     cmd = [sys.executable, str(ROOT / "bench" / "method_table.py"), "--spec", str(root / "spec.yaml"),
-           "--seeds", "0", "--epochs", "2", "--runs-dir", str(root / "runs"), "--out", str(root / "out")]
+           "--seeds", "0", "--runs-dir", str(root / "runs"), "--out", str(root / "out")]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-3000:]
     return root, cmd, json.loads((root / "out" / "method_table.json").read_text())
@@ -216,7 +228,8 @@ def test_a_tiny_table_trains_through_the_cli_and_resumes(tiny_table):
     assert lora["trainable_params"] > frozen["trainable_params"] and lora["adapter_bytes"] > frozen["adapter_bytes"]
     assert lora["peak_rss_bytes"] > 50 * 2**20 and lora["wall_seconds"] > 0 and 0 <= lora["test"]["accuracy"] <= 1
     assert lora["differs_from_recipe"]["text.methods"][0]["r"] == 2
-    assert lora["beyond_method"] == {"train.epochs": 2} == frozen["beyond_method"]
+    assert lora["beyond_method"] == {"train.epochs": 2} == frozen["beyond_method"]   # the spec's size
+    assert data["tasks"]["tiny"]["size"] == ["train.epochs=2"]
     assert [a["method"] for a in data["aggregates"]] == ["frozen", "lora"]
     assert (root / "out" / "method_table.png").stat().st_size > 1000
 
@@ -231,7 +244,7 @@ def test_a_tiny_table_trains_through_the_cli_and_resumes(tiny_table):
 def test_tiny_soups_merge_with_peftmm_merge_and_evaluate_with_peftmm_eval(tiny_table):
     root, _, table = tiny_table
     cmd = [sys.executable, str(ROOT / "bench" / "soups.py"), "--spec", str(root / "spec.yaml"), "--seeds", "0", "1",
-           "--epochs", "2", "--runs-dir", str(root / "runs"), "--out", str(root / "out")]
+           "--runs-dir", str(root / "runs"), "--out", str(root / "out")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "training tiny / lora / seed 0" not in done.stderr   # the table's run is reused
