@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from table_format import mib
+
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"transformers-merged": "transformers `generate`, LoRA merged (`merge_and_unload`), fp32",
             "peftmm-fp32-merged": "peftmm `Predictor`, LoRA merged (`merge=True`), fp32",
             "peftmm-fp32": "peftmm `Predictor`, LoRA unmerged, fp32"}
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB"
 
 
 def _variant(name: str) -> str:
@@ -30,9 +28,9 @@ def handwired(data: dict | None = None) -> str:
     lines = ["| per training step | hand-wired (transformers + peft, plain loop) | peftmm `instruct` |",
              "|---|---:|---:|",
              f"| trainable parameters | {hand['trainable_params']:,} | {ours['trainable_params']:,} |",
-             f"| peak RSS up to the last step | {_mib(hand['train_peak_rss'])} | {_mib(ours['train_peak_rss'])} |",
-             f"| of it above the baseline (libraries imported, data listed) | {_mib(hand['train_above_baseline'])} | "
-             f"{_mib(ours['train_above_baseline'])} |",
+             f"| peak RSS up to the last step | {mib(hand['train_peak_rss'])} | {mib(ours['train_peak_rss'])} |",
+             f"| of it above the baseline (libraries imported, data listed) | {mib(hand['train_above_baseline'])} | "
+             f"{mib(ours['train_above_baseline'])} |",
              f"| median step, batch {s['batch_size']} | {hand['median_step_s']:.2f} s | "
              f"{ours['median_step_s']:.2f} s |",
              f"| CPU time of a step (median, all threads) | {hand['median_step_cpu_s']:.2f} s | "

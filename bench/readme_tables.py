@@ -19,19 +19,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import emoji_tables  # noqa: E402
 import instruct_tables  # noqa: E402
-from task_metrics import REPORTED, SOURCES, metric_name, primary, show  # noqa: E402
+import method_tables  # noqa: E402
+from table_format import mib, ms  # noqa: E402
+from task_metrics import REPORTED, SOURCES, metric_name, show  # noqa: E402
 
 from peftmm.io import atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-
-
-def _ms(seconds: float) -> str:
-    if seconds >= 1.0:
-        return f"{seconds:,.2f} s"
-    return f"{seconds * 1000:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} µs"
 
 
 def bundle_table(data: dict | None = None) -> str:
@@ -81,7 +78,7 @@ def runtime() -> str:
                        ("one request, same adapter every call", "request_same_adapter_s"),
                        ("one request, adapter alternating every call", "request_alternating_adapters_s"),
                        ("load backbones + adapter from disk, then predict", "cold_load_and_predict_s")):
-        lines.append(f"| {label} | {_ms(swap[key]['median'])} | {_ms(swap[key]['p95'])} |")
+        lines.append(f"| {label} | {ms(swap[key]['median'])} | {ms(swap[key]['p95'])} |")
     lines += ["", f"Cold load over switch: **{swap['cold_over_switch']:,.0f}x** (medians); a request with "
               f"the adapter alternating costs {swap['alternating_over_same']:.2f}x one with the same adapter.", "",
               "| 10 adapters registered | file bytes | resident memory growth | tensor bytes added |",
@@ -94,8 +91,8 @@ def runtime() -> str:
               "", "| LoRA, fp32 backbones | unmerged (median) | merged (median) | unmerged / merged | max logit diff |",
               "|---|---|---|---|---|"]
     for row in data["merge"]:
-        lines.append(f"| {row['variant']}, batch {row['batch_size']} | {_ms(row['unmerged_s']['median'])} | "
-                     f"{_ms(row['merged_s']['median'])} | {row['ratio']:.2f}x | {row['max_logit_diff']:.1e} |")
+        lines.append(f"| {row['variant']}, batch {row['batch_size']} | {ms(row['unmerged_s']['median'])} | "
+                     f"{ms(row['merged_s']['median'])} | {row['ratio']:.2f}x | {row['max_logit_diff']:.1e} |")
     return "\n".join(lines)
 
 
@@ -107,8 +104,8 @@ def serve(name: str = "serve.json") -> str:
         "| clients x requests | adapters | wrong or mixed answers | errors | p50 latency | p95 latency | throughput |",
         "|---|---|---|---|---|---|---|",
         f"| {data['clients']} x {data['requests_per_client']} | {', '.join(data['adapters'])} | "
-        f"{data['wrong_or_mixed']} of {data['total']} | {data['errors']} | {_ms(data['latency_s']['p50'])} | "
-        f"{_ms(data['latency_s']['p95'])} | {data['requests_per_s']:.1f} requests/s |"])
+        f"{data['wrong_or_mixed']} of {data['total']} | {data['errors']} | {ms(data['latency_s']['p50'])} | "
+        f"{ms(data['latency_s']['p95'])} | {data['requests_per_s']:.1f} requests/s |"])
 
 
 def serve_openai() -> str:
@@ -128,9 +125,9 @@ def serve_instruct(data: dict | None = None) -> str:
         f"| {data['clients']} x {data['requests_per_client']} | {', '.join(data['adapters']['instruct'])} | "
         f"{', '.join(data['adapters']['vqa'])} | {data.get('mixed', data['wrong_or_mixed'])} of {data['total']} | "
         f"{data['errors']} | "
-        f"{_ms(data['latency_s']['p50'])} / {_ms(data['latency_s']['p95'])} | "
-        f"{_ms(kinds['instruct']['p50'])} / {_ms(kinds['instruct']['p95'])} | "
-        f"{_ms(kinds['vqa']['p50'])} / {_ms(kinds['vqa']['p95'])} | {_ms(first['p50'])} / {_ms(first['p95'])} | "
+        f"{ms(data['latency_s']['p50'])} / {ms(data['latency_s']['p95'])} | "
+        f"{ms(kinds['instruct']['p50'])} / {ms(kinds['instruct']['p95'])} | "
+        f"{ms(kinds['vqa']['p50'])} / {ms(kinds['vqa']['p95'])} | {ms(first['p50'])} / {ms(first['p95'])} | "
         f"{data['requests_per_s']:.1f} requests/s |",
         "",
         f"Server batches: {server['batches']} for {data['total']} requests (mean {server['mean_batch']:.1f}, "
@@ -154,8 +151,8 @@ def image_bomb() -> str:
         answers = ", ".join(f"{n} x {status}" for status, n in sorted(run["statuses"].items()))
         code = "before the limits" if label.startswith("before") else "now"
         rss = run["rss_mib"]
-        lines.append(f"| {run['image']} | {code} | {answers} | {_mib(rss['peak'] * 2**20)} | "
-                     f"{_mib(rss['3s_after'] * 2**20)} | {_mib(rss['before_requests'] * 2**20)} |")
+        lines.append(f"| {run['image']} | {code} | {answers} | {mib(rss['peak'] * 2**20)} | "
+                     f"{mib(rss['3s_after'] * 2**20)} | {mib(rss['before_requests'] * 2**20)} |")
     return "\n".join(lines)
 
 
@@ -208,145 +205,6 @@ def walltime() -> str:
         f"| its prediction for test image 0, \"{data['prediction']['question']}\" | {data['prediction']['answer']} |"])
 
 
-# -- emoji tasks: bench/emoji_tasks.py runs + bench/emoji_baselines.py reference points
-EMOJI_ORDER = ["emoji-retrieval-projection", "emoji-retrieval-locked-text", "emoji-retrieval-memory",
-               "emoji-retrieval", "emoji-retrieval-adapters", "emoji-caption-plain", "emoji-caption-greedy",
-               "emoji-caption", "emoji-group", "emoji-group-subgroups", "emoji-group-image-text"]
-RETRIEVAL_BASELINE = "emoji-retrieval-projection"   # the adapter recipes are compared with it
-
-
-def _pct(m: dict | None, key: str, scale: float = 100, digits: int = 1) -> str:
-    """mean ± std over seeds (std only with two or more seeds); blank when the run lacks it."""
-    if m is None or key not in m:
-        return "–"
-    value = m[key]
-    text = f"{scale * value['mean']:.{digits}f}"
-    return text + (f" ± {scale * value['std']:.{digits}f}" if value.get("std") is not None else "")
-
-
-def _label(a: dict) -> str:
-    return f"`{a['recipe']}` from `{a['chain_from']}` (init_from)" if a.get("chain_from") else f"`{a['recipe']}`"
-
-
-def emoji(tasks: dict | None = None, baselines: dict | None = None) -> str:
-    """Tables of whatever has been measured: recipes without runs are simply absent."""
-    if tasks is None:
-        path = RESULTS / "emoji_tasks.json"
-        tasks = json.loads(path.read_text()) if path.exists() else {"aggregates": {}}
-    if baselines is None and (RESULTS / "emoji_baselines.json").exists():
-        baselines = json.loads((RESULTS / "emoji_baselines.json").read_text())
-    runs = [a for a in tasks["aggregates"].values() if a["as_recipe"]]  # never runs with overrides
-    runs.sort(key=lambda a: (EMOJI_ORDER.index(a["recipe"]) if a["recipe"] in EMOJI_ORDER else 99,
-                             a.get("chain_from") or "", a["recipe"]))
-    b = baselines or {}
-    seeds = lambda a: str(len(a["seeds"]))  # noqa: E731
-    recalls = [f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
-    lines = ["| retrieval, test split, recall (%) | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 "
-             "| seeds |", "|---|---|---|---|---|---|---|---|"]
-    for a in (a for a in runs if a["task"] == "retrieval"):
-        lines.append(f"| {_label(a)} | " + " | ".join(_pct(a["metrics"], f"test_{r}") for r in recalls)
-                     + f" | {seeds(a)} |")
-    if "retrieval_chance" in b:
-        c = b["retrieval_chance"]
-        lines.append(f"| chance (K/N, N = {c['n']}) | " + " | ".join(f"{100 * c[r]:.1f}" for r in recalls) + " | – |")
-    if "pair_memory_bridge" in b:
-        m = b["pair_memory_bridge"]
-        lines.append("| the pair-memory bridge alone, nothing trained (frozen features, "
-                     f"K = {m['memory_neighbours']}) | "
-                     + " | ".join(f"{100 * m[r]:.1f}" for r in recalls) + " | – |")
-    base = next((a for a in runs if a["recipe"] == RETRIEVAL_BASELINE and not a.get("chain_from")), None)
-    others = [a for a in runs if a["task"] == "retrieval" and a is not base]
-    if base is not None and others:
-        gain = lambda a, k: 100 * (a["metrics"][k]["mean"] - base["metrics"][k]["mean"])  # noqa: E731
-        lines += ["", f"Difference from `{RETRIEVAL_BASELINE}` in points of the seed means (t2i R@1 / i2t R@1): "
-                  + "; ".join(f"{_label(a)} {gain(a, 'test_t2i_r1'):+.1f} / {gain(a, 'test_i2t_r1'):+.1f}"
-                              for a in others) + "."]
-    lines += ["", "| captioning, test split | exact match (%) | BLEU-4 (0-1) | CIDEr-D (0-10) | unigram F1 (%) "
-              "| seeds |", "|---|---|---|---|---|---|"]
-    for a in (a for a in runs if a["task"] == "captioning"):
-        m = a["metrics"]
-        lines.append(f"| {_label(a)} | {_pct(m, 'test_exact_match')} | {_pct(m, 'test_bleu4', 1, 3)} | "
-                     f"{_pct(m, 'test_cider_d', 1, 3)} | {_pct(m, 'test_unigram_f1')} | {seeds(a)} |")
-    if "nearest_neighbour_captioning" in b:
-        n = b["nearest_neighbour_captioning"]
-        lines += [f"| nearest neighbour: caption of the most similar train image | {100 * n['exact_match']:.1f} | "
-                  f"{n['bleu4']:.3f} | {n['cider_d']:.3f} | {100 * n['unigram_f1']:.1f} | – |",
-                  f"| oracle: best train caption per test image | – | – | – | "
-                  f"{100 * n['oracle_best_train_caption_unigram_f1']:.1f} | – |"]
-        captioners = [a for a in runs if a["task"] == "captioning" and "test_unigram_f1" in a["metrics"]]
-        if captioners:   # captioners are compared with the nearest neighbour in unigram F1
-            lines += ["", "Difference from the nearest neighbour in points of unigram F1 (seed means): " + "; ".join(
-                f"{_label(a)} {100 * (a['metrics']['test_unigram_f1']['mean'] - n['unigram_f1']):+.1f}"
-                for a in captioners) + "."]
-    instruct = [a for a in runs if a["task"] == "instruct"]
-    if instruct:   # generated answers (bench/task_metrics.py): no baseline rows yet
-        lines += ["", "| instruct, test split | exact match (%) | token F1 (%) | answers out of the training "
-                  "vocabulary | answers generated | seeds |", "|---|---|---|---|---|---|"]
-        lines += [f"| {_label(a)} | {_pct(a['metrics'], 'test_exact_match')} | {_pct(a['metrics'], 'test_token_f1')} | "
-                  f"{_pct(a['metrics'], 'test_out_of_vocabulary', 1)} | {_pct(a['metrics'], 'test_answered', 1, 0)} | "
-                  f"{seeds(a)} |" for a in instruct]
-    groups = len(b["split"]["labels"]) if "split" in b else "the"
-    lines += ["", f"| {groups} Unicode groups, test split | reads | accuracy (%) | macro-F1 (%) | seeds |",
-              "|---|---|---|---|---|"]
-    for a in (a for a in runs if a["task"] == "classification"):
-        lines.append(f"| {_label(a)}, trained | {a.get('reads') or '–'} | {_pct(a['metrics'], 'test_accuracy')} | "
-                     f"{_pct(a['metrics'], 'test_macro_f1')} | {seeds(a)} |")
-    for a in (a for a in runs if "zero_shot_accuracy" in a["metrics"]):
-        lines.append(f"| {_label(a)}, zero-shot, prompt \"{tasks['template'].replace('{}', '<group>')}\" "
-                     f"| image | {_pct(a['metrics'], 'zero_shot_accuracy')} | "
-                     f"{_pct(a['metrics'], 'zero_shot_macro_f1')} | {seeds(a)} |")
-    if "majority_class" in b:
-        mc, probe = b["majority_class"], b["linear_probe"]
-        lines += [f"| majority class of train ({mc['label']}) | – | {100 * mc['accuracy']:.1f} | "
-                  f"{100 * mc['macro_f1']:.1f} | – |",
-                  f"| logistic-regression probe on frozen pooled image features (L2 {probe['l2']:g}, chosen on val) "
-                  f"| image | {100 * probe['accuracy']:.1f} | {100 * probe['macro_f1']:.1f} | – |"]
-        if "subgroup_probe" in b:
-            sub = b["subgroup_probe"]
-            lines.append(f"| the same probe fitted on the {sub['classes']} subgroups, answering the group whose "
-                         f"subgroups sum highest (L2 {sub['l2']:g}) | image | {100 * sub['accuracy']:.1f} | "
-                         f"{100 * sub['macro_f1']:.1f} | – |")
-        if "image_text_probe" in b:
-            both = b["image_text_probe"]
-            lines.append(f"| the same probe on the image features beside the caption's frozen text embedding "
-                         f"({both['text_features']}; L2 {both['l2']:g}) | image and text | "
-                         f"{100 * both['accuracy']:.1f} | {100 * both['macro_f1']:.1f} | – |")
-        if "text_probe" in b:
-            name = b["text_probe"]
-            lines.append(f"| the same probe on the caption's embedding alone (L2 {name['l2']:g}) | text | "
-                         f"{100 * name['accuracy']:.1f} | {100 * name['macro_f1']:.1f} | – |")
-        lines += ["",
-                  f"The family split gives test other group shares than train: {mc['label']} is "
-                  f"{100 * mc['train_share']:.1f}% of train but {100 * mc['accuracy']:.1f}% of test, whose largest "
-                  f"group is {mc['test_majority_label']} ({100 * mc['test_majority_share']:.1f}%)."]
-    chains = [(a, next((s for s in runs if s["recipe"] == a["recipe"] and not s.get("chain_from")), None))
-              for a in runs if a.get("chain_from")]
-    chains = [(a, s) for a, s in chains if s is not None]
-    if chains:
-        lines += ["", "| stage chain | test metric | with init_from | from scratch | seeds |", "|---|---|---|---|---|"]
-        for a, s in chains:
-            key = f"test_{primary(a['task'])}"
-            lines.append(f"| {_label(a)} | {key[5:]} | {_pct(a['metrics'], key)} | {_pct(s['metrics'], key)} | "
-                         f"{seeds(a)} / {seeds(s)} |")
-    if runs:
-        lines += ["", "| recipe | trainable params | share | bundle bytes | train loop | whole run | seeds |",
-                  "|---|---|---|---|---|---|---|"]
-        for a in runs:
-            m = a["metrics"]
-            mark = "" if a["wall_measured"] else " *"
-            lines.append(f"| {_label(a)} | {m['trainable_params']['mean']:,.0f} | "
-                         f"{100 * m['trainable_share']['mean']:.3f}% | {m['adapter_bytes']['mean']:,.0f} | "
-                         f"{_pct(m, 'train_seconds', 1, 0)} s | {_pct(m, 'wall_seconds', 1, 0)} s{mark} | {seeds(a)} |")
-        if not all(a["wall_measured"] for a in runs):
-            lines.append("\n\\* trained outside bench/emoji_tasks.py: no whole-run time was measured, the train "
-                         "loop's time stands in.")
-    else:
-        lines += ["", "No recipe runs collected yet: `bench/emoji_tasks.py` adds their rows."]
-    return "\n".join(lines)
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB"
 
 
 def plan() -> str:
@@ -355,9 +213,9 @@ def plan() -> str:
     lines = ["| recipe | estimate | max RSS | error | above baseline: estimate | measured | error |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in sorted(data.items()):
-        lines.append(f"| {name} | {_mib(r['estimate_total'])} | {_mib(r['raw_max_rss'])} | "
-                     f"{100 * r['error_raw']:+.1f}% | {_mib(r['estimate_above_baseline'])} | "
-                     f"{_mib(r['above_baseline'])} | {100 * r['error_above_baseline']:+.1f}% |")
+        lines.append(f"| {name} | {mib(r['estimate_total'])} | {mib(r['raw_max_rss'])} | "
+                     f"{100 * r['error_raw']:+.1f}% | {mib(r['estimate_above_baseline'])} | "
+                     f"{mib(r['above_baseline'])} | {100 * r['error_above_baseline']:+.1f}% |")
     worst = {k: max(data.values(), key=lambda r: abs(r[f"error_{k}"])) for k in ("raw", "above_baseline")}
     inside = sum(r["within_25pct_raw"] and r["within_25pct_above_baseline"] for r in data.values())
     lines += ["", f"{inside} of {len(data)} recipes within 25% both ways; the largest errors: "
@@ -403,8 +261,8 @@ def peft(data: dict | None = None) -> str:
     lines = [f"| variant | trainable params | {names[0]} | {names[1]} | memory vs full FT | median step | "
              "step vs full FT | samples/s | accuracy |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['trainable_params']:,} | {_mib(r[first])} | {_mib(r[second])} | "
-                     f"{_times(r.get('memory_vs_full'))} | {_ms(r['median_step_s'])} | "
+        lines.append(f"| {r['label']} | {r['trainable_params']:,} | {mib(r[first])} | {mib(r[second])} | "
+                     f"{_times(r.get('memory_vs_full'))} | {ms(r['median_step_s'])} | "
                      f"{_times(r.get('step_vs_full'))} | {r['samples_per_s']:.1f} | {100 * r['accuracy']:.2f}% |")
     lines += ["", f"{s['steps']} optimizer steps of {s['batch_size']} shuffled questions per variant (the same "
               f"batches, from the first {s['train_samples']:,} training questions), seed {s['seed']}, on "
@@ -511,92 +369,15 @@ def distributed(data: dict | None = None) -> str:
 
 
 
-# -- the method table and the soups: bench/method_table.py, bench/soups.py (docs/method-table.md)
-def _settings(a: dict) -> str:
-    """A method's recipe settings as the spec gives them (targets and tuner options: see the spec)."""
-    parts = [f"{m['type']}({', '.join(f'{k}={v}' for k, v in m.items() if k not in ('type', 'targets', 'options'))})"
-             .replace("()", "") for m in a["methods"]]
-    return " + ".join(parts) + "".join(f"; `{s}`" for s in a["set"]) if parts else "none: the tower stays frozen"
-
-
-def _overrides_line(differs: dict) -> str:
-    return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(differs.items()))
-
-
-def method_table(data: dict | None = None) -> str:
-    """One table per task: each method's test metrics (mean ± std over seeds, in %), size, time, memory."""
-    data = data or json.loads((RESULTS / "method_table.json").read_text())
-    blocks = []
-    for t, task in data["tasks"].items():
-        rows = [a for a in data["aggregates"] if a["task"] == t]
-        if not rows:
-            continue
-        metrics = task["metrics"]
-        beyond = {k: v for a in rows for k, v in a["beyond_method"].items()}
-        caption = (f"**{t}**: [`{task['recipe']}`]({task['recipe']}), each method in the {task['tower']} tower; "
-                   "test metrics in %, mean ± std over the seeds")
-        caption += (f"; every run also differs from the recipe by {_overrides_line(beyond)} (a reduced run, not the "
-                    "recipe's own size)." if beyond else "; otherwise as the recipe is written.")
-        lines = [caption, "", "| method | settings | " + " | ".join(m.replace("_", " ") for m in metrics)
-                 + " | trainable params | share | adapter bytes | train loop | whole run | peak RSS | seeds |",
-                 "|---|---|" + "---:|" * (len(metrics) + 6) + "---|"]
-        for a in rows:
-            m = a["metrics"]
-            lines.append(f"| {a['method']} | {_settings(a)} | " + " | ".join(_pct(m, k) for k in metrics)
-                         + f" | {m['trainable_params']['mean']:,.0f} | {100 * m['trainable_share']['mean']:.3f}% | "
-                         f"{m['adapter_bytes']['mean']:,.0f} | {m['train_seconds']['mean']:,.0f} s | "
-                         f"{m['wall_seconds']['mean']:,.0f} s | {_mib(m['peak_rss_bytes']['mean'])} | "
-                         f"{', '.join(map(str, a['seeds']))}{' (resumed)' if a['resumed'] else ''} |")
-        blocks.append("\n".join(lines))
-    if not blocks:
-        return "No method-table runs collected yet."
-    png = "bench/results/method_table.png"
-    return "\n\n".join(blocks) + (f"\n\n![the method table]({png})" if (ROOT / png).is_file() else "")
-
-
-def _metric_cells(metrics: dict, keys: list[str]) -> str:
-    return " | ".join(f"{100 * metrics[k]:.1f}" if k in metrics else "–" for k in keys)
-
-
-def soups(data: dict | None = None) -> str:
-    """Seed soups against their seeds, and merges of two tasks' bundles against each bundle (bench/soups.py)."""
-    data = data or json.loads((RESULTS / "soups.json").read_text())
-    lines = []
-    for soup in data["seeds"]:
-        keys = soup["metrics"]
-        caption = f"**{soup['task']} / {soup['method']}**: `peftmm merge --method linear` of seeds " \
-                  f"{', '.join(str(s['seed']) for s in soup['members'])}, each evaluated by `peftmm eval` on the " \
-                  "same test split (%)"
-        if soup["beyond_method"]:
-            caption += f"; the runs differ from the recipe by {_overrides_line(soup['beyond_method'])}"
-        lines += [caption + ".", "", "| bundle | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
-                  "|---|" + "---:|" * len(keys)]
-        lines += [f"| seed {s['seed']} | {_metric_cells(s['test'], keys)} |" for s in soup["members"]]
-        lines += [f"| mean of the seeds | {_metric_cells(soup['seed_mean'], keys)} |",
-                  f"| **soup** (linear, equal weights) | {_metric_cells(soup['soup'], keys)} |", ""]
-    for merge in data["across_tasks"]:
-        keys = merge["metrics"]
-        lines += [f"**{merge['name']}**: `peftmm merge --method {merge['method']} --density {merge['density']}` of "
-                  f"{' and '.join(f'`{n}`' for n in merge['tasks'])} (seed {merge['seed']}), each test split (%).", "",
-                  "| test split | bundle | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
-                  "|---|---|" + "---:|" * len(keys)]
-        for split, by_bundle in merge["evaluations"].items():
-            for bundle, metrics in by_bundle.items():
-                lines.append(f"| {split} | {bundle} | {_metric_cells(metrics, keys)} |")
-        lines += ["", f"A merged bundle keeps its first source's recipe (prompt, data), so the merge is made once "
-                  f"with each bundle first; the two orders' tensors differ by at most "
-                  f"{merge['orders_largest_difference']:.2g}."
-                  + (f" The runs differ from their recipes by {_overrides_line(merge['beyond_method'])}."
-                     if merge["beyond_method"] else ""), ""]
-    return "\n".join(lines).strip() or "No soups measured yet."
-
 
 TABLES = {"bundle": bundle_table, "methods": methods, "runtime": runtime, "serve": serve, "walltime": walltime,
-          "emoji": emoji, "plan": plan, "peft": peft, "cache": cache, "distributed": distributed, "hub": hub,
+          "emoji": emoji_tables.emoji, "plan": plan, "peft": peft, "cache": cache, "distributed": distributed,
+          "hub": hub,
           "serve-openai": serve_openai, "image-bomb": image_bomb, "hf-memory": hf_memory,
           "gpu-smoke": gpu_smoke, "serve-instruct": serve_instruct, "instruct-bundle": instruct_bundle,
           "instruct-handwired": instruct_tables.handwired,
-          "instruct-generation": instruct_tables.generation, "method-table": method_table, "soups": soups}
+          "instruct-generation": instruct_tables.generation, "method-table": method_tables.method_table,
+          "soups": method_tables.soups}
 FILES = {"bundle": "default_bundle.json", "methods": "methods.md", "walltime": "main_walltime.json",
          "emoji": "emoji_baselines.json", "plan": "plan_check.json", "peft": "compare_peft.json",
          "cache": "cache_bench.json", "hub": "hub_plans.json", "serve-openai": "serve-openai.json",

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "bench"))   # bench scripts import each other by m
 
 import bundle_report  # noqa: E402
 import compare_methods  # noqa: E402
+import emoji_tables  # noqa: E402
 import emoji_tasks  # noqa: E402
 import instruct_generation  # noqa: E402
 import readme_tables  # noqa: E402
@@ -99,7 +100,7 @@ def test_emoji_tasks_collects_and_tables_an_instruct_run(instruct_run):
     assert {k: collected["test"][k] for k in ("exact_match", "token_f1", "out_of_vocabulary")} == \
         {k: row[f"test_{k}"] for k in ("exact_match", "token_f1", "out_of_vocabulary")}
     aggregates = emoji_tasks.aggregate([collected])
-    text = readme_tables.emoji({"aggregates": aggregates, "template": "an emoji of {}"}, {})
+    text = emoji_tables.emoji({"aggregates": aggregates, "template": "an emoji of {}"}, {})
     line = next(x for x in text.splitlines() if x.startswith("| `tiny-instruct` | "))
     assert line == (f"| `tiny-instruct` | {100 * row['test_exact_match']:.1f} | {100 * row['test_token_f1']:.1f} | "
                     f"{row['test_out_of_vocabulary']:.1f} | 4 | 1 |")

@@ -107,7 +107,7 @@ def _aggregate(label, task, metrics, chain_from=None, as_recipe=True, seeds=(0,)
 def test_emoji_block_renders_partial_data(tables):
     """Rows exist only for what was measured; runs with overrides never reach the README."""
     baselines = json.loads((ROOT / "bench/results/emoji_baselines.json").read_text())
-    empty = tables.emoji({"aggregates": {}, "template": "an emoji of {}"}, baselines)
+    empty = tables.emoji_tables.emoji({"aggregates": {}, "template": "an emoji of {}"}, baselines)
     assert "| chance (K/N, N = 183) |" in empty and "nearest neighbour" in empty and "probe" in empty
     assert "| the pair-memory bridge alone, nothing trained (frozen features, K = 5) |" in empty
     assert "No recipe runs collected yet" in empty and "`emoji-" not in empty
@@ -121,7 +121,7 @@ def test_emoji_block_renders_partial_data(tables):
             chain_from="emoji-retrieval-projection"),
         "emoji-group (modified)": _aggregate("emoji-group", "classification", {"test_accuracy": 0.9}, as_recipe=False),
     }
-    text = tables.emoji({"aggregates": aggregates, "template": "an emoji of {}"}, baselines)
+    text = tables.emoji_tables.emoji({"aggregates": aggregates, "template": "an emoji of {}"}, baselines)
     assert "| `emoji-retrieval` | 10.0 ± 1.0 | 50.0 ± 1.0 | 100.0 ± 1.0 |" in text
     assert "`emoji-retrieval` from `emoji-retrieval-projection` (init_from) | 10.0 | 50.0 |" in text
     assert "zero-shot, prompt \"an emoji of <group>\" | image | 30.0 ± 1.0 | 20.0 ± 1.0 | 3 |" in text
@@ -136,7 +136,7 @@ def test_classifiers_say_what_they_read(tables):
     image = _aggregate("emoji-group", "classification", {"test_accuracy": 0.75, "test_macro_f1": 0.7})
     both = _aggregate("emoji-group-image-text", "classification", {"test_accuracy": 0.85, "test_macro_f1": 0.8})
     image["reads"], both["reads"] = "image", "image and text"
-    text = tables.emoji({"aggregates": {"emoji-group": image, "emoji-group-image-text": both},
+    text = tables.emoji_tables.emoji({"aggregates": {"emoji-group": image, "emoji-group-image-text": both},
                          "template": "an emoji of {}"}, {})
     assert "| `emoji-group`, trained | image | 75.0 | 70.0 | 1 |" in text
     assert "| `emoji-group-image-text`, trained | image and text | 85.0 | 80.0 | 1 |" in text
@@ -146,7 +146,7 @@ def test_captioners_are_compared_with_the_nearest_neighbour(tables):
     baselines = {"nearest_neighbour_captioning": {"exact_match": 0.0, "bleu4": 0.05, "cider_d": 0.4,
                                                   "unigram_f1": 0.2, "oracle_best_train_caption_unigram_f1": 0.4}}
     captioner = _aggregate("emoji-caption", "captioning", {"test_unigram_f1": 0.245, "test_cider_d": 0.5})
-    text = tables.emoji({"aggregates": {"emoji-caption": captioner}, "template": "an emoji of {}"}, baselines)
+    text = tables.emoji_tables.emoji({"aggregates": {"emoji-caption": captioner}, "template": "an emoji of {}"}, baselines)
     assert "Difference from the nearest neighbour in points of unigram F1 (seed means): `emoji-caption` +4.5." in text
 
 
@@ -155,10 +155,10 @@ def test_retrieval_recipes_are_compared_with_the_projection_only_baseline(tables
     aggregates = {"emoji-retrieval-projection": _aggregate("emoji-retrieval-projection", "retrieval", recall),
                   "emoji-retrieval-adapters": _aggregate("emoji-retrieval-adapters", "retrieval",
                                                          {"test_t2i_r1": 0.26, "test_i2t_r1": 0.08})}
-    text = tables.emoji({"aggregates": aggregates, "template": "an emoji of {}"}, {})
+    text = tables.emoji_tables.emoji({"aggregates": aggregates, "template": "an emoji of {}"}, {})
     assert ("Difference from `emoji-retrieval-projection` in points of the seed means (t2i R@1 / i2t R@1): "
             "`emoji-retrieval-adapters` +6.0 / -2.0.") in text
-    alone = tables.emoji({"aggregates": {"emoji-retrieval-adapters": aggregates["emoji-retrieval-adapters"]},
+    alone = tables.emoji_tables.emoji({"aggregates": {"emoji-retrieval-adapters": aggregates["emoji-retrieval-adapters"]},
                           "template": "an emoji of {}"}, {})
     assert "Difference from" not in alone
 
