@@ -1,11 +1,13 @@
 """Adapter arithmetic: bundles on the same backbone weights combined into one adapter.
 
 LoRA pairs combine as peft's ``add_weighted_adapter`` combines them (combination types
-``linear``, ``ties``, ``dare_linear``, ``dare_ties``), through peft's own merge_utils functions:
-per layer, adapter i's A and B are weighted by sqrt(|w_i * scaling_i|) (the sign goes on A),
-and the weighted A's and B's are combined separately. peft gives the new adapter scaling 1
-(alpha = r); a merged bundle keeps its first bundle's LoRA settings instead, so both factors
-are divided by sqrt(scaling) there and B A * scaling is peft's delta weight exactly.
+``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``cat``), through peft's own merge_utils
+functions: per layer, adapter i's A and B are weighted by sqrt(|w_i * scaling_i|) (the sign goes
+on A), and the weighted A's and B's are combined separately. ``cat`` instead stacks the adapters
+along the rank (A_i weighted by w_i * scaling_i), so the delta is exactly sum_i w_i delta_i at
+rank sum_i r_i. peft gives the new adapter scaling 1 (alpha = r); a merged bundle keeps its first
+bundle's LoRA settings instead (for ``cat`` with rank and alpha grown by the number of sources),
+so both factors are divided by sqrt(scaling) there and B A * scaling is peft's delta weight exactly.
 
 Every other trained tensor (bottleneck adapters, prefixes, DoRA magnitudes, fusion, head) is
 the weighted sum of the sources' tensors. What a task built from data (``memory.*``) must be
@@ -42,7 +44,9 @@ from .bundle import (
     save_bundle,
 )
 from .bundle_files import member
-from .errors import MergeError
+from .errors import MergeError, PeftmmError
+from .methods import METHODS
+from .model import MultimodalModel
 from .safe_load import short_repr
 from .tasks.base import MEMORY
 
@@ -54,6 +58,8 @@ COMBINATIONS = {
     "dare_linear": lambda tensors, weights, density: dare_linear(tensors, weights, density),
     "dare_ties": lambda tensors, weights, density: dare_ties(tensors, weights, density, "total"),
 }
+CAT = "cat"   # LoRA factors side by side: no tensor function, the rank grows (_concatenated_lora)
+MERGE_METHODS = (*COMBINATIONS, CAT)
 PRUNING = ("ties", "dare_linear", "dare_ties")   # the types that read a density
 LORA_A, LORA_B = ".lora_A.default.weight", ".lora_B.default.weight"   # peft's names, as bundles store them
 
@@ -76,9 +82,9 @@ class Combination:
 def combination(count: int, weights=None, method: str = "linear", density: float | None = None,
                 seed: int | None = None) -> Combination:
     """Check the options of a merge of ``count`` sources; weights default to 1/count each."""
-    if method not in COMBINATIONS:
+    if method not in MERGE_METHODS:
         raise MergeError(f"merge method {short_repr(method)} is not known; choose one of: "
-                         f"{', '.join(COMBINATIONS)}")
+                         f"{', '.join(MERGE_METHODS)}")
     if count < 1:
         raise MergeError("a merge needs at least one bundle")
     weights = [1.0 / count] * count if weights is None else list(weights)
@@ -175,6 +181,8 @@ def combine_into(out, sources: list, how: Combination, labels: list[str]) -> Non
             if name not in theirs or not torch.equal(theirs[name].to(tensor.device), tensor):
                 raise MergeError(f"its task data {MEMORY}.{name} differs from {labels[0]}'s: it was built from "
                                  "other training data, and such bundles do not merge", label)
+    if memory:   # the same in every source; a model built afresh (cat) has none yet
+        out.task.load_memory(dict(memory))
     slots = [source.slot for source in sources]
     lora: set[str] = set()
     for tower_name in TOWERS:
@@ -221,6 +229,8 @@ def _combine_lora(tower, out_slot: str, slots: list[str], how: Combination) -> l
 def _weighted_lora(layer, slots: list[str], how: Combination) -> tuple[torch.Tensor, torch.Tensor]:
     """peft's _generalized_task_arithmetic_weighted_adapter for one layer: (A, B) of the new
     adapter at scaling 1."""
+    if how.method == CAT:
+        return _concatenated_lora(layer, slots, how)
     weights_a, weights_b, tensors_a, tensors_b = [], [], [], []
     for slot, weight in zip(slots, how.weights):
         scaled = weight * layer.scaling[slot]
@@ -234,6 +244,34 @@ def _weighted_lora(layer, slots: list[str], how: Combination) -> tuple[torch.Ten
     A = combine(tensors_a, torch.tensor(weights_a).to(tensors_a[0].device), how.density)
     B = combine(tensors_b, torch.tensor(weights_b).to(tensors_b[0].device), how.density)
     return A.to(dtype), B.to(dtype)
+
+
+def _concatenated_lora(layer, slots: list[str], how: Combination) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's ``cat`` for one layer: the A's (each times w_i * scaling_i) stacked along the rank
+    and the B's beside them, so B A is sum_i w_i B_i A_i scaling_i, at scaling 1."""
+    A = torch.cat([layer.lora_A[slot].weight.data * (weight * layer.scaling[slot])
+                   for slot, weight in zip(slots, how.weights)], dim=0)
+    B = torch.cat([layer.lora_B[slot].weight.data for slot in slots], dim=1)
+    return A, B
+
+
+def output_model(path: Path, config: dict, how: Combination, device, towers: dict, slot: str):
+    """(model, recipe) a combination of ``how.weights``'s sources is written into: the first
+    source's bundle (``path``, ``config``) rebuilt under ``slot``, whose tensors combine_into
+    overwrites; for ``cat`` its recipe with every LoRA's rank grown by the number of sources,
+    built without weights (combine_into sets them all)."""
+    if how.method != CAT:
+        model, recipe, _ = load_bundle(path, device, towers=towers, slot=slot)
+        return model, recipe
+    recipe = recipes.from_dict(config["recipe"], source=str(path))
+    for tower in TOWERS:
+        spec = getattr(recipe, tower)
+        try:
+            spec.methods = [METHODS.get(m.type).concatenated(m, len(how.weights)) for m in spec.methods]
+        except PeftmmError as error:
+            raise MergeError(f"{tower}.methods: {error.message}", str(path)) from None
+    model = MultimodalModel.build(recipe, config["labels"], device=device, towers=towers, slot=slot)
+    return model.eval(), recipe
 
 
 # -- peftmm merge -------------------------------------------------------------------------------
@@ -279,7 +317,7 @@ def merge_bundles(out: str | Path, bundles: list[str | Path], how: Combination, 
             model, _, _ = load_bundle(path, device, towers=towers, slot=f"merge_source_{index}")
             sources.append(model)
             towers = dict(model.towers)
-        merged, recipe, config = load_bundle(paths[0], device, towers=towers, slot="merge_result")
+        merged, recipe = output_model(paths[0], configs[0], how, device, towers, "merge_result")
         sources.append(merged)
         combine_into(merged, sources[:-1], how, [str(p) for p in paths])
         data = recipe.to_dict()
@@ -287,7 +325,7 @@ def merge_bundles(out: str | Path, bundles: list[str | Path], how: Combination, 
         record = how.record([{"name": c["name"], "path": str(p), "weights_sha256": bundle_fingerprint(p)}
                              for p, c in zip(paths, configs)])
         return save_bundle(merged, recipes.from_dict(data, source=str(out)), out, metrics={}, overwrite=overwrite,
-                           precision=config.get("precision"), extra={"merge": record})
+                           precision=configs[0].get("precision"), extra={"merge": record})
     finally:
         for model in reversed(sources):
             model.remove_methods()

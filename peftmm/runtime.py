@@ -42,7 +42,7 @@ from .errors import BundleError, DataError, MergeError
 from .features import pad_tokens
 from .hub_bundles import HUB_SCHEME, parse_reference
 from .images import load_image, parse_background
-from .merging import check_agree, combination, combine_into
+from .merging import check_agree, combination, combine_into, output_model
 from .methods.base import NO_SLOT
 from .precision import common_record, inference_context
 from .predict import default_device
@@ -139,14 +139,14 @@ class Runtime:
                     raise MergeError(f"its backbones are loaded apart from {first.name}'s (another precision): "
                                      "a mix needs its adapters on the same loaded backbones", entry.name)
             towers = {tower: self._towers[key] for tower, key in first.tower_keys.items()}
-            model, recipe, config = load_bundle(first.path, self.device, towers=towers, slot=name)
+            model, recipe = output_model(first.path, first.config, how, self.device, towers, name)
             try:
                 combine_into(model, [e.model for e in entries], how, [e.name for e in entries])
             except BaseException:
                 model.remove_methods()
                 raise
             record = how.record([{"name": e.name, "bundle": e.path.name} for e in entries])
-            config = {**config, "metrics": {}, "merge": record}
+            config = {**first.config, "recipe": recipe.to_dict(), "metrics": {}, "merge": record}
             self._adapters[name] = Registered(name, first.path, model, recipe, config, dict(first.tower_keys), 0,
                                               mix=record)
             return self.describe(name)

@@ -23,7 +23,7 @@ from transformers import AutoModel
 from peftmm.bundle import CONFIG, WEIGHTS, load_bundle, read_config, read_tensors, save_bundle
 from peftmm.cli import main
 from peftmm.errors import MergeError
-from peftmm.merging import combination, merge_bundles
+from peftmm.merging import PRUNING, combination, merge_bundles
 from peftmm.peft_interop import export_peft
 from peftmm.runtime import Runtime
 
@@ -99,6 +99,34 @@ def test_linear_of_two_copies_doubles_the_lora_delta_as_peft_does(pair, tmp_path
     assert all(torch.allclose(merged[k], single[k], atol=1e-6) for k in single if ".lora_" not in k)
 
 
+def test_cat_is_the_weighted_sum_of_the_lora_deltas_at_the_summed_rank(pair, examples, tmp_path):
+    """cat stacks the factors: two copies at 0.5, 0.5 give the bundle back exactly (outputs and
+    every delta), at rank 2r with alpha grown alike; other weights are the exact weighted sum."""
+    out = merge_bundles(tmp_path / "cat", [pair[0], pair[0]], combination(2, method="cat"))
+    merged, single = read_tensors(out), read_tensors(pair[0])
+    lora = [k.removesuffix(".lora_A.default.weight") for k in single if k.endswith(".lora_A.default.weight")]
+    for module in lora:
+        a, b = f"{module}.lora_A.default.weight", f"{module}.lora_B.default.weight"
+        assert merged[a].shape[0] == 2 * single[a].shape[0] and merged[b].shape[1] == 2 * single[b].shape[1]
+        assert torch.allclose(merged[b] @ merged[a], single[b] @ single[a], atol=1e-6), module
+    config = read_config(out)
+    assert {k: config["recipe"]["text"]["methods"][0][k] for k in ("r", "alpha")} == {"r": 8, "alpha": 16.0}
+    assert config["merge"]["method"] == "cat"
+    model, _, _ = load_bundle(out)
+    reference, _, _ = load_bundle(pair[0])
+    assert torch.allclose(logits(model, examples[0]), logits(reference, examples[0]), atol=1e-5)
+
+
+def test_cat_refuses_dora(tiny_models, tmp_path):
+    recipe = _recipe(tiny_models, text_methods=[{"type": "lora", "r": 2, "use_dora": True}])
+    with torch.random.fork_rng(devices=[]):
+        dora = _trained(recipe, tmp_path / "dora", 1)
+    with pytest.raises(MergeError) as error:
+        merge_bundles(tmp_path / "merged", [dora, dora], combination(2, method="cat"))
+    assert str(error.value).startswith(f"{dora}: text.methods: lora: DoRA's magnitude vectors")
+    assert not (tmp_path / "merged").exists()
+
+
 def test_tensors_other_than_lora_are_the_weighted_sum(pair, tmp_path):
     out = merge_bundles(tmp_path / "merged", list(pair), combination(2, [0.3, 0.7]))
     merged, a, b = read_tensors(out), read_tensors(pair[0]), read_tensors(pair[1])
@@ -118,7 +146,7 @@ def _peft_deltas(model, adapter: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method,density", [("linear", None), ("ties", 0.5), ("dare_linear", 0.6),
-                                            ("dare_ties", 0.4)])
+                                            ("dare_ties", 0.4), ("cat", None)])
 def test_lora_combines_as_peft_add_weighted_adapter(pair, tiny_models, tmp_path, monkeypatch, method, density):
     """The merged bundle's text LoRA, exported to peft, has the delta weights that peft's own
     add_weighted_adapter gives for the two bundles' LoRAs (DARE: from the same random draws)."""
@@ -141,10 +169,11 @@ def test_lora_combines_as_peft_add_weighted_adapter(pair, tiny_models, tmp_path,
     monkeypatch.setattr(LoraModel, "_generalized_task_arithmetic_weighted_adapter", seeded)
     peft.add_weighted_adapter(["a", "b"], weights, "peft", combination_type=method, density=density)
     theirs, ours = _peft_deltas(peft, "peft"), _peft_deltas(peft, "ours")
-    assert len(calls) == len(theirs) == 4 and sorted(theirs) == sorted(ours)   # query, value in 2 layers
+    assert len(theirs) == 4 and sorted(theirs) == sorted(ours)   # query, value in 2 layers
+    assert len(calls) == (0 if method == "cat" else 4)   # peft concatenates inline
     for name, delta in theirs.items():
         assert torch.allclose(ours[name], delta, atol=1e-6), (name, (ours[name] - delta).abs().max())
-    if method != "linear":   # pruning made a difference: not the plain weighted sum
+    if method in PRUNING:   # pruning made a difference: not the plain weighted sum
         linear = merge_bundles(tmp_path / "linear", list(pair), combination(2, weights))
         lora = [k for k in read_tensors(out) if ".lora_A." in k]
         assert any(not torch.allclose(read_tensors(out)[k], read_tensors(linear)[k]) for k in lora)
@@ -256,7 +285,7 @@ def test_a_full_fine_tune_is_refused(pair, tmp_path):
     ((2, None, "dare_ties", 1.5), "density 1.5 is out of range"),
     ((2, None, "ties"), "merge method ties prunes: give the density to keep"),
     ((2, None, "linear", 0.5), "density applies to ties, dare_linear, dare_ties only, not to linear"),
-    ((2, None, "svd"), "merge method 'svd' is not known; choose one of: linear, ties, dare_linear, dare_ties"),
+    ((2, None, "svd"), "merge method 'svd' is not known; choose one of: linear, ties, dare_linear, dare_ties, cat"),
 ])
 def test_bad_options_are_refused(args, message):
     with pytest.raises(MergeError) as error:
@@ -313,6 +342,25 @@ def test_a_mix_answers_as_the_merged_bundle(runtime, examples):
     finally:
         runtime.unregister("mix")
     assert runtime.names() == ["a", "b", "merged"]
+
+
+def test_a_cat_mix_answers_as_the_cat_merged_bundle(runtime, examples, pair, tmp_path):
+    """cat grows the rank: the mix's slot is built at rank 2r in the shared towers."""
+    images = [example["image"] for example in examples[1]]
+    merged = merge_bundles(runtime.root / "cat-merged", list(pair), combination(2, [0.25, 0.75], "cat"))
+    runtime.register("cat-merged")
+    runtime.register_mix("cat-mix", {"a": 0.25, "b": 0.75}, method="cat")
+    try:
+        assert runtime.describe("cat-mix")["mix"]["method"] == "cat"
+        mixed, written = _answers(runtime, "cat-mix", images), _answers(runtime, "cat-merged", images)
+        assert all(_same_answer(one, other) for one, other in zip(mixed, written))
+        assert not all(_same_answer(one, other) for one, other in zip(mixed, _answers(runtime, "merged", images)))
+    finally:
+        runtime.unregister("cat-mix")
+        runtime.unregister("cat-merged")
+        import shutil
+
+        shutil.rmtree(merged)
 
 
 def test_a_mix_outlives_its_sources(runtime, examples):

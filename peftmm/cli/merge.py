@@ -24,7 +24,8 @@ def _weights(text: str | None) -> list[float] | None:
 @click.argument("bundles", nargs=-1, required=True)
 @click.option("--weights", help="One weight per bundle, comma-separated (default: equal weights summing to 1).")
 @click.option("--method", default="linear", show_default=True,
-              help="How LoRA pairs combine, as peft's add_weighted_adapter: linear, ties, dare_linear or dare_ties.")
+              help="How LoRA pairs combine, as peft's add_weighted_adapter: linear, ties, dare_linear, dare_ties, "
+                   "or cat (side by side: exactly the weighted sum of the updates, at the summed rank).")
 @click.option("--density", type=float, help="Share of each adapter's values kept, in (0, 1] (ties and dare only).")
 @click.option("--seed", type=int, help="Seed of DARE's random pruning (default: torch's current random state).")
 @click.option("--device", default="cpu", show_default=True, help="Where the backbones load for the merge.")

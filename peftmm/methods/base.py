@@ -61,6 +61,13 @@ class Method:
         """The rate one of this method's parameters trains at, given the run's ``lr``."""
         return lr
 
+    @classmethod
+    def concatenated(cls, config, count: int):
+        """The config of ``count`` trained copies of ``config`` held side by side (a ``cat``
+        merge). Only low-rank factors concatenate; every other method's tensors are weighted
+        sums of the same shapes, so its config stays as it is."""
+        return config
+
     def inject(self, tower) -> None:
         raise NotImplementedError
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -155,8 +155,6 @@ class LoRA(Method):
         same way; every other LoRA as it is."""
         if not self.initial:
             return state, self.config
-        from dataclasses import replace
-
         names = {layer: name for name, layer in tower.model.named_modules()}
         state = dict(state)
         for layer, (b0, a0) in self.initial.items():
@@ -164,12 +162,27 @@ class LoRA(Method):
             a_key, b_key = f"{stem}.lora_A.{DEFAULT_SLOT}.weight", f"{stem}.lora_B.{DEFAULT_SLOT}.weight"
             state[a_key] = torch.cat([state[a_key], a0], dim=0)
             state[b_key] = torch.cat([state[b_key], -b0], dim=1)
-        # rank 2r at the same scaling: alpha / r needs alpha x 2, alpha / sqrt(r) needs alpha x sqrt(2)
-        grow = math.sqrt(2.0) if self.config.use_rslora else 2.0
-        config = replace(self.config, r=2 * self.config.r, alpha=self.config.alpha * grow, init_lora_weights="default",
-                         rank_pattern={k: 2 * v for k, v in self.config.rank_pattern.items()},
-                         alpha_pattern={k: v * grow for k, v in self.config.alpha_pattern.items()})
-        return state, config
+        return state, replace(_side_by_side(self.config, 2), init_lora_weights="default")
+
+    @classmethod
+    def concatenated(cls, config, count: int):
+        """``count`` LoRAs of ``config`` side by side: rank x count at the same scaling."""
+        if config.use_dora:
+            raise PeftmmError("lora: DoRA's magnitude vectors hold the norm of the whole adapted weight and do not "
+                              "concatenate; merge DoRA bundles with linear, ties or the dare methods")
+        return _side_by_side(config, count)
+
+
+def _side_by_side(config, count: int):
+    """The LoRA config of ``count`` adapters of ``config`` concatenated along the rank: rank
+    r x count at the same scaling (alpha / r needs alpha x count, alpha / sqrt(r) needs alpha x
+    sqrt(count)), per-module patterns alike."""
+    grow = math.sqrt(count) if config.use_rslora else float(count)
+    grown = replace(config, r=count * config.r, alpha=config.alpha * grow,
+                    rank_pattern={k: count * v for k, v in config.rank_pattern.items()},
+                    alpha_pattern={k: v * grow for k, v in config.alpha_pattern.items()})
+    grown.type = config.type   # the registry sets it on the instance; replace() builds a new one
+    return grown
 
 
 def lora_layout(tower, config) -> tuple[list[str], dict[str, int], dict[str, float]]:
