@@ -63,16 +63,22 @@ def soups(data: dict | None = None) -> str:
     lines = []
     for soup in data["seeds"]:
         keys = soup["metrics"]
-        caption = f"**{soup['task']} / {soup['method']}**: `peftmm merge --method linear` of seeds " \
-                  f"{', '.join(str(s['seed']) for s in soup['members'])}, each evaluated by `peftmm eval` on the " \
-                  "same test split (%)"
+        start = soup.get("start")
+        caption = f"**{soup['task']} / {soup['method']}" + (f", from seed {start['seed']}'s bundle" if start else "") \
+            + f"**: `peftmm merge` of seeds {', '.join(str(s['seed']) for s in soup['members'])}" \
+            + (f", each trained on from seed {start['seed']}'s bundle (`init_from`: one start, other data order, "
+               "augmentation and dropout)" if start else ", each trained from scratch") \
+            + "; every bundle evaluated by `peftmm eval` on the same test split (%)"
         if soup["beyond_method"]:
             caption += f"; the runs differ from the recipe by {_overrides_line(soup['beyond_method'])}"
         lines += [caption + ".", "", "| bundle | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
                   "|---|" + "---:|" * len(keys)]
+        if start:
+            lines.append(f"| the start (seed {start['seed']}'s bundle) | {_metric_cells(start['test'], keys)} |")
         lines += [f"| seed {s['seed']} | {_metric_cells(s['test'], keys)} |" for s in soup["members"]]
         lines += [f"| mean of the seeds | {_metric_cells(soup['seed_mean'], keys)} |",
-                  f"| **soup** (linear, equal weights) | {_metric_cells(soup['soup'], keys)} |", ""]
+                  *(f"| **soup** (`--method {how}`, equal weights) | {_metric_cells(metrics, keys)} |"
+                    for how, metrics in soup["soups"].items()), ""]
     for merge in data["across_tasks"]:
         keys = merge["metrics"]
         lines += [f"**{merge['name']}**: `peftmm merge --method {merge['method']} --density {merge['density']}` of "

@@ -5,7 +5,12 @@
 
 Seeds (issue 21, point 5): the seed bundles of one (task, method) of the method table,
 ``peftmm merge --method linear`` with equal weights, then ``peftmm eval`` of the soup and of each
-seed on the same test split. Seeds the method table has not trained yet are trained first, by
+seed on the same test split; ``merge: [linear, cat]`` adds a ``cat`` soup, the exact mean of the
+seeds' LoRA updates (``linear`` combines the A's and the B's apart). Seeds trained from scratch
+start from different random heads and adapters; a soup with ``start: {seed: N}`` averages runs
+that share their start instead (as model soups do): each seed continues from seed N's bundle
+(``init_from``) at the same size, so only the data order, augmentation and dropout differ
+between them. Seeds the method table has not trained yet are trained first, by
 bench/method_table.py's own runner into its runs folder at the task's size (so the two scripts
 share runs).
 
@@ -36,7 +41,7 @@ from peftmm.errors import PeftmmError  # noqa: E402
 from peftmm.io import atomic_write_text  # noqa: E402
 
 ROOT, RESULTS = mt.ROOT, mt.RESULTS
-SEED_KEYS, RUN_KEYS = {"task", "method"}, {"recipe", "tower", "methods", "set"}
+SEED_KEYS, RUN_KEYS = {"task", "method"}, {"recipe", "tower", "methods", "set"}   # seeds: also start
 ACROSS_KEYS = {"name", "method", "density", "seed", "metrics", "runs", "weights", "size"}
 MERGE_METHODS = ("ties", "dare_linear", "dare_ties", "linear")
 
@@ -48,9 +53,17 @@ def validate_soups(spec: dict, where: str) -> dict:
     mt._keys(soups, {"seeds", "across_tasks"}, set(), "soups", where)
     for i, soup in enumerate(soups.get("seeds", [])):
         key = f"soups.seeds.{i}"
-        mt._keys(soup, SEED_KEYS, SEED_KEYS, key, where)
+        mt._keys(soup, SEED_KEYS | {"start", "merge"}, SEED_KEYS, key, where)
+        if not isinstance(soup.get("merge", []), list) or set(soup.get("merge", [])) - {"linear", "cat"}:
+            raise mt.SpecError(f"{key}.merge: a list of linear and cat (the methods a soup needs no density "
+                               f"for), got {soup['merge']!r}", where)
         if soup["method"] not in spec["tasks"].get(soup["task"], {}).get("methods", {}):
             raise mt.SpecError(f"{key}: no method {soup['method']!r} in tasks.{soup['task']} of the spec", where)
+        if "start" in soup:
+            mt._keys(soup["start"], {"seed"}, {"seed"}, f"{key}.start", where)
+            if not isinstance(soup["start"]["seed"], int) or isinstance(soup["start"]["seed"], bool):
+                raise mt.SpecError(f"{key}.start.seed: the seed whose bundle every run starts from, a whole "
+                                   f"number, got {soup['start']['seed']!r}", where)
     for i, merge in enumerate(soups.get("across_tasks", [])):
         key = f"soups.across_tasks.{i}"
         mt._keys(merge, ACROSS_KEYS, ACROSS_KEYS - {"weights", "size"}, key, where)
@@ -119,22 +132,45 @@ def evaluate(bundle: Path, cache: Path) -> dict:
 
 
 # -- the two kinds of merge -------------------------------------------------------------------
+def _trained(runs_dir: Path, spec: dict, t: str, m: str, seed: int, size: list[str]) -> dict:
+    row = mt.run_one(runs_dir, spec, t, m, seed, size)
+    if row is None:
+        raise PeftmmError(f"{t} / {m} / seed {seed}: training failed; see its train.log under {rel(runs_dir)}")
+    return row
+
+
+def _from_start(spec: dict, t: str, m: str, bundle: Path, start_seed: int) -> tuple[dict, str]:
+    """The spec with method ``M-from-sN``: method M, every run starting from ``bundle``."""
+    name = f"{m}-from-s{start_seed}"
+    task = spec["tasks"][t]
+    method = {**task["methods"][m], "set": [*task["methods"][m].get("set", []), f"init_from={bundle}"]}
+    return {**spec, "tasks": {**spec["tasks"], t: {**task, "methods": {**task["methods"], name: method}}}}, name
+
+
 def seed_soup(spec: dict, soup: dict, seeds: list[int], given: dict, runs_dir_given: str | None) -> dict:
     t, m = soup["task"], soup["method"]
     size = mt.run_size(spec["tasks"][t], given)
     runs_dir = mt.runs_folder(runs_dir_given, size)
-    rows = [mt.run_one(runs_dir, spec, t, m, seed, size) for seed in seeds]
-    if any(r is None for r in rows):
-        raise PeftmmError(f"{t} / {m}: a seed's training failed; see its train.log under {rel(runs_dir)}")
+    keys = spec["tasks"][t]["metrics"]
+    start = None
+    if "start" in soup:
+        base = _trained(runs_dir, spec, t, m, soup["start"]["seed"], size)
+        spec, m = _from_start(spec, t, m, ROOT / base["run_dir"] / "bundle", soup["start"]["seed"])
+        start = {"seed": base["seed"], "bundle": base["run_dir"] + "/bundle"}
+    rows = [_trained(runs_dir, spec, t, m, seed, size) for seed in seeds]
     bundles = [ROOT / r["run_dir"] / "bundle" for r in rows]
     folder = runs_dir / "soups" / f"{t}-{m}-s{'-'.join(map(str, seeds))}"
-    merged = merge(folder / "bundle", bundles, "linear")
+    merged = {how: merge(folder / ("bundle" if how == "linear" else f"bundle-{how}"), bundles, how)
+              for how in soup.get("merge", ["linear"])}
     cache = folder / "evaluations.json"
+    if start:
+        start["test"] = evaluate(ROOT / start["bundle"], cache)
     members = [{"seed": r["seed"], "bundle": r["run_dir"] + "/bundle", "test": evaluate(b, cache)}
                for r, b in zip(rows, bundles)]
-    keys = spec["tasks"][t]["metrics"]
-    return {"task": t, "method": m, "metrics": keys, "beyond_method": rows[0]["beyond_method"],
-            "members": members, "merged": rel(merged), "soup": evaluate(merged, cache),
+    return {"task": t, "method": soup["method"], "start": start, "metrics": keys,
+            "beyond_method": rows[0]["beyond_method"],
+            "members": members, "merged": {how: rel(path) for how, path in merged.items()},
+            "soups": {how: evaluate(path, cache) for how, path in merged.items()},
             "seed_mean": {k: statistics.fmean(s["test"][k] for s in members) for k in keys
                           if all(k in s["test"] for s in members)}}
 
@@ -160,9 +196,7 @@ def across_tasks(merge_spec: dict, given: dict, runs_dir_given: str | None) -> d
     spec = {"tasks": _pair_tasks(merge_spec)}
     size = mt.run_size(spec["tasks"][f"{name}-{names[0]}"], given)
     runs_dir = mt.runs_folder(runs_dir_given, size)
-    rows = {n: mt.run_one(runs_dir, spec, f"{name}-{n}", "as-given", seed, size) for n in names}
-    if any(r is None for r in rows.values()):
-        raise PeftmmError(f"{name}: a run's training failed; see its train.log under {rel(runs_dir)}")
+    rows = {n: _trained(runs_dir, spec, f"{name}-{n}", "as-given", seed, size) for n in names}
     bundles = {n: ROOT / rows[n]["run_dir"] / "bundle" for n in names}
     folder = runs_dir / "soups" / f"{name}-s{seed}"
     cache = folder / "evaluations.json"
@@ -209,7 +243,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "soups.json", json.dumps(data, indent=2) + "\n")
-    print(json.dumps({s["task"] + "/" + s["method"]: {"soup": s["soup"], "seed_mean": s["seed_mean"]}
+    print(json.dumps({s["task"] + "/" + s["method"]: {"soups": s["soups"], "seed_mean": s["seed_mean"]}
                       for s in data["seeds"]}, indent=2))
 
 

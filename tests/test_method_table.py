@@ -81,6 +81,9 @@ def test_a_bad_spec_is_one_error_naming_the_key(spec, path, value, message):
 
 @pytest.mark.parametrize("path, value, message", [
     (("soups", "seeds", 0, "method"), "dora2", "soups.seeds.0: no method 'dora2'"),
+    (("soups", "seeds", 0, "start"), {"seed": "0"}, "soups.seeds.0.start.seed: the seed whose bundle"),
+    (("soups", "seeds", 0, "start"), {"run": 0}, "soups.seeds.0.start: unknown key"),
+    (("soups", "seeds", 0, "merge"), ["ties"], "soups.seeds.0.merge: a list of linear and cat"),
     (("soups", "across_tasks", 0, "density"), 0, r"density: must be in \(0, 1\]"),
     (("soups", "across_tasks", 0, "density"), 1.5, r"density: must be in \(0, 1\]"),
     (("soups", "across_tasks", 0, "method"), "average", "method: one of ties"),
@@ -185,13 +188,17 @@ def test_the_docs_blocks_show_the_overrides_in_the_caption(spec):
 
     soup = {"task": "emoji-group", "method": "lora", "metrics": ["accuracy"], "beyond_method": {},
             "members": [{"seed": 0, "test": {"accuracy": 0.5}}, {"seed": 1, "test": {"accuracy": 0.7}}],
-            "seed_mean": {"accuracy": 0.6}, "soup": {"accuracy": 0.25}}
+            "seed_mean": {"accuracy": 0.6}, "soups": {"linear": {"accuracy": 0.25}, "cat": {"accuracy": 0.55}}}
     across = {"name": "a+b", "method": "ties", "density": 0.5, "seed": 0, "tasks": ["a", "b"],
               "orders_largest_difference": 0.0, "beyond_method": {"train.epochs": 1},
               "metrics": ["exact_match"], "evaluations": {"a test": {"a": {"exact_match": 0.4},
                                                                      "merged (ties)": {"exact_match": 0.3}}}}
-    text = method_tables.soups({"seeds": [soup], "across_tasks": [across]})
-    assert "| mean of the seeds | 60.0 |\n| **soup** (linear, equal weights) | 25.0 |" in text
+    started = {**soup, "start": {"seed": 0, "test": {"accuracy": 0.5}}}
+    text = method_tables.soups({"seeds": [soup, started], "across_tasks": [across]})
+    assert "**emoji-group / lora, from seed 0's bundle**" in text and "each trained from scratch" in text
+    assert "| the start (seed 0's bundle) | 50.0 |" in text
+    assert "| mean of the seeds | 60.0 |\n| **soup** (`--method linear`, equal weights) | 25.0 |\n" \
+        "| **soup** (`--method cat`, equal weights) | 55.0 |" in text
     assert "`peftmm merge --method ties --density 0.5` of `a` and `b`" in text
     assert "| a test | merged (ties) | 30.0 |" in text
     assert "the two orders' tensors differ by at most 0." in text and "by `train.epochs=1`" in text
@@ -208,7 +215,8 @@ def tiny_table(tiny_models, tmp_path_factory):
     (root / "spec.yaml").write_text(yaml.safe_dump({
         "tasks": {"tiny": {"recipe": str(recipe), "tower": "text", "metrics": ["accuracy"], "size": {"epochs": 2},
                            "methods": {"frozen": {"methods": []}, "lora": {"methods": lora}}}},
-        "soups": {"seeds": [{"task": "tiny", "method": "lora"}],
+        "soups": {"seeds": [{"task": "tiny", "method": "lora", "merge": ["linear", "cat"]},
+                            {"task": "tiny", "method": "lora", "start": {"seed": 0}}],
                   "across_tasks": [{"name": "pair", "method": "ties", "density": 0.5, "seed": 0, "size": {"epochs": 2},
                                     "metrics": ["accuracy"],
                                     "runs": {"a": {"recipe": str(recipe), "tower": "text", "methods": lora},
@@ -250,14 +258,25 @@ def test_tiny_soups_merge_with_peftmm_merge_and_evaluate_with_peftmm_eval(tiny_t
     assert "training tiny / lora / seed 0" not in done.stderr   # the table's run is reused
     assert "training tiny / lora / seed 1" in done.stderr
     data = json.loads((root / "out" / "soups.json").read_text())
-    soup, = data["seeds"]
+    soup, shared = data["seeds"]
+    assert soup["start"] is None
     assert [m["seed"] for m in soup["members"]] == [0, 1]
     # peftmm eval of the seed-0 bundle gives the test accuracy its training reported
     assert soup["members"][0]["test"]["accuracy"] == pytest.approx(table["runs"][1]["test"]["accuracy"], abs=1e-6)
     assert soup["seed_mean"]["accuracy"] == pytest.approx(sum(m["test"]["accuracy"] for m in soup["members"]) / 2)
-    assert 0 <= soup["soup"]["accuracy"] <= 1
-    recorded = json.loads((ROOT / soup["merged"] / "peftmm_config.json").read_text())["merge"]
-    assert (recorded["method"], recorded["weights"]) == ("linear", [0.5, 0.5])
+    assert set(soup["soups"]) == {"linear", "cat"} and all(0 <= s["accuracy"] <= 1 for s in soup["soups"].values())
+    for how, path in soup["merged"].items():
+        recorded = json.loads((ROOT / path / "peftmm_config.json").read_text())["merge"]
+        assert (recorded["method"], recorded["weights"]) == (how, [0.5, 0.5])
+
+    # a soup of one start: seed 0's LoRA bundle, trained on at seeds 0 and 1 (init_from)
+    assert shared["start"]["bundle"] == table["runs"][1]["run_dir"] + "/bundle"
+    assert shared["start"]["test"]["accuracy"] == pytest.approx(table["runs"][1]["test"]["accuracy"], abs=1e-6)
+    assert "training tiny / lora-from-s0 / seed 1" in done.stderr
+    for member in shared["members"]:
+        config = json.loads((ROOT / member["bundle"] / "peftmm_config.json").read_text())
+        assert Path(config["recipe"]["init_from"]) == (ROOT / shared["start"]["bundle"]).resolve()
+        assert "/lora-from-s0-s" in member["bundle"]
 
     pair, = data["across_tasks"]
     assert set(pair["evaluations"]) == {"a test", "b test"}
@@ -268,7 +287,7 @@ def test_tiny_soups_merge_with_peftmm_merge_and_evaluate_with_peftmm_eval(tiny_t
         assert (recorded["merge"]["method"], recorded["merge"]["density"]) == ("ties", 0.5)
         assert recorded["recipe"]["train"]["lr"] == (0.02 if first == "b" else 0.005)
 
-    merged = ROOT / soup["merged"] / "adapter_model.safetensors"
+    merged = ROOT / soup["merged"]["linear"] / "adapter_model.safetensors"
     written = merged.stat().st_mtime_ns
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
