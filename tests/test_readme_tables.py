@@ -146,7 +146,8 @@ def test_captioners_are_compared_with_the_nearest_neighbour(tables):
     baselines = {"nearest_neighbour_captioning": {"exact_match": 0.0, "bleu4": 0.05, "cider_d": 0.4,
                                                   "unigram_f1": 0.2, "oracle_best_train_caption_unigram_f1": 0.4}}
     captioner = _aggregate("emoji-caption", "captioning", {"test_unigram_f1": 0.245, "test_cider_d": 0.5})
-    text = tables.emoji_tables.emoji({"aggregates": {"emoji-caption": captioner}, "template": "an emoji of {}"}, baselines)
+    text = tables.emoji_tables.emoji({"aggregates": {"emoji-caption": captioner}, "template": "an emoji of {}"},
+                                     baselines)
     assert "Difference from the nearest neighbour in points of unigram F1 (seed means): `emoji-caption` +4.5." in text
 
 
@@ -158,8 +159,8 @@ def test_retrieval_recipes_are_compared_with_the_projection_only_baseline(tables
     text = tables.emoji_tables.emoji({"aggregates": aggregates, "template": "an emoji of {}"}, {})
     assert ("Difference from `emoji-retrieval-projection` in points of the seed means (t2i R@1 / i2t R@1): "
             "`emoji-retrieval-adapters` +6.0 / -2.0.") in text
-    alone = tables.emoji_tables.emoji({"aggregates": {"emoji-retrieval-adapters": aggregates["emoji-retrieval-adapters"]},
-                          "template": "an emoji of {}"}, {})
+    adapters_only = {"emoji-retrieval-adapters": aggregates["emoji-retrieval-adapters"]}
+    alone = tables.emoji_tables.emoji({"aggregates": adapters_only, "template": "an emoji of {}"}, {})
     assert "Difference from" not in alone
 
 
