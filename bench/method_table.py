@@ -303,8 +303,10 @@ def chart(data: dict, path: Path) -> None:
         names, metric = [a["method"] for a in rows], data["tasks"][t]["metrics"][0]
         means = [100 * a["metrics"].get(metric, {}).get("mean", float("nan")) for a in rows]
         stds = [a["metrics"].get(metric, {}).get("std") for a in rows]
-        spread = any(s is not None for s in stds)   # error bars only where there are two seeds or more
-        left.bar(names, means, yerr=[100 * (s or 0) for s in stds] if spread else None, capsize=3, color="tab:blue")
+        # error bars only where there are two seeds or more (NaN draws none: one seed has no spread)
+        spread = any(s is not None for s in stds)
+        left.bar(names, means, yerr=[100 * s if s is not None else float("nan") for s in stds] if spread else None,
+                 capsize=3, color="tab:blue")
         left.set_title(f"{t}: test {metric.replace('_', ' ')} (%), mean ± std over seeds", fontsize=10)
         shares = [100 * a["metrics"]["trainable_share"]["mean"] for a in rows]
         right.bar(names, shares, color="tab:orange")

@@ -93,4 +93,6 @@ def soups(data: dict | None = None) -> str:
                   f"{merge['orders_largest_difference']:.2g}."
                   + (f" The runs differ from their recipes by {_overrides_line(merge['beyond_method'])}."
                      if merge["beyond_method"] else ""), ""]
-    return "\n".join(lines).strip() or "No soups measured yet."
+    png = "bench/results/soups.png"
+    text = "\n".join(lines).strip() or "No soups measured yet."
+    return text + (f"\n\n![the soups and merges]({png})" if lines and (ROOT / png).is_file() else "")

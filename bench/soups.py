@@ -38,10 +38,10 @@ import method_table as mt  # noqa: E402
 from emoji_tasks import rel  # noqa: E402
 
 from peftmm.errors import PeftmmError  # noqa: E402
-from peftmm.io import atomic_write_text  # noqa: E402
+from peftmm.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 ROOT, RESULTS = mt.ROOT, mt.RESULTS
-SEED_KEYS, RUN_KEYS = {"task", "method"}, {"recipe", "tower", "methods", "set"}   # seeds: also start
+SEED_KEYS, RUN_KEYS = {"task", "method"}, {"recipe", "tower", "methods", "set"}   # a seed soup may add start, merge
 ACROSS_KEYS = {"name", "method", "density", "seed", "metrics", "runs", "weights", "size"}
 MERGE_METHODS = ("ties", "dare_linear", "dare_ties", "linear")
 
@@ -215,6 +215,45 @@ def across_tasks(merge_spec: dict, given: dict, runs_dir_given: str | None) -> d
             "beyond_method": rows[names[0]]["beyond_method"], "evaluations": evaluations}
 
 
+def chart(data: dict, path: Path) -> None:
+    """One panel per merge (first metric, %): each seed, the seeds' mean and each soup; for a merge
+    across tasks, each task's bundle against the merged one."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for soup in data["seeds"]:
+        key = soup["metrics"][0]
+        bars = ([("start", soup["start"]["test"][key])] if soup.get("start") else []) + \
+            [(f"seed {m['seed']}", m["test"][key]) for m in soup["members"]] + \
+            [("seed mean", soup["seed_mean"][key])] + [(f"soup {how}", v[key]) for how, v in soup["soups"].items()]
+        start = f", from seed {soup['start']['seed']}" if soup.get("start") else ""
+        panels.append((f"{soup['task']} / {soup['method']}{start}: {key}", bars))
+    for merge in data["across_tasks"]:
+        key = merge["metrics"][0]
+        bars = [(f"{split.removesuffix(' test')}: {bundle.removesuffix(' bundle')}", metrics[key])
+                for split, by_bundle in merge["evaluations"].items() for bundle, metrics in by_bundle.items()]
+        panels.append((f"{merge['name']} ({merge['method']}): {key}", bars))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (title, bars) in zip(axes[0], panels):
+        names = [n for n, _ in bars]
+        colors = ["tab:orange" if n.startswith("soup") or "merged" in n else "tab:blue" for n in names]
+        ax.bar(names, [100 * v for _, v in bars], color=colors)
+        ax.set_title(title, fontsize=9)
+        plt.setp(ax.get_xticklabels(), rotation=35, ha="right", fontsize=8)
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=str(mt.SPEC))
@@ -243,6 +282,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "soups.json", json.dumps(data, indent=2) + "\n")
+    chart(data, out / "soups.png")
     print(json.dumps({s["task"] + "/" + s["method"]: {"soups": s["soups"], "seed_mean": s["seed_mean"]}
                       for s in data["seeds"]}, indent=2))
 
