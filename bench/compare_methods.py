@@ -90,6 +90,8 @@ def chart(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from peftmm.plots import save_figure
+
     names = [r["recipe"].replace("easy-vqa-", "") for r in rows]
     metrics = sorted({_metric(r) for r in rows})
     scores = [100 * r[_metric(r)] for r in rows]
@@ -102,8 +104,7 @@ def chart(rows: list[dict], path: Path) -> None:
         ax.tick_params(axis="x", rotation=30)
     axes[0].set_ylim(max(min(scores) - 1, 0), 100)
     axes[1].set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:

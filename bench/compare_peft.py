@@ -266,6 +266,8 @@ def chart(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from peftmm.plots import save_figure
+
     rows, mib = data["results"], 2**20
     key = memory_key(rows)
     names = [r["variant"].replace("easy-vqa-", "peftmm ") for r in rows]
@@ -290,8 +292,7 @@ def chart(data: dict, path: Path) -> None:
     for ax in axes:
         ax.margins(y=0.25)
     fig.suptitle(f"{data['settings']['steps']} steps each on {rows[0]['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -225,14 +225,12 @@ def _order(a: dict) -> tuple:
 
 
 def chart(data: dict, baselines: dict | None, path: Path) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from peftmm.io import atomic_write_bytes
+    from peftmm.plots import save_figure
 
     agg = data["aggregates"]
     panels = [("retrieval", "retrieval: mean of R@1/5/10, both ways (%)", "test_mean_recall"),
@@ -268,11 +266,7 @@ def chart(data: dict, baselines: dict | None, path: Path) -> None:
                         ecolor="black", capsize=3)
         ax.set_title(title, fontsize=10)
         plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=7)
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, image.getvalue())
+    save_figure(fig, path)
 
 
 def main() -> None:

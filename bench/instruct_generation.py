@@ -201,6 +201,8 @@ def chart(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from peftmm.plots import save_figure
+
     fig, axes = plt.subplots(1, len(BATCHES), figsize=(11, 4))
     for ax, size in zip(axes, BATCHES):
         runs = data["results"][str(size)]
@@ -215,8 +217,7 @@ def chart(data: dict, path: Path) -> None:
     s = data["settings"]
     fig.suptitle(f"greedy, at most {s['max_new_tokens']} new tokens, {s['repeats']} calls per variant, "
                  f"{data['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:

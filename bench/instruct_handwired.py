@@ -281,6 +281,8 @@ def chart(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from peftmm.plots import save_figure
+
     rows, mib = data["results"], 2**20
     names = [r["side"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -300,8 +302,7 @@ def chart(data: dict, path: Path) -> None:
     fig.suptitle(f"{data['recipe']}: {data['settings']['steps']} steps each on {rows[0]['device']}; peftmm / "
                  f"hand-wired: memory {data['ratios']['memory_above_baseline']:.2f}x, step "
                  f"{data['ratios']['step']:.2f}x", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -26,7 +26,6 @@ bench/readme_tables.py's ``method-table`` (rendered by bench/method_tables.py).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import re
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from emoji_tasks import final_metrics, recipe_differences, rel  # noqa: E402
 
 from peftmm.errors import PeftmmError  # noqa: E402
-from peftmm.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from peftmm.io import atomic_write_text  # noqa: E402
 from peftmm.safe_load import load_yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -296,6 +295,8 @@ def chart(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from peftmm.plots import save_figure
+
     tasks = [t for t in data["tasks"] if any(a["task"] == t for a in data["aggregates"])]
     fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 3.6 * len(tasks)), squeeze=False)
     for (left, right), t in zip(axes, tasks):
@@ -316,11 +317,7 @@ def chart(data: dict, path: Path) -> None:
         right.set_title(f"{t}: trainable share (%{', log' if wide else ''})", fontsize=10)
         for ax in (left, right):
             plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, image.getvalue())
+    save_figure(fig, path, dpi=100)
 
 
 def main() -> None:

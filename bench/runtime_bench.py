@@ -187,6 +187,8 @@ def chart(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from peftmm.plots import save_figure
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     swap = result["swap"]
     labels = ["switch", "request\nsame adapter", "request\nalternating", "cold load\n+ predict"]
@@ -216,8 +218,7 @@ def chart(result: dict, path: Path) -> None:
     axes[2].set_ylabel(f"median ms per batch of {merge[0]['batch_size']}")
     axes[2].set_title("LoRA unmerged vs merged: " + ", ".join(f"{r['ratio']:.2f}x" for r in merge))
     axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -369,6 +369,8 @@ def chart(per_adapter: dict, report: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from peftmm.plots import save_figure
+
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.hist([[1000 * e for e in v] for v in per_adapter.values()], bins=30, label=list(per_adapter), stacked=True)
     ax.axvline(1000 * report["latency_s"]["p50"], color="k", linestyle="--", label="p50")
@@ -377,8 +379,7 @@ def chart(per_adapter: dict, report: dict, path: Path, title: str) -> None:
     ax.set_ylabel("requests")
     ax.set_title(title, fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ import method_table as mt  # noqa: E402
 from emoji_tasks import rel  # noqa: E402
 
 from peftmm.errors import PeftmmError  # noqa: E402
-from peftmm.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from peftmm.io import atomic_write_text  # noqa: E402
 
 ROOT, RESULTS = mt.ROOT, mt.RESULTS
 SEED_KEYS, RUN_KEYS = {"task", "method"}, {"recipe", "tower", "methods", "set"}   # a seed soup may add start, merge
@@ -218,12 +218,12 @@ def across_tasks(merge_spec: dict, given: dict, runs_dir_given: str | None) -> d
 def chart(data: dict, path: Path) -> None:
     """One panel per merge (first metric, %): each seed, the seeds' mean and each soup; for a merge
     across tasks, each task's bundle against the merged one."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from peftmm.plots import save_figure
 
     panels = []
     for soup in data["seeds"]:
@@ -247,11 +247,7 @@ def chart(data: dict, path: Path) -> None:
         ax.bar(names, [100 * v for _, v in bars], color=colors)
         ax.set_title(title, fontsize=9)
         plt.setp(ax.get_xticklabels(), rotation=35, ha="right", fontsize=8)
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, image.getvalue())
+    save_figure(fig, path, dpi=100)
 
 
 def main() -> None:

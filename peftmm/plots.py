@@ -28,8 +28,16 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
     right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     right.legend()
     fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Lay ``fig`` out tightly and write it to ``path`` as PNG, atomically (never a half-written
+    picture), then close it (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
+    fig.savefig(image, format="png", dpi=dpi)
     plt.close(fig)
     atomic_write_bytes(path, image.getvalue())
